@@ -1,0 +1,42 @@
+"""numpyro_svgp: sparse variational Gaussian processes as NumPyro submodels.
+
+The maths lives in small pure functions (:func:`whitened_conditional`,
+:func:`predictive_moments`, :func:`expected_log_likelihood`, :func:`kl`,
+:func:`titsias_bound`); the NumPyro layer places sites (:func:`svgp`), guides them
+(:class:`AutoSVGP`) and estimates the bound (:class:`SVGP_ELBO`).
+"""
+
+from numpyro_svgp import kernels
+from numpyro_svgp._arviz import to_inference_data
+from numpyro_svgp._collapsed import exact_log_marginal_likelihood, titsias_bound
+from numpyro_svgp._conditional import (
+    Conditional,
+    default_jitter,
+    jittered_cholesky,
+    predictive_moments,
+    whitened_conditional,
+)
+from numpyro_svgp._elbo import SVGP_ELBO, expected_log_likelihood, kl
+from numpyro_svgp._guide import AutoSVGP
+from numpyro_svgp._predict import predict_f
+from numpyro_svgp._svgp import svgp
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AutoSVGP",
+    "Conditional",
+    "SVGP_ELBO",
+    "default_jitter",
+    "exact_log_marginal_likelihood",
+    "expected_log_likelihood",
+    "jittered_cholesky",
+    "kernels",
+    "kl",
+    "predict_f",
+    "predictive_moments",
+    "svgp",
+    "titsias_bound",
+    "to_inference_data",
+    "whitened_conditional",
+]

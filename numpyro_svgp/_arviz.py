@@ -1,0 +1,108 @@
+"""Conversion of SVI output to an arviz ``InferenceData``.
+
+SVI has no chains, so every sample array gets a leading chain axis of length 1.
+Dimension names come from the model when it is given: batch axes are named after
+the plates that made them, the whitened axis of an svgp site is
+``"{name}_inducing"``, and an svgp output shares the dims of the observed site
+over the same points (the likelihood), so ``f`` and ``y`` line up on one ``data``
+axis.
+"""
+
+import arviz as az
+import jax.numpy as jnp
+import numpy as np
+from numpyro.handlers import seed, trace
+
+from numpyro_svgp._svgp import svgp_site
+
+__all__ = ["to_inference_data"]
+
+
+def _site_dims(model, args, kwargs) -> dict[str, list[str]]:
+    model_trace = trace(seed(model, 0)).get_trace(*args, **kwargs)
+    dims, observed_dims, outputs = {}, {}, {}
+    for name, site in model_trace.items():
+        if site["type"] != "sample":
+            continue
+        shape = jnp.shape(site["value"])
+        names = [f"{name}_dim_{i}" for i in range(len(shape))]
+        batch_ndim = len(shape) - site["fn"].event_dim
+        for frame in site["cond_indep_stack"]:
+            names[batch_ndim + frame.dim] = frame.name
+        info = svgp_site(site)
+        if info is not None:
+            names[-1] = f"{info.output}_inducing"
+            outputs[info.output] = jnp.shape(model_trace[info.output]["value"])
+        dims[name] = names
+        if site["is_observed"]:
+            observed_dims.setdefault(shape, names)
+    for output, shape in outputs.items():
+        if shape in observed_dims:
+            dims[output] = observed_dims[shape]
+    return dims
+
+
+def to_inference_data(
+    posterior_samples: dict,
+    *,
+    posterior_predictive: dict | None = None,
+    observed_data: dict | None = None,
+    model=None,
+    model_args: tuple = (),
+    model_kwargs: dict | None = None,
+    coords: dict | None = None,
+    dims: dict | None = None,
+) -> az.InferenceData:
+    """Package SVI results as an :class:`arviz.InferenceData`.
+
+    Example::
+
+        post = guide.sample_posterior(key, svi_result.params, sample_shape=(500,))
+        pred = Predictive(model, guide=guide, params=svi_result.params, num_samples=500)(key, X)
+        idata = ns.to_inference_data(
+            post, posterior_predictive={"y": pred["y"], "f": pred["f"]},
+            observed_data={"y": y}, model=model, model_args=(X,))
+        az.summary(idata, var_names=["lengthscale"])
+        az.plot_hdi(X[:, 0], idata.posterior_predictive["y"])
+
+    :param dict posterior_samples: site name to draws with a leading sample axis,
+        e.g. from :meth:`AutoSVGP.sample_posterior` or ``Predictive(guide)``.
+    :param dict posterior_predictive: site name to draws with a leading sample
+        axis, e.g. from ``Predictive(model, guide=guide, params=...)``.
+    :param dict observed_data: site name to observed values (no sample axis).
+    :param model: the NumPyro model; if given, dims are named from its plates
+        and svgp sites by tracing ``model(*model_args, **model_kwargs)``.
+    :param dict coords: arviz coords, e.g. ``{"data": X[:, 0]}``.
+    :param dict dims: arviz dims; override the ones derived from the model.
+    :return: an :class:`arviz.InferenceData` with groups ``posterior``,
+        ``posterior_predictive`` and ``observed_data`` as given.
+    """
+    derived = {} if model is None else _site_dims(model, model_args, model_kwargs or {})
+    all_dims = {**derived, **(dims or {})}
+
+    def with_chain(samples):
+        return None if samples is None else {k: np.asarray(v)[None] for k, v in samples.items()}
+
+    if not posterior_samples:
+        raise ValueError("posterior_samples is empty.")
+    sizes = {np.shape(v)[0] for v in posterior_samples.values()}
+    if posterior_predictive:
+        sizes |= {np.shape(v)[0] for v in posterior_predictive.values()}
+    if len(sizes) > 1:
+        raise ValueError(
+            f"all sample arrays need the same number of draws on axis 0, got {sorted(sizes)}."
+        )
+    groups = {
+        "posterior": with_chain(posterior_samples),
+        "posterior_predictive": with_chain(posterior_predictive),
+        "observed_data": None
+        if observed_data is None
+        else {k: np.asarray(v) for k, v in observed_data.items()},
+    }
+    present = {group: data for group, data in groups.items() if data is not None}
+    used = {name for data in present.values() for name in data}
+    return az.from_dict(
+        **present,
+        coords=coords,
+        dims={name: d for name, d in all_dims.items() if name in used},
+    )

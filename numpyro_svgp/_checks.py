@@ -1,0 +1,69 @@
+"""Input validation shared by the kernels, the conditional and the ELBO.
+
+Shape problems are raised as :class:`ValueError` while tracing. Value problems
+(NaN, inf, non-positive hyperparameters) are raised at once when the value is
+concrete, and otherwise attached to the traced value with
+:func:`equinox.error_if`, which raises when the compiled program runs.
+"""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = []
+
+
+def is_traced(x) -> bool:
+    """Whether ``x`` is an abstract value inside ``jit``/``grad``/``vmap``."""
+    return isinstance(x, jax.core.Tracer)
+
+
+def as_float_array(name: str, x) -> jax.Array:
+    """``x`` as a floating JAX array; integer and boolean inputs are promoted
+    to the default float dtype (float64 under ``jax_enable_x64``)."""
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        if not (jnp.issubdtype(x.dtype, jnp.integer) or x.dtype == jnp.bool_):
+            raise TypeError(f"{name} must be a real array, got dtype {x.dtype}.")
+        x = x.astype(jnp.result_type(float))
+    return x
+
+
+def check_finite(name: str, x: jax.Array) -> jax.Array:
+    """Return ``x``, raising if it holds NaN or inf."""
+    if is_traced(x):
+        return eqx.error_if(x, ~jnp.all(jnp.isfinite(x)), f"{name} contains NaN or inf.")
+    bad = ~np.isfinite(np.asarray(x))
+    if bad.any():
+        where = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(
+            f"{name} contains NaN or inf ({int(bad.sum())} of {bad.size} entries, "
+            f"first at index {where})."
+        )
+    return x
+
+
+def check_positive(name: str, x) -> jax.Array:
+    """Return ``x`` as a float array, raising unless every entry is finite and > 0."""
+    x = as_float_array(name, x)
+    if is_traced(x):
+        return eqx.error_if(
+            x,
+            ~jnp.all(jnp.isfinite(x) & (x > 0)),
+            f"{name} must be positive and finite.",
+        )
+    values = np.asarray(x)
+    if not np.all(np.isfinite(values) & (values > 0)):
+        raise ValueError(f"{name} must be positive and finite, got {values}.")
+    return x
+
+
+def check_matrix(name: str, x: jax.Array) -> None:
+    """Raise unless ``x`` is a 2-D ``(rows, features)`` array."""
+    if x.ndim != 2:
+        hint = f" (reshape a 1-D array with {name}[:, None])" if x.ndim == 1 else ""
+        raise ValueError(
+            f"{name} must be a 2-D array of shape (num_points, num_features), "
+            f"got shape {x.shape}{hint}."
+        )

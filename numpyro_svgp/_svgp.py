@@ -1,0 +1,117 @@
+r"""The ``svgp`` primitive: a sparse variational GP as a NumPyro submodel.
+
+It places one latent site, the whitened inducing values
+:math:`v \sim \mathcal N(0, I_M)` named ``f"{name}_whitened"``, and one
+deterministic site ``name`` holding
+
+.. math:: f = A v + \sqrt{\operatorname{diag}(K_{xx} - A A^\top)}\ \varepsilon,
+    \qquad \varepsilon \sim \mathcal N(0, I_N),
+
+a draw of :math:`f(X)` whose marginals under :math:`q(v)` are exactly those of the
+SVGP posterior (see :mod:`numpyro_svgp._conditional`). The whitened site's
+prior, a :class:`WhitenedPrior`, carries the conditional, which is what lets
+:class:`~numpyro_svgp.SVGP_ELBO` and :class:`~numpyro_svgp.AutoSVGP` find it.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpyro
+import numpyro.distributions as dist
+from jaxtyping import Array, Float
+
+from numpyro_svgp._conditional import Conditional, whitened_conditional
+from numpyro_svgp.kernels import Kernel
+
+__all__ = ["WhitenedPrior", "svgp", "svgp_site"]
+
+
+class WhitenedPrior(dist.MultivariateNormal):
+    r"""The :math:`\mathcal N(0, I_M)` prior of whitened inducing values.
+
+    A :class:`~numpyro.distributions.MultivariateNormal` with identity
+    ``scale_tril`` (so numpyro's analytic MVN-MVN KL applies) that also carries the
+    whitened conditional of the svgp output it induces. It lives on the site's
+    ``fn``, which ``replay`` keeps (``replay`` replaces a site's ``infer``).
+
+    :param conditional: the :class:`~numpyro_svgp.Conditional` at the model's inputs.
+    :param output: name of the deterministic site holding :math:`f(X)`.
+    """
+
+    pytree_data_fields = ("conditional",)
+    pytree_aux_fields = ("output",)
+
+    def __init__(self, conditional: Conditional, output: str):
+        A = conditional.projection
+        num_inducing = A.shape[-1]
+        super().__init__(
+            jnp.zeros(num_inducing, A.dtype), scale_tril=jnp.eye(num_inducing, dtype=A.dtype)
+        )
+        self.conditional = conditional
+        self.output = output
+
+
+def svgp_site(site: dict) -> WhitenedPrior | None:
+    """The :class:`WhitenedPrior` of a trace entry if it is an svgp whitened site, else ``None``."""
+    if site["type"] == "sample" and isinstance(site["fn"], WhitenedPrior):
+        return site["fn"]
+    return None
+
+
+def svgp(
+    name: str,
+    kernel: Kernel,
+    X: Float[Array, "N D"],
+    Z: Float[Array, "M D"],
+    *,
+    jitter: float | None = None,
+) -> Float[Array, " N"]:
+    r"""Sparse variational GP prior on :math:`f(X)` with inducing inputs :math:`Z`.
+
+    Samples whitened inducing values ``f"{name}_whitened"`` from
+    ``MultivariateNormal(0, scale_tril=I_M)`` and returns :math:`f(X)` (also
+    recorded as the deterministic site ``name``), including the conditional
+    variance :math:`\operatorname{diag}(K_{xx} - Q_{xx})`. Use it as any other
+    latent function inside a NumPyro model; the likelihood can be anything::
+
+        f = ns.svgp("f", kernel, X, Z)
+        with numpyro.plate("data", X.shape[0]):
+            numpyro.sample("y", dist.Normal(f, noise), obs=y)
+
+    Call it outside the data plate: the inducing values are shared by all data
+    points. ``X`` may differ between fitting and prediction; ``Z`` and the kernel
+    are typically ``numpyro.param``/``numpyro.sample`` values.
+
+    :param name: name of the output site; the whitened site is ``f"{name}_whitened"``.
+    :param kernel: a :class:`~numpyro_svgp.kernels.Kernel`.
+    :param X: inputs, shape ``(N, D)``.
+    :param Z: inducing inputs, shape ``(M, D)``.
+    :param jitter: added to the diagonal of :math:`K_{zz}`; defaults to
+        :func:`~numpyro_svgp.default_jitter` of the dtype.
+    :return: :math:`f(X)`, shape ``(N,)``.
+
+    **References**: Titsias (2009); Hensman, Fusi & Lawrence (2013);
+    Hensman, Matthews & Ghahramani (2015).
+    """
+    if not isinstance(kernel, Kernel):
+        raise TypeError(
+            f"svgp('{name}', ...) needs a numpyro_svgp.kernels.Kernel, got {type(kernel).__name__}."
+        )
+    conditional = whitened_conditional(kernel, X, Z, jitter=jitter)
+    A, variance = conditional
+    num_inducing = A.shape[1]
+    v = numpyro.sample(f"{name}_whitened", WhitenedPrior(conditional, name))
+    if jnp.shape(v) != (num_inducing,):
+        raise ValueError(
+            f"svgp('{name}', ...) drew inducing values of shape {jnp.shape(v)}, expected "
+            f"({num_inducing},): it was called inside a plate. The inducing values are "
+            "shared by all data points, so call svgp outside `numpyro.plate` and put "
+            "only the likelihood inside it."
+        )
+    f = A @ v
+    key = numpyro.prng_key()
+    if key is not None:
+        # The double `where` keeps d sqrt(var) finite where var == 0 (e.g. X = Z).
+        positive = variance > 0
+        std = jnp.where(positive, jnp.sqrt(jnp.where(positive, variance, 1.0)), 0.0)
+        f = f + std * jax.random.normal(key, variance.shape, variance.dtype)
+    return numpyro.deterministic(name, f)

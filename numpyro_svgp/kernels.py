@@ -1,0 +1,301 @@
+r"""Covariance functions as equinox modules.
+
+Every kernel defines one method, :meth:`Kernel.evaluate`, the covariance of a
+single pair of points :math:`k(x, x')`; :meth:`Kernel.__call__` and
+:meth:`Kernel.diag` broadcast it over rows with :func:`jax.vmap`. Kernels are
+immutable pytrees, so they pass through ``jit``, ``grad`` and ``vmap`` and can be
+rebuilt cheaply on every model call from ``numpyro.param`` or
+``numpyro.sample`` values, which is how a model gets constraints and priors on
+its hyperparameters for free::
+
+    kernel = ns.kernels.RBF(
+        variance=numpyro.param("variance", 1.0, constraint=constraints.positive),
+        lengthscale=numpyro.param("lengthscale", 0.6, constraint=constraints.positive),
+    )
+
+Kernels compose: ``k1 + k2`` (:class:`Sum`), ``k1 * k2`` (:class:`Product`) and
+``c * k`` for a positive scalar ``c`` (:class:`Scaled`).
+
+Lengthscales are a scalar (isotropic) or a ``(D,)`` vector (ARD, one per input
+feature). Hyperparameters passed as concrete numbers are checked at once;
+traced ones (from ``numpyro.param`` under ``jit``) are checked when the compiled
+program runs, via :func:`equinox.error_if`.
+
+The conventions follow Rasmussen & Williams (2006), *Gaussian Processes for
+Machine Learning*, chapter 4.
+"""
+
+import abc
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float
+
+from numpyro_svgp._checks import as_float_array, check_matrix, check_positive
+
+__all__ = [
+    "Kernel",
+    "RBF",
+    "Matern12",
+    "Matern32",
+    "Matern52",
+    "Periodic",
+    "Linear",
+    "Sum",
+    "Product",
+    "Scaled",
+]
+
+
+class Kernel(eqx.Module):
+    """Abstract base of all covariance functions.
+
+    Subclasses implement :meth:`evaluate` for one pair of points and nothing
+    else; all broadcasting lives here.
+    """
+
+    @abc.abstractmethod
+    def evaluate(self, x1: Float[Array, " D"], x2: Float[Array, " D"]) -> Float[Array, ""]:
+        """The covariance :math:`k(x_1, x_2)` of two single points."""
+
+    def __call__(
+        self, X1: Float[Array, "N1 D"], X2: Float[Array, "N2 D"] | None = None
+    ) -> Float[Array, "N1 N2"]:
+        """The cross-covariance matrix :math:`K_{ij} = k(X_{1,i}, X_{2,j})`.
+
+        :param X1: inputs, shape ``(N1, D)``.
+        :param X2: inputs, shape ``(N2, D)``; defaults to ``X1``.
+        """
+        X1 = _as_inputs("X1", X1)
+        X2 = X1 if X2 is None else _as_inputs("X2", X2)
+        if X1.shape[1] != X2.shape[1]:
+            raise ValueError(
+                f"X1 and X2 must have the same number of features, got "
+                f"{X1.shape[1]} and {X2.shape[1]}."
+            )
+        return jax.vmap(jax.vmap(self.evaluate, (None, 0)), (0, None))(X1, X2)
+
+    def diag(self, X: Float[Array, "N D"]) -> Float[Array, " N"]:
+        """The variances :math:`k(x_n, x_n)` without forming the full matrix."""
+        X = _as_inputs("X", X)
+        return jax.vmap(lambda x: self.evaluate(x, x))(X)
+
+    def __add__(self, other: "Kernel") -> "Sum":
+        if not isinstance(other, Kernel):
+            return NotImplemented
+        return Sum(self, other)
+
+    def __mul__(self, other) -> "Kernel":
+        if isinstance(other, Kernel):
+            return Product(self, other)
+        return Scaled(other, self)
+
+    def __rmul__(self, other) -> "Scaled":
+        return Scaled(other, self)
+
+
+def _as_inputs(name: str, X) -> jax.Array:
+    X = as_float_array(name, X)
+    check_matrix(name, X)
+    return X
+
+
+def _hyperparameter(name: str, value, *, allow_vector: bool) -> jax.Array:
+    value = check_positive(name, value)
+    if value.ndim > (1 if allow_vector else 0):
+        kind = "a scalar or a (D,) vector" if allow_vector else "a scalar"
+        raise ValueError(f"{name} must be {kind}, got shape {value.shape}.")
+    return value
+
+
+def _per_feature(name: str, value: jax.Array, num_features: int) -> None:
+    """Trace-time check that an ARD hyperparameter matches the inputs' D."""
+    if value.ndim == 1 and value.shape[0] != num_features:
+        raise ValueError(
+            f"{name} has shape {value.shape} but the inputs have "
+            f"{num_features} features; pass a scalar or a ({num_features},) vector."
+        )
+
+
+def _scaled_sq_dist(x1, x2, lengthscale) -> jax.Array:
+    _per_feature("lengthscale", lengthscale, x1.shape[-1])
+    return jnp.sum(jnp.square((x1 - x2) / lengthscale))
+
+
+def _distance(r2: jax.Array) -> jax.Array:
+    # sqrt has an infinite derivative at 0 (every diagonal entry); the double
+    # `where` keeps the gradient finite there instead of NaN.
+    positive = r2 > 0
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, r2, 1.0)), 0.0)
+
+
+class RBF(Kernel):
+    r"""Squared-exponential (radial basis function) kernel
+
+    .. math:: k(x, x') = \sigma^2 \exp\!\Big(-\tfrac12 \sum_d (x_d - x'_d)^2 / \ell_d^2\Big).
+
+    :param variance: signal variance :math:`\sigma^2 > 0`.
+    :param lengthscale: :math:`\ell > 0`, scalar or ``(D,)`` (ARD).
+    """
+
+    variance: Float[Array, ""]
+    lengthscale: Float[Array, "*D"]
+
+    def __init__(self, variance=1.0, lengthscale=1.0):
+        self.variance = _hyperparameter("variance", variance, allow_vector=False)
+        self.lengthscale = _hyperparameter("lengthscale", lengthscale, allow_vector=True)
+
+    def evaluate(self, x1, x2):
+        return self.variance * jnp.exp(-0.5 * _scaled_sq_dist(x1, x2, self.lengthscale))
+
+
+class Matern12(Kernel):
+    r"""Matérn kernel with smoothness 1/2 (exponential / Ornstein-Uhlenbeck)
+
+    .. math:: k(x, x') = \sigma^2 e^{-r}, \qquad r = \big\|(x - x') / \ell\big\|.
+
+    :param variance: signal variance :math:`\sigma^2 > 0`.
+    :param lengthscale: :math:`\ell > 0`, scalar or ``(D,)`` (ARD).
+    """
+
+    variance: Float[Array, ""]
+    lengthscale: Float[Array, "*D"]
+
+    def __init__(self, variance=1.0, lengthscale=1.0):
+        self.variance = _hyperparameter("variance", variance, allow_vector=False)
+        self.lengthscale = _hyperparameter("lengthscale", lengthscale, allow_vector=True)
+
+    def evaluate(self, x1, x2):
+        r = _distance(_scaled_sq_dist(x1, x2, self.lengthscale))
+        return self.variance * jnp.exp(-r)
+
+
+class Matern32(Kernel):
+    r"""Matérn kernel with smoothness 3/2
+
+    .. math:: k(x, x') = \sigma^2 (1 + \sqrt3 r)\, e^{-\sqrt3 r}, \qquad r = \big\|(x - x') / \ell\big\|.
+
+    :param variance: signal variance :math:`\sigma^2 > 0`.
+    :param lengthscale: :math:`\ell > 0`, scalar or ``(D,)`` (ARD).
+    """
+
+    variance: Float[Array, ""]
+    lengthscale: Float[Array, "*D"]
+
+    def __init__(self, variance=1.0, lengthscale=1.0):
+        self.variance = _hyperparameter("variance", variance, allow_vector=False)
+        self.lengthscale = _hyperparameter("lengthscale", lengthscale, allow_vector=True)
+
+    def evaluate(self, x1, x2):
+        s = jnp.sqrt(3.0) * _distance(_scaled_sq_dist(x1, x2, self.lengthscale))
+        return self.variance * (1.0 + s) * jnp.exp(-s)
+
+
+class Matern52(Kernel):
+    r"""Matérn kernel with smoothness 5/2
+
+    .. math:: k(x, x') = \sigma^2 \big(1 + \sqrt5 r + \tfrac53 r^2\big)\, e^{-\sqrt5 r},
+        \qquad r = \big\|(x - x') / \ell\big\|.
+
+    :param variance: signal variance :math:`\sigma^2 > 0`.
+    :param lengthscale: :math:`\ell > 0`, scalar or ``(D,)`` (ARD).
+    """
+
+    variance: Float[Array, ""]
+    lengthscale: Float[Array, "*D"]
+
+    def __init__(self, variance=1.0, lengthscale=1.0):
+        self.variance = _hyperparameter("variance", variance, allow_vector=False)
+        self.lengthscale = _hyperparameter("lengthscale", lengthscale, allow_vector=True)
+
+    def evaluate(self, x1, x2):
+        r2 = _scaled_sq_dist(x1, x2, self.lengthscale)
+        s = jnp.sqrt(5.0) * _distance(r2)
+        return self.variance * (1.0 + s + 5.0 / 3.0 * r2) * jnp.exp(-s)
+
+
+class Periodic(Kernel):
+    r"""Periodic kernel (MacKay 1998)
+
+    .. math:: k(x, x') = \sigma^2 \exp\!\Big(-2 \sum_d \sin^2\!\big(\pi (x_d - x'_d) / p_d\big) / \ell_d^2\Big).
+
+    :param variance: signal variance :math:`\sigma^2 > 0`.
+    :param lengthscale: :math:`\ell > 0`, scalar or ``(D,)``.
+    :param period: :math:`p > 0`, scalar or ``(D,)``.
+    """
+
+    variance: Float[Array, ""]
+    lengthscale: Float[Array, "*D"]
+    period: Float[Array, "*D"]
+
+    def __init__(self, variance=1.0, lengthscale=1.0, period=1.0):
+        self.variance = _hyperparameter("variance", variance, allow_vector=False)
+        self.lengthscale = _hyperparameter("lengthscale", lengthscale, allow_vector=True)
+        self.period = _hyperparameter("period", period, allow_vector=True)
+
+    def evaluate(self, x1, x2):
+        _per_feature("lengthscale", self.lengthscale, x1.shape[-1])
+        _per_feature("period", self.period, x1.shape[-1])
+        s = jnp.sin(jnp.pi * (x1 - x2) / self.period) / self.lengthscale
+        return self.variance * jnp.exp(-2.0 * jnp.sum(jnp.square(s)))
+
+
+class Linear(Kernel):
+    r"""Linear (dot-product) kernel
+
+    .. math:: k(x, x') = \sum_d \sigma^2_d\, x_d x'_d.
+
+    :param variance: :math:`\sigma^2 > 0`, scalar or ``(D,)`` (one per feature).
+    """
+
+    variance: Float[Array, "*D"]
+
+    def __init__(self, variance=1.0):
+        self.variance = _hyperparameter("variance", variance, allow_vector=True)
+
+    def evaluate(self, x1, x2):
+        _per_feature("variance", self.variance, x1.shape[-1])
+        return jnp.sum(self.variance * x1 * x2)
+
+
+class Sum(Kernel):
+    r"""Sum of two kernels, :math:`k(x, x') = k_1(x, x') + k_2(x, x')`. Made by ``k1 + k2``."""
+
+    k1: Kernel
+    k2: Kernel
+
+    def evaluate(self, x1, x2):
+        return self.k1.evaluate(x1, x2) + self.k2.evaluate(x1, x2)
+
+
+class Product(Kernel):
+    r"""Product of two kernels, :math:`k(x, x') = k_1(x, x')\, k_2(x, x')`. Made by ``k1 * k2``."""
+
+    k1: Kernel
+    k2: Kernel
+
+    def evaluate(self, x1, x2):
+        return self.k1.evaluate(x1, x2) * self.k2.evaluate(x1, x2)
+
+
+class Scaled(Kernel):
+    r"""A kernel times a positive scalar, :math:`k(x, x') = c\, k_0(x, x')`. Made by ``c * k``."""
+
+    scale: Float[Array, ""]
+    kernel: Kernel
+
+    def __init__(self, scale, kernel: Kernel):
+        if not isinstance(kernel, Kernel):
+            raise TypeError(f"Scaled needs a Kernel, got {type(kernel).__name__}.")
+        if not isinstance(scale, (int, float, np.ndarray, np.generic, jax.Array)):
+            raise TypeError(
+                f"a kernel can only be multiplied by a kernel or a positive scalar, "
+                f"got {type(scale).__name__}."
+            )
+        self.scale = _hyperparameter("scale", scale, allow_vector=False)
+        self.kernel = kernel
+
+    def evaluate(self, x1, x2):
+        return self.scale * self.kernel.evaluate(x1, x2)

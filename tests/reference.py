@@ -1,0 +1,81 @@
+"""Independent float64 NumPy references for the tests.
+
+Nothing here imports numpyro_svgp: these are the textbook closed forms, written
+densely (O(N^3), unwhitened where possible) so that they share no code or
+algebraic shortcut with the library.
+"""
+
+import numpy as np
+
+
+def rbf(X1, X2, variance, lengthscale):
+    d = (X1[:, None, :] - X2[None, :, :]) / lengthscale
+    return variance * np.exp(-0.5 * np.sum(d**2, axis=-1))
+
+
+def gaussian_logpdf(y, cov):
+    """log N(y | 0, cov) via slogdet and solve."""
+    sign, logdet = np.linalg.slogdet(cov)
+    assert sign > 0
+    return -0.5 * (y @ np.linalg.solve(cov, y) + logdet + len(y) * np.log(2 * np.pi))
+
+
+def exact_lml(K, y, noise_var):
+    """Rasmussen & Williams eq. 2.30."""
+    return gaussian_logpdf(y, K + noise_var * np.eye(len(y)))
+
+
+def exact_posterior(K_xx, K_sx, k_ss_diag, y, noise_var):
+    """Exact GP posterior mean and marginal variance of f at test points (R&W eq. 2.25-2.26)."""
+    C = K_xx + noise_var * np.eye(len(y))
+    mean = K_sx @ np.linalg.solve(C, y)
+    var = k_ss_diag - np.sum(K_sx * np.linalg.solve(C, K_sx.T).T, axis=1)
+    return mean, var
+
+
+def titsias_bound(K_xx, K_xz, K_zz, y, noise_var):
+    """Titsias (2009) eq. 9, dense: log N(y | 0, Q + s2 I) - tr(K - Q) / (2 s2)."""
+    Q = K_xz @ np.linalg.solve(K_zz, K_xz.T)
+    return gaussian_logpdf(y, Q + noise_var * np.eye(len(y))) - np.trace(K_xx - Q) / (
+        2 * noise_var
+    )
+
+
+def optimal_q_u(K_xz, K_zz, y, noise_var):
+    """Optimal q(u) = N(mu, Sigma) over *unwhitened* inducing values u = f(Z)
+    (Titsias 2009, eq. 10): Sigma = K_zz (K_zz + K_zx K_xz / s2)^-1 K_zz,
+    mu = Sigma K_zz^-1 K_zx y / s2."""
+    P = K_zz + K_xz.T @ K_xz / noise_var
+    Sigma = K_zz @ np.linalg.solve(P, K_zz)
+    mu = K_zz @ np.linalg.solve(P, K_xz.T @ y) / noise_var
+    return mu, Sigma
+
+
+def whiten(mu, Sigma, K_zz):
+    """q(u) -> q(v) for v = L^-1 u, L = chol(K_zz): returns (m, S) with S lower triangular."""
+    L = np.linalg.cholesky(K_zz)
+    m = np.linalg.solve(L, mu)
+    cov = np.linalg.solve(L, np.linalg.solve(L, Sigma).T).T
+    return m, np.linalg.cholesky(0.5 * (cov + cov.T))
+
+
+def hensman_elbo_unwhitened(K_xx_diag, K_xz, K_zz, y, noise_var, mu, Sigma):
+    """Hensman et al. (2013) ELBO for q(u) = N(mu, Sigma), u = f(Z), prior N(0, K_zz):
+    sum_n E_q[log N(y_n | f_n, s2)] - KL(q(u) || p(u)), with q(f_n) from the
+    unwhitened conditional (dense solves, no Cholesky whitening)."""
+    Kinv_kzx = np.linalg.solve(K_zz, K_xz.T)  # (M, N)
+    mean = Kinv_kzx.T @ mu
+    var = (
+        K_xx_diag
+        - np.sum(K_xz * Kinv_kzx.T, axis=1)
+        + np.sum((Kinv_kzx.T @ Sigma) * Kinv_kzx.T, axis=1)
+    )
+    ell = -0.5 * np.log(2 * np.pi * noise_var) - ((y - mean) ** 2 + var) / (2 * noise_var)
+    M = len(mu)
+    _, logdet_K = np.linalg.slogdet(K_zz)
+    _, logdet_S = np.linalg.slogdet(Sigma)
+    kl = 0.5 * (
+        np.trace(np.linalg.solve(K_zz, Sigma)) + mu @ np.linalg.solve(K_zz, mu) - M
+        + logdet_K - logdet_S
+    )
+    return np.sum(ell) - kl

@@ -1,0 +1,160 @@
+"""The SVGP ELBO against closed forms and independent references (float64).
+
+- Z = X, optimal q(v): the ELBO is the exact GP log marginal likelihood.
+- General Z, optimal q(v): the ELBO is the Titsias (2009) collapsed bound; any
+  other q gives less.
+- SVGP_ELBO equals the Hensman (2013) ELBO written densely (unwhitened) in
+  tests/reference.py; TraceMeanField_ELBO's Monte-Carlo estimate averages to it.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro.distributions as dist
+import pytest
+from jax import random
+from numpy.polynomial.hermite_e import hermegauss
+from numpyro.distributions.kl import kl_divergence
+from numpyro.infer import TraceMeanField_ELBO
+
+import numpyro_svgp as ns
+
+from . import reference as ref
+from .helpers import gaussian_model, initial_params, toy_data
+
+VAR, LS, NOISE = 0.8, 0.7, 0.05
+
+
+def _setup(Z, jitter, X, y):
+    model = gaussian_model(Z, VAR, LS, NOISE, jitter=jitter)
+    guide = ns.AutoSVGP(model)
+    params = initial_params(model, guide, X, y)
+    return model, guide, params
+
+
+def _with_q(params, m, S):
+    return dict(params, f_whitened_auto_loc=jnp.asarray(m), f_whitened_auto_scale_tril=jnp.asarray(S))
+
+
+def _elbo(params, model, guide, X, y, key=0):
+    return -float(ns.SVGP_ELBO().loss(random.PRNGKey(key), params, model, guide, X, y))
+
+
+def _optimal_whitened_q(X, y, Z, jitter):
+    K_zz = ref.rbf(Z, Z, VAR, LS) + jitter * np.eye(len(Z))
+    K_xz = ref.rbf(X, Z, VAR, LS)
+    mu, Sigma = ref.optimal_q_u(K_xz, K_zz, y, NOISE)
+    return ref.whiten(mu, Sigma, K_zz), (K_xz, K_zz, mu, Sigma)
+
+
+def test_z_equals_x_gives_exact_log_marginal_likelihood():
+    X, y = toy_data(40, seed=1)
+    jitter = 1e-10
+    model, guide, params = _setup(X, jitter, X, y)
+    (m, S), _ = _optimal_whitened_q(X, y, X, jitter)
+    elbo = _elbo(_with_q(params, m, S), model, guide, X, y)
+    exact = ref.exact_lml(ref.rbf(X, X, VAR, LS), y, NOISE)
+    assert elbo == pytest.approx(exact, rel=1e-6)
+
+
+def test_optimal_q_gives_titsias_bound_and_other_q_less():
+    X, y = toy_data(80, seed=2)
+    Z = np.linspace(-2.5, 2.5, 9)[:, None]
+    jitter = 1e-6
+    model, guide, params = _setup(Z, jitter, X, y)
+    (m, S), (K_xz, K_zz, _, _) = _optimal_whitened_q(X, y, Z, jitter)
+    titsias = ref.titsias_bound(ref.rbf(X, X, VAR, LS), K_xz, K_zz, y, NOISE)
+    best = _elbo(_with_q(params, m, S), model, guide, X, y)
+    assert best == pytest.approx(titsias, rel=1e-9)
+    # the Titsias bound is below the exact evidence
+    assert titsias < ref.exact_lml(ref.rbf(X, X, VAR, LS), y, NOISE)
+    rng = np.random.default_rng(0)
+    for scale in (1e-3, 1e-1):
+        dm = scale * rng.normal(size=m.shape)
+        dS = np.tril(scale * rng.normal(size=S.shape))
+        assert _elbo(_with_q(params, m + dm, S), model, guide, X, y) < best
+        assert _elbo(_with_q(params, m, S + dS), model, guide, X, y) < best
+
+
+def _random_q(M, seed):
+    rng = np.random.default_rng(seed)
+    m = rng.normal(size=M)
+    S = np.tril(0.3 * rng.normal(size=(M, M)), -1) + np.diag(rng.uniform(0.2, 1.0, size=M))
+    return m, S
+
+
+def test_svgp_elbo_equals_dense_unwhitened_hensman_elbo():
+    X, y = toy_data(50, seed=3)
+    Z = np.random.default_rng(1).uniform(-3, 3, size=(7, 1))
+    jitter = 1e-6
+    model, guide, params = _setup(Z, jitter, X, y)
+    m, S = _random_q(7, seed=4)
+    K_zz = ref.rbf(Z, Z, VAR, LS) + jitter * np.eye(7)
+    # unwhitened q(u) that corresponds to q(v): u = L v
+    L = np.linalg.cholesky(K_zz)
+    mu, Sigma = L @ m, L @ S @ S.T @ L.T
+    expected = ref.hensman_elbo_unwhitened(
+        np.full(len(y), VAR), ref.rbf(X, Z, VAR, LS), K_zz, y, NOISE, mu, Sigma
+    )
+    got = _elbo(_with_q(params, m, S), model, guide, X, y)
+    assert got == pytest.approx(expected, rel=1e-8)
+    # zero variance: the key does not matter
+    assert _elbo(_with_q(params, m, S), model, guide, X, y, key=7) == got
+
+
+def test_trace_mean_field_estimate_averages_to_svgp_elbo():
+    X, y = toy_data(50, seed=5)
+    Z = np.linspace(-3, 3, 6)[:, None]
+    model, guide, params = _setup(Z, 1e-6, X, y)
+    params = _with_q(params, *_random_q(6, seed=6))
+    exact = _elbo(params, model, guide, X, y)
+
+    mc_loss = jax.jit(
+        jax.vmap(lambda k: TraceMeanField_ELBO().loss(k, params, model, guide, X, y))
+    )
+    draws = -np.asarray(mc_loss(random.split(random.PRNGKey(1), 4000)))
+    se = draws.std(ddof=1) / np.sqrt(len(draws))
+    assert se > 0  # it is a genuine Monte-Carlo estimate
+    assert abs(draws.mean() - exact) < 4 * se
+
+
+def test_library_collapsed_references_match_dense_ones():
+    X, y = toy_data(60, seed=7)
+    Z = np.linspace(-2, 2, 8)[:, None]
+    kernel = ns.kernels.RBF(VAR, LS)
+    K_zz = ref.rbf(Z, Z, VAR, LS) + 1e-6 * np.eye(8)
+    dense = ref.titsias_bound(ref.rbf(X, X, VAR, LS), ref.rbf(X, Z, VAR, LS), K_zz, y, NOISE)
+    assert float(ns.titsias_bound(kernel, X, y, Z, NOISE, jitter=1e-6)) == pytest.approx(
+        dense, rel=1e-10
+    )
+    assert float(ns.exact_log_marginal_likelihood(kernel, X, y, NOISE)) == pytest.approx(
+        ref.exact_lml(ref.rbf(X, X, VAR, LS), y, NOISE), rel=1e-10
+    )
+
+
+def test_kl_matches_numpyro_and_closed_form():
+    m, S = _random_q(5, seed=8)
+    got = float(ns.kl(jnp.asarray(m), jnp.asarray(S)))
+    numpyro_kl = float(
+        kl_divergence(
+            dist.MultivariateNormal(m, scale_tril=S),
+            dist.MultivariateNormal(np.zeros(5), scale_tril=np.eye(5)),
+        )
+    )
+    cov = S @ S.T
+    closed = 0.5 * (np.trace(cov) + m @ m - 5 - np.linalg.slogdet(cov)[1])
+    assert got == pytest.approx(numpyro_kl, rel=1e-12)
+    assert got == pytest.approx(closed, rel=1e-12)
+
+
+def test_expected_log_likelihood_matches_gauss_hermite_quadrature():
+    nodes, weights = hermegauss(40)
+    weights = weights / weights.sum()
+    rng = np.random.default_rng(9)
+    y, mean = rng.normal(size=4), rng.normal(size=4)
+    var, noise_var = rng.uniform(0.1, 2, size=4), rng.uniform(0.05, 1, size=4)
+    f = mean[:, None] + np.sqrt(var)[:, None] * nodes[None, :]
+    logpdf = -0.5 * (np.log(2 * np.pi * noise_var)[:, None] + (y[:, None] - f) ** 2 / noise_var[:, None])
+    quadrature = logpdf @ weights
+    got = np.asarray(ns.expected_log_likelihood(y, mean, var, noise_var))
+    np.testing.assert_allclose(got, quadrature, rtol=1e-12)
