@@ -67,3 +67,23 @@ def check_matrix(name: str, x: jax.Array) -> None:
             f"{name} must be a 2-D array of shape (num_points, num_features), "
             f"got shape {x.shape}{hint}."
         )
+
+
+def check_observed_site(name: str, site: dict) -> None:
+    """Check an observed trace site: one value per entry of its distribution
+    (at trace time) and no NaN/inf (at once if concrete, else when run).
+
+    numpyro would otherwise broadcast a length-1 ``y`` silently, fail with a bare
+    broadcasting error for a wrong length, and turn NaN into a NaN loss. The
+    checked value replaces ``site["value"]`` so a traced check stays in the graph.
+    """
+    value_shape = jnp.shape(site["value"])
+    expected = site["fn"].shape()
+    if int(np.prod(value_shape)) != int(np.prod(expected)):
+        raise ValueError(
+            f"observed site '{name}' has shape {value_shape} but its distribution has "
+            f"shape {expected}: pass one observation per point at which the model's "
+            "function is evaluated (e.g. y with len(y) == len(X))."
+        )
+    if jnp.issubdtype(jnp.result_type(site["value"]), jnp.inexact):
+        site["value"] = check_finite(f"observed site '{name}'", site["value"])

@@ -16,7 +16,6 @@ whole bound deterministic.
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import random
 from numpyro.distributions import ExpandedDistribution, Independent, MultivariateNormal, Normal
 from numpyro.distributions.kl import kl_divergence
@@ -24,7 +23,7 @@ from numpyro.handlers import replay, seed, substitute, trace
 from numpyro.infer.elbo import ELBO
 from numpyro.util import check_model_guide_match
 
-from numpyro_svgp._checks import check_finite
+from numpyro_svgp._checks import check_observed_site
 from numpyro_svgp._conditional import predictive_moments
 from numpyro_svgp._svgp import svgp_site
 
@@ -71,20 +70,6 @@ def _gaussian_base(fn):
     while isinstance(fn, (ExpandedDistribution, Independent)):
         fn = fn.base_dist
     return fn if isinstance(fn, Normal) else None
-
-
-def _check_observed(name, site):
-    """Trace-time shape check and value-time finiteness check of an observed site."""
-    value = site["value"]
-    expected = site["fn"].shape()
-    if int(np.prod(jnp.shape(value))) != int(np.prod(expected)):
-        raise ValueError(
-            f"observed site '{name}' has shape {jnp.shape(value)} but its distribution has "
-            f"shape {expected}: pass one observation per point at which the model's "
-            "function is evaluated (e.g. y with len(y) == len(X))."
-        )
-    if jnp.issubdtype(jnp.result_type(value), jnp.inexact):
-        site["value"] = check_finite(f"observed site '{name}'", value)
 
 
 class SVGP_ELBO(ELBO):
@@ -159,7 +144,7 @@ def elbo_terms(model_trace, guide_trace) -> jax.Array:
     for name, site in model_trace.items():
         if site["type"] != "sample" or not site["is_observed"]:
             continue
-        _check_observed(name, site)
+        check_observed_site(name, site)
         base = _gaussian_base(site["fn"])
         moments = None
         if base is not None:

@@ -26,9 +26,11 @@ import numpyro
 import numpyro.distributions as dist
 from numpyro.distributions import constraints
 from numpyro.distributions.transforms import biject_to
+from numpyro.handlers import block, seed, trace
 from numpyro.infer.autoguide import AutoGuide
 from numpyro.infer.initialization import init_to_median
 
+from numpyro_svgp._checks import check_observed_site
 from numpyro_svgp._svgp import svgp_site
 
 __all__ = ["AutoSVGP", "whitened_scale_tril"]
@@ -103,6 +105,13 @@ class AutoSVGP(AutoGuide):
         )
 
     def _setup_prototype(self, *args, **kwargs):
+        # numpyro's initialisation evaluates log densities, where a wrongly sized
+        # or non-finite observation fails with a vague message; name it first.
+        with block():
+            model_trace = trace(seed(self.model, 0)).get_trace(*args, **kwargs)
+        for name, site in model_trace.items():
+            if site["type"] == "sample" and site["is_observed"]:
+                check_observed_site(name, site)
         super()._setup_prototype(*args, **kwargs)
         whitened = []
         for name, site in self._latent_sites():

@@ -1,0 +1,66 @@
+"""Prediction: analytic moments against the exact GP, and Predictive samples against them."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import random
+from numpyro.infer import Predictive
+
+import numpyro_svgp as ns
+
+from . import reference as ref
+from .helpers import gaussian_model, initial_params, toy_data
+
+VAR, LS, NOISE = 0.8, 0.7, 0.05
+
+
+def _fitted_at_optimum(X, y, Z, jitter):
+    """Model and guide with q(v) set to the closed-form optimum (computed densely)."""
+    model = gaussian_model(Z, VAR, LS, NOISE, jitter=jitter)
+    guide = ns.AutoSVGP(model)
+    params = initial_params(model, guide, X, y)
+    K_zz = ref.rbf(Z, Z, VAR, LS) + jitter * np.eye(len(Z))
+    mu, Sigma = ref.optimal_q_u(ref.rbf(X, Z, VAR, LS), K_zz, y, NOISE)
+    m, S = ref.whiten(mu, Sigma, K_zz)
+    params = dict(params, f_whitened_auto_loc=jnp.asarray(m), f_whitened_auto_scale_tril=jnp.asarray(S))
+    return model, guide, params
+
+
+def test_z_equals_x_predictions_equal_exact_gp_posterior():
+    # An even grid keeps cond(K_xx) near 3e8; clustered random inputs reach 1e13+ and
+    # then round-off, not the method, decides the last digits.
+    X = np.linspace(-3, 3, 20)[:, None]
+    y = np.sin(2 * X[:, 0]) + 0.1 * np.random.default_rng(11).normal(size=20)
+    X_test = np.linspace(-3.5, 3.5, 23)[:, None]  # a different X at predict time
+    model, guide, params = _fitted_at_optimum(X, y, X, jitter=1e-10)
+    mean, var = ns.predict_f(model, guide, params, X_test)
+    exact_mean, exact_var = ref.exact_posterior(
+        ref.rbf(X, X, VAR, LS), ref.rbf(X_test, X, VAR, LS), np.full(23, VAR), y, NOISE
+    )
+    np.testing.assert_allclose(mean, exact_mean, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(var, exact_var, rtol=1e-5, atol=1e-8)
+
+
+def test_predictive_sample_moments_match_analytic_moments():
+    X, y = toy_data(60, seed=12)
+    Z = np.linspace(-3, 3, 8)[:, None]
+    X_test = np.linspace(-4, 4, 15)[:, None]
+    model, guide, params = _fitted_at_optimum(X, y, Z, jitter=1e-6)
+    mean, var = ns.predict_f(model, guide, params, X_test)
+    n = 20000
+    samples = Predictive(model, guide=guide, params=params, num_samples=n)(random.PRNGKey(0), X_test)
+    assert samples["f"].shape == (n, 15) and samples["y"].shape == (n, 15)
+    f = np.asarray(samples["f"])
+    # mean within 4 standard errors, variance within 4 standard errors of a Gaussian variance
+    assert np.all(np.abs(f.mean(0) - mean) < 4 * np.sqrt(var / n))
+    assert np.all(np.abs(f.var(0) - var) < 4 * var * np.sqrt(2 / (n - 1)))
+    # y adds the noise variance
+    y_var = np.asarray(samples["y"]).var(0)
+    assert np.all(np.abs(y_var - (var + NOISE)) < 4 * (var + NOISE) * np.sqrt(2 / (n - 1)))
+
+
+def test_predict_f_errors():
+    X, y = toy_data(20)
+    model, guide, params = _fitted_at_optimum(X, y, X[:5], jitter=1e-6)
+    with pytest.raises(KeyError, match="no site 'g_whitened'"):
+        ns.predict_f(model, guide, params, X, name="g")
