@@ -3,9 +3,9 @@
 SVI has no chains, so every sample array gets a leading chain axis of length 1.
 Dimension names come from the model when it is given: batch axes are named after
 the plates that made them, the whitened axis of an svgp site is
-``"{name}_inducing"``, and an svgp output shares the dims of the observed site
-over the same points (the likelihood), so ``f`` and ``y`` line up on one ``data``
-axis.
+``"{name}_inducing"``, and an svgp output shares the dims of the first plated
+site of the same shape (the likelihood over the same points), so ``f`` and ``y``
+line up on one ``data`` axis.
 """
 
 import arviz as az
@@ -20,7 +20,7 @@ __all__ = ["to_inference_data"]
 
 def _site_dims(model, args, kwargs) -> dict[str, list[str]]:
     model_trace = trace(seed(model, 0)).get_trace(*args, **kwargs)
-    dims, observed_dims, outputs = {}, {}, {}
+    dims, plated_dims, outputs = {}, {}, {}
     for name, site in model_trace.items():
         if site["type"] != "sample":
             continue
@@ -34,11 +34,11 @@ def _site_dims(model, args, kwargs) -> dict[str, list[str]]:
             names[-1] = f"{info.output}_inducing"
             outputs[info.output] = jnp.shape(model_trace[info.output]["value"])
         dims[name] = names
-        if site["is_observed"]:
-            observed_dims.setdefault(shape, names)
+        if site["cond_indep_stack"] and info is None:
+            plated_dims.setdefault(shape, names)
     for output, shape in outputs.items():
-        if shape in observed_dims:
-            dims[output] = observed_dims[shape]
+        if shape in plated_dims:
+            dims[output] = plated_dims[shape]
     return dims
 
 
