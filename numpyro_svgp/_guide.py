@@ -110,8 +110,15 @@ class AutoSVGP(AutoGuide):
         with block():
             model_trace = trace(seed(self.model, 0)).get_trace(*args, **kwargs)
         for name, site in model_trace.items():
-            if site["type"] == "sample" and site["is_observed"]:
+            if site["type"] != "sample":
+                continue
+            if site["is_observed"]:
                 check_observed_site(name, site)
+            elif site["fn"].support.is_discrete:
+                raise ValueError(
+                    f"AutoSVGP handles continuous latent sites only; site '{name}' is "
+                    "discrete. Marginalise it out (numpyro's enumeration) or use another guide."
+                )
         super()._setup_prototype(*args, **kwargs)
         whitened = []
         for name, site in self._latent_sites():
@@ -119,11 +126,6 @@ class AutoSVGP(AutoGuide):
                 whitened.append(name)
                 self._init_locs[name] = jnp.zeros(jnp.shape(site["value"]), site["value"].dtype)
                 continue
-            if site["fn"].support.is_discrete:
-                raise ValueError(
-                    f"AutoSVGP handles continuous latent sites only; site '{name}' is "
-                    "discrete. Marginalise it out (numpyro's enumeration) or use another guide."
-                )
             self._event_dims[name] = (
                 site["fn"].event_dim + jnp.ndim(self._init_locs[name]) - jnp.ndim(site["value"])
             )

@@ -115,7 +115,7 @@ def test_discrete_latent_site_is_refused_by_autosvgp():
         f = ns.svgp("f", ns.kernels.RBF(), X, jnp.asarray(Z0))
         numpyro.sample("y", dist.Normal(f, 0.1), obs=y)
 
-    with pytest.raises(Exception, match="continuous latent sites only|discrete"):
+    with pytest.raises(ValueError, match="continuous latent sites only; site 'k' is discrete"):
         initial_params(model, ns.AutoSVGP(model), X, Y)
 
 
