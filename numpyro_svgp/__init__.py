@@ -8,35 +8,49 @@ The maths lives in small pure functions (:func:`whitened_conditional`,
 
 from numpyro_svgp import kernels
 from numpyro_svgp._arviz import to_inference_data
+from numpyro_svgp._checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from numpyro_svgp._collapsed import exact_log_marginal_likelihood, titsias_bound
 from numpyro_svgp._conditional import (
+    MAX_JITTER_ESCALATIONS,
     Conditional,
+    cholesky_with_jitter,
     default_jitter,
     jittered_cholesky,
     predictive_moments,
     whitened_conditional,
 )
+from numpyro_svgp._diagnostics import svgp_diagnostics
 from numpyro_svgp._elbo import SVGP_ELBO, expected_log_likelihood, kl
 from numpyro_svgp._guide import AutoSVGP
 from numpyro_svgp._predict import predict_f
 from numpyro_svgp._svgp import svgp
+from numpyro_svgp._train import TrainingStopped, TrainResult, train
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "MAX_JITTER_ESCALATIONS",
     "AutoSVGP",
+    "CheckpointError",
     "Conditional",
     "SVGP_ELBO",
+    "TrainResult",
+    "TrainingStopped",
+    "cholesky_with_jitter",
     "default_jitter",
     "exact_log_marginal_likelihood",
     "expected_log_likelihood",
     "jittered_cholesky",
     "kernels",
     "kl",
+    "load_checkpoint",
     "predict_f",
     "predictive_moments",
+    "save_checkpoint",
     "svgp",
+    "svgp_diagnostics",
     "titsias_bound",
     "to_inference_data",
+    "train",
     "whitened_conditional",
 ]

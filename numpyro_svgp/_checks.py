@@ -79,7 +79,13 @@ def check_observed_site(name: str, site: dict) -> None:
     """
     value_shape = jnp.shape(site["value"])
     expected = site["fn"].shape()
-    if int(np.prod(value_shape)) != int(np.prod(expected)):
+    try:
+        # y of shape (N, 1) against f of shape (N,) has the right size but
+        # would broadcast to (N, N)
+        fits = np.broadcast_shapes(value_shape, expected) == expected
+    except ValueError:
+        fits = False
+    if not fits or int(np.prod(value_shape)) != int(np.prod(expected)):
         raise ValueError(
             f"observed site '{name}' has shape {value_shape} but its distribution has "
             f"shape {expected}: pass one observation per point at which the model's "

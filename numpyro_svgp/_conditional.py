@@ -30,7 +30,9 @@ exactly that of Hensman et al. (2013) for the jittered :math:`K_{zz}`.
 from typing import NamedTuple
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.scipy.linalg import solve_triangular
 from jaxtyping import Array, Float
 
@@ -38,7 +40,9 @@ from numpyro_svgp._checks import as_float_array, check_finite, check_matrix
 from numpyro_svgp.kernels import Kernel
 
 __all__ = [
+    "MAX_JITTER_ESCALATIONS",
     "Conditional",
+    "cholesky_with_jitter",
     "default_jitter",
     "jittered_cholesky",
     "whitened_conditional",
@@ -58,29 +62,95 @@ def default_jitter(dtype) -> float:
     return 1e-2
 
 
+MAX_JITTER_ESCALATIONS = 6
+"""Default number of tenfold jitter increases tried when a Cholesky factor is not finite."""
+
+
+def cholesky_with_jitter(
+    K: Float[Array, "M M"],
+    jitter: float,
+    *,
+    name: str = "K_zz",
+    max_escalations: int = MAX_JITTER_ESCALATIONS,
+) -> tuple[Float[Array, "M M"], Float[Array, ""]]:
+    r"""Lower Cholesky factor of :math:`K + \epsilon I` that raises the jitter when it must.
+
+    The factor with :math:`\epsilon` = ``jitter`` is tried first. Only if it is not
+    finite are :math:`10\epsilon, 100\epsilon, \dots, 10^{E}\epsilon` tried in turn
+    (:math:`E` = ``max_escalations``), inside ``jit``, in a ``lax.while_loop``. The
+    factor that works carries the derivative of ``cholesky(K + jitter_used I)``, so
+    the usual case costs one factorisation. A jitter of 0 is never escalated.
+
+    :param K: a symmetric positive semi-definite matrix.
+    :param jitter: the base :math:`\epsilon \ge 0` added to the diagonal.
+    :param name: what to call the matrix in the error message.
+    :param max_escalations: how many tenfold increases to try; 0 disables escalation.
+    :return: ``(L, jitter_used)``.
+    :raises: (when the compiled program runs) an error naming the matrix, its size
+        and dtype, the largest jitter tried and the likely causes, if no factor is finite.
+    """
+    jitter = float(jitter)
+    M = K.shape[-1]
+    eye = jnp.eye(M, dtype=K.dtype)
+    K_fixed = lax.stop_gradient(K)
+    limit = max_escalations if jitter > 0 else 0
+
+    def finite(L):
+        return jnp.all(jnp.isfinite(L))
+
+    def keep_going(state):
+        k, L = state
+        return ~finite(L) & (k < limit)
+
+    def next_jitter(state):
+        k = state[0] + 1
+        return k, jnp.linalg.cholesky(K_fixed + jitter * 10.0**k * eye)
+
+    # All factorising happens on stop_gradient(K): a failed factor must not enter
+    # the backward pass, where even a zero cotangent times its NaNs gives NaN.
+    k, L = lax.while_loop(keep_going, next_jitter, (0, jnp.linalg.cholesky(K_fixed + jitter * eye)))
+    used = jnp.asarray(jitter, K.dtype) * jnp.asarray(10.0, K.dtype) ** k
+    L = _with_cholesky_derivative(K + used * eye, L)
+    largest = jitter * 10.0 ** (max_escalations if jitter > 0 else 0)
+    tried = f"{jitter:g} I" if largest == jitter else f"up to {largest:g} I"
+    L = eqx.error_if(
+        L,
+        ~finite(L),
+        f"Cholesky factorisation of {name} + jitter ({M}x{M}, {K.dtype}, jitter tried "
+        f"{tried}) failed: the matrix is not numerically positive definite. Likely "
+        "causes: duplicate or near-duplicate inducing inputs Z, a lengthscale that "
+        "collapsed or grew huge, a very large kernel variance, or float32 with many "
+        "inducing points. Remedies: a larger `jitter`, float64 "
+        "(jax.config.update('jax_enable_x64', True)), or re-initialising Z.",
+    )
+    return L, used
+
+
+@jax.custom_jvp
+def _with_cholesky_derivative(A, L):
+    """``L`` (the Cholesky factor of ``A``, computed elsewhere) with the derivative of
+    ``cholesky(A)`` attached: :math:`dL = L\,\Phi(L^{-1} dA\, L^{-\top})`, where
+    :math:`\Phi` keeps the lower triangle and halves the diagonal (Murray 2016)."""
+    return L
+
+
+@_with_cholesky_derivative.defjvp
+def _cholesky_jvp(primals, tangents):
+    _, L = primals
+    dA, _ = tangents
+    dA = 0.5 * (dA + jnp.swapaxes(dA, -1, -2))
+    X = solve_triangular(L, dA, lower=True)
+    X = jnp.swapaxes(solve_triangular(L, jnp.swapaxes(X, -1, -2), lower=True), -1, -2)
+    phi = jnp.tril(X) - 0.5 * jnp.diag(jnp.diagonal(X))
+    return L, L @ phi
+
+
 def jittered_cholesky(
     K: Float[Array, "M M"], jitter: float, name: str = "K_zz"
 ) -> Float[Array, "M M"]:
-    r"""Lower Cholesky factor of :math:`K + \epsilon I`, with a clear error when it fails.
-
-    :param K: a symmetric positive semi-definite matrix.
-    :param jitter: :math:`\epsilon \ge 0` added to the diagonal.
-    :param name: what to call the matrix in the error message.
-    :raises: (when the compiled program runs) an error naming the matrix, its
-        size and dtype and the likely causes if the factor is not finite.
-    """
-    M = K.shape[-1]
-    L = jnp.linalg.cholesky(K + jitter * jnp.eye(M, dtype=K.dtype))
-    return eqx.error_if(
-        L,
-        ~jnp.all(jnp.isfinite(L)),
-        f"Cholesky factorisation of {name} + {jitter:g} I ({M}x{M}, {K.dtype}) failed: "
-        "the matrix is not numerically positive definite. Likely causes: duplicate or "
-        "near-duplicate inducing inputs Z, a lengthscale that collapsed or grew huge, "
-        "a very large kernel variance, or float32 with many inducing points. Remedies: "
-        "a larger `jitter`, float64 (jax.config.update('jax_enable_x64', True)), or "
-        "re-initialising Z.",
-    )
+    r"""Lower Cholesky factor of :math:`K + \epsilon I` with a fixed jitter and a clear
+    error when it fails (:func:`cholesky_with_jitter` without escalation)."""
+    return cholesky_with_jitter(K, jitter, name=name, max_escalations=0)[0]
 
 
 class Conditional(NamedTuple):
@@ -90,6 +160,8 @@ class Conditional(NamedTuple):
     r""":math:`A = K_{xz} L^{-\top}`, so that :math:`\mathbb E[f \mid v] = A v`."""
     variance: Float[Array, " N"]
     r""":math:`\operatorname{diag}(K_{xx} - A A^\top) \ge 0`, the variance left given :math:`v`."""
+    jitter: Float[Array, ""]
+    r"""The jitter :math:`\epsilon` that the factorisation of :math:`K_{zz}` needed."""
 
 
 def whitened_conditional(
@@ -98,6 +170,7 @@ def whitened_conditional(
     Z: Float[Array, "M D"],
     *,
     jitter: float | None = None,
+    max_jitter_escalations: int = MAX_JITTER_ESCALATIONS,
 ) -> Conditional:
     r"""Projection and conditional variance of :math:`f(X)` given whitened inducing values.
 
@@ -108,7 +181,9 @@ def whitened_conditional(
     :param X: inputs, shape ``(N, D)``.
     :param Z: inducing inputs, shape ``(M, D)``.
     :param jitter: :math:`\epsilon`; defaults to :func:`default_jitter` of the dtype.
-    :return: a :class:`Conditional` ``(projection, variance)``.
+    :param max_jitter_escalations: tenfold jitter increases allowed when the factor
+        of :math:`K_{zz}` is not finite (see :func:`cholesky_with_jitter`).
+    :return: a :class:`Conditional` ``(projection, variance, jitter)``.
     """
     X = as_float_array("X", X)
     Z = as_float_array("Z", Z)
@@ -129,11 +204,13 @@ def whitened_conditional(
     elif not jitter >= 0:
         raise ValueError(f"jitter must be non-negative, got {jitter}.")
 
-    L = jittered_cholesky(kernel(Z, Z), jitter)
+    L, jitter_used = cholesky_with_jitter(
+        kernel(Z, Z), jitter, max_escalations=max_jitter_escalations
+    )
     W = solve_triangular(L, kernel(Z, X), lower=True)  # L^{-1} K_zx = A^T
     # Round-off can leave tiny negative values where f is pinned by Z (e.g. Z = X).
     variance = jnp.maximum(kernel.diag(X) - jnp.sum(jnp.square(W), axis=0), 0.0)
-    return Conditional(W.T, variance)
+    return Conditional(W.T, variance, jitter_used)
 
 
 def predictive_moments(
@@ -150,6 +227,6 @@ def predictive_moments(
     :param scale_tril: lower-triangular :math:`S`, shape ``(M, M)``.
     :return: ``(mean, variance)``, each of shape ``(N,)``.
     """
-    A, variance = conditional
+    A = conditional.projection
     mean = A @ loc
-    return mean, variance + jnp.sum(jnp.square(A @ scale_tril), axis=-1)
+    return mean, conditional.variance + jnp.sum(jnp.square(A @ scale_tril), axis=-1)

@@ -19,7 +19,11 @@ import numpyro
 import numpyro.distributions as dist
 from jaxtyping import Array, Float
 
-from numpyro_svgp._conditional import Conditional, whitened_conditional
+from numpyro_svgp._conditional import (
+    MAX_JITTER_ESCALATIONS,
+    Conditional,
+    whitened_conditional,
+)
 from numpyro_svgp.kernels import Kernel
 
 __all__ = ["WhitenedPrior", "svgp", "svgp_site"]
@@ -64,6 +68,7 @@ def svgp(
     Z: Float[Array, "M D"],
     *,
     jitter: float | None = None,
+    max_jitter_escalations: int = MAX_JITTER_ESCALATIONS,
 ) -> Float[Array, " N"]:
     r"""Sparse variational GP prior on :math:`f(X)` with inducing inputs :math:`Z`.
 
@@ -87,6 +92,9 @@ def svgp(
     :param Z: inducing inputs, shape ``(M, D)``.
     :param jitter: added to the diagonal of :math:`K_{zz}`; defaults to
         :func:`~numpyro_svgp.default_jitter` of the dtype.
+    :param max_jitter_escalations: if :math:`K_{zz}` + jitter cannot be factorised,
+        the jitter is raised tenfold up to this many times inside ``jit``; the jitter
+        used is reported by :func:`~numpyro_svgp.svgp_diagnostics`. 0 disables it.
     :return: :math:`f(X)`, shape ``(N,)``.
 
     **References**: Titsias (2009); Hensman, Fusi & Lawrence (2013);
@@ -96,8 +104,10 @@ def svgp(
         raise TypeError(
             f"svgp('{name}', ...) needs a numpyro_svgp.kernels.Kernel, got {type(kernel).__name__}."
         )
-    conditional = whitened_conditional(kernel, X, Z, jitter=jitter)
-    A, variance = conditional
+    conditional = whitened_conditional(
+        kernel, X, Z, jitter=jitter, max_jitter_escalations=max_jitter_escalations
+    )
+    A, variance = conditional.projection, conditional.variance
     num_inducing = A.shape[1]
     v = numpyro.sample(f"{name}_whitened", WhitenedPrior(conditional, name))
     if jnp.shape(v) != (num_inducing,):
