@@ -18,11 +18,8 @@ import sys
 import time
 
 import jax
-
-jax.config.update("jax_enable_x64", True)
-
-import jax.numpy as jnp  # noqa: E402
-import matplotlib  # noqa: E402
+import jax.numpy as jnp
+import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -117,6 +114,8 @@ def plot(out, X, y, Z_init, losses, params, X_test, mean, var, noise_var):
 
 
 def main(argv=None):
+    # float64 as in the notebook (the data draw itself depends on the precision)
+    jax.config.update("jax_enable_x64", True)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="folder for plots and params.npz")
     parser.add_argument("--steps", type=int, default=800, help="SVI steps (default 800)")

@@ -1,8 +1,13 @@
 """float32 smoke tests, run in a subprocess because the suite enables x64 globally."""
 
+import os
 import subprocess
 import sys
 import textwrap
+
+from . import problems
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SCRIPT = textwrap.dedent(
     """
@@ -43,3 +48,27 @@ def test_float32_training_smoke():
     run = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "float32 ok" in run.stdout
+
+
+def test_float32_training_is_within_one_percent_of_float64(tmp_path):
+    """The toy problem, banana classification and an M = 512 regression."""
+    data = tmp_path / "toy.npz"
+    problems.save_toy_data(data)
+    runs = {
+        flag: subprocess.Popen(
+            [sys.executable, "-m", "tests.problems", str(data)],
+            cwd=ROOT, env={**os.environ, "JAX_ENABLE_X64": flag},
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for flag in ("1", "0")
+    }
+    results = {}
+    for flag, proc in runs.items():
+        out, err = proc.communicate(timeout=900)
+        assert proc.returncode == 0, err[-3000:]
+        for line in out.strip().splitlines():
+            name, dtype, elbo = line.split()
+            results[name, dtype] = float(elbo)
+    for name in ("toy", "banana", "regression_m512"):
+        elbo64, elbo32 = results[name, "float64"], results[name, "float32"]
+        assert abs(elbo32 - elbo64) <= 0.01 * abs(elbo64), (name, elbo32, elbo64)
