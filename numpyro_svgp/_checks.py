@@ -27,6 +27,11 @@ def as_float_array(name: str, x) -> jax.Array:
         if not (jnp.issubdtype(x.dtype, jnp.integer) or x.dtype == jnp.bool_):
             raise TypeError(f"{name} must be a real array, got dtype {x.dtype}.")
         x = x.astype(jnp.result_type(float))
+    elif x.dtype not in (jnp.float32, jnp.float64):
+        raise TypeError(
+            f"{name} has dtype {x.dtype}; numpyro_svgp computes in float32 or float64 "
+            f"(cast with {name}.astype('float32'))."
+        )
     return x
 
 
@@ -67,6 +72,8 @@ def check_matrix(name: str, x: jax.Array) -> None:
             f"{name} must be a 2-D array of shape (num_points, num_features), "
             f"got shape {x.shape}{hint}."
         )
+    if x.shape[1] == 0:
+        raise ValueError(f"{name} has no features (shape {x.shape}).")
 
 
 def check_observed_site(name: str, site: dict) -> None:
