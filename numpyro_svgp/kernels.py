@@ -37,6 +37,7 @@ from numpyro_svgp._checks import as_float_array, check_matrix, check_positive
 
 __all__ = [
     "Kernel",
+    "Stationary",
     "RBF",
     "Matern12",
     "Matern32",
@@ -131,7 +132,33 @@ def _distance(r2: jax.Array) -> jax.Array:
     return jnp.where(positive, jnp.sqrt(jnp.where(positive, r2, 1.0)), 0.0)
 
 
-class RBF(Kernel):
+class Stationary(Kernel):
+    r"""Abstract base of the isotropic/ARD stationary kernels
+
+    .. math:: k(x, x') = \sigma^2 \kappa(r^2), \qquad r^2 = \sum_d (x_d - x'_d)^2 / \ell_d^2;
+
+    subclasses define the profile :math:`\kappa` only.
+
+    :param variance: signal variance :math:`\sigma^2 > 0`.
+    :param lengthscale: :math:`\ell > 0`, scalar or ``(D,)`` (ARD).
+    """
+
+    variance: Float[Array, ""]
+    lengthscale: Float[Array, "*D"]
+
+    def __init__(self, variance=1.0, lengthscale=1.0):
+        self.variance = _hyperparameter("variance", variance, allow_vector=False)
+        self.lengthscale = _hyperparameter("lengthscale", lengthscale, allow_vector=True)
+
+    @abc.abstractmethod
+    def profile(self, r2: Float[Array, ""]) -> Float[Array, ""]:
+        """:math:`\kappa(r^2)`, with :math:`\kappa(0) = 1`."""
+
+    def evaluate(self, x1, x2):
+        return self.variance * self.profile(_scaled_sq_dist(x1, x2, self.lengthscale))
+
+
+class RBF(Stationary):
     r"""Squared-exponential (radial basis function) kernel
 
     .. math:: k(x, x') = \sigma^2 \exp\!\Big(-\tfrac12 \sum_d (x_d - x'_d)^2 / \ell_d^2\Big).
@@ -140,18 +167,11 @@ class RBF(Kernel):
     :param lengthscale: :math:`\ell > 0`, scalar or ``(D,)`` (ARD).
     """
 
-    variance: Float[Array, ""]
-    lengthscale: Float[Array, "*D"]
-
-    def __init__(self, variance=1.0, lengthscale=1.0):
-        self.variance = _hyperparameter("variance", variance, allow_vector=False)
-        self.lengthscale = _hyperparameter("lengthscale", lengthscale, allow_vector=True)
-
-    def evaluate(self, x1, x2):
-        return self.variance * jnp.exp(-0.5 * _scaled_sq_dist(x1, x2, self.lengthscale))
+    def profile(self, r2):
+        return jnp.exp(-0.5 * r2)
 
 
-class Matern12(Kernel):
+class Matern12(Stationary):
     r"""Matérn kernel with smoothness 1/2 (exponential / Ornstein-Uhlenbeck)
 
     .. math:: k(x, x') = \sigma^2 e^{-r}, \qquad r = \big\|(x - x') / \ell\big\|.
@@ -160,19 +180,11 @@ class Matern12(Kernel):
     :param lengthscale: :math:`\ell > 0`, scalar or ``(D,)`` (ARD).
     """
 
-    variance: Float[Array, ""]
-    lengthscale: Float[Array, "*D"]
-
-    def __init__(self, variance=1.0, lengthscale=1.0):
-        self.variance = _hyperparameter("variance", variance, allow_vector=False)
-        self.lengthscale = _hyperparameter("lengthscale", lengthscale, allow_vector=True)
-
-    def evaluate(self, x1, x2):
-        r = _distance(_scaled_sq_dist(x1, x2, self.lengthscale))
-        return self.variance * jnp.exp(-r)
+    def profile(self, r2):
+        return jnp.exp(-_distance(r2))
 
 
-class Matern32(Kernel):
+class Matern32(Stationary):
     r"""Matérn kernel with smoothness 3/2
 
     .. math:: k(x, x') = \sigma^2 (1 + \sqrt3 r)\, e^{-\sqrt3 r}, \qquad r = \big\|(x - x') / \ell\big\|.
@@ -181,19 +193,12 @@ class Matern32(Kernel):
     :param lengthscale: :math:`\ell > 0`, scalar or ``(D,)`` (ARD).
     """
 
-    variance: Float[Array, ""]
-    lengthscale: Float[Array, "*D"]
-
-    def __init__(self, variance=1.0, lengthscale=1.0):
-        self.variance = _hyperparameter("variance", variance, allow_vector=False)
-        self.lengthscale = _hyperparameter("lengthscale", lengthscale, allow_vector=True)
-
-    def evaluate(self, x1, x2):
-        s = jnp.sqrt(3.0) * _distance(_scaled_sq_dist(x1, x2, self.lengthscale))
-        return self.variance * (1.0 + s) * jnp.exp(-s)
+    def profile(self, r2):
+        s = jnp.sqrt(3.0) * _distance(r2)
+        return (1.0 + s) * jnp.exp(-s)
 
 
-class Matern52(Kernel):
+class Matern52(Stationary):
     r"""Matérn kernel with smoothness 5/2
 
     .. math:: k(x, x') = \sigma^2 \big(1 + \sqrt5 r + \tfrac53 r^2\big)\, e^{-\sqrt5 r},
@@ -203,17 +208,9 @@ class Matern52(Kernel):
     :param lengthscale: :math:`\ell > 0`, scalar or ``(D,)`` (ARD).
     """
 
-    variance: Float[Array, ""]
-    lengthscale: Float[Array, "*D"]
-
-    def __init__(self, variance=1.0, lengthscale=1.0):
-        self.variance = _hyperparameter("variance", variance, allow_vector=False)
-        self.lengthscale = _hyperparameter("lengthscale", lengthscale, allow_vector=True)
-
-    def evaluate(self, x1, x2):
-        r2 = _scaled_sq_dist(x1, x2, self.lengthscale)
+    def profile(self, r2):
         s = jnp.sqrt(5.0) * _distance(r2)
-        return self.variance * (1.0 + s + 5.0 / 3.0 * r2) * jnp.exp(-s)
+        return (1.0 + s + 5.0 / 3.0 * r2) * jnp.exp(-s)
 
 
 class Periodic(Kernel):
