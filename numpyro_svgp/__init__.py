@@ -22,6 +22,7 @@ from numpyro_svgp._conditional import (
 from numpyro_svgp._diagnostics import svgp_diagnostics
 from numpyro_svgp._elbo import SVGP_ELBO, expected_log_likelihood, kl
 from numpyro_svgp._guide import AutoSVGP
+from numpyro_svgp._inducing import greedy_variance_inducing, kmeans_inducing
 from numpyro_svgp._predict import predict_f
 from numpyro_svgp._svgp import svgp
 from numpyro_svgp._train import TrainingStopped, TrainResult, train
@@ -40,8 +41,10 @@ __all__ = [
     "default_jitter",
     "exact_log_marginal_likelihood",
     "expected_log_likelihood",
+    "greedy_variance_inducing",
     "jittered_cholesky",
     "kernels",
+    "kmeans_inducing",
     "kl",
     "load_checkpoint",
     "predict_f",

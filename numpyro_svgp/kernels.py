@@ -152,7 +152,7 @@ class Stationary(Kernel):
 
     @abc.abstractmethod
     def profile(self, r2: Float[Array, ""]) -> Float[Array, ""]:
-        """:math:`\kappa(r^2)`, with :math:`\kappa(0) = 1`."""
+        r""":math:`\kappa(r^2)`, with :math:`\kappa(0) = 1`."""
 
     def evaluate(self, x1, x2):
         return self.variance * self.profile(_scaled_sq_dist(x1, x2, self.lengthscale))
