@@ -37,8 +37,8 @@ def gaussian_model(Z_init, variance=1.0, lengthscale=0.6, noise_var=0.0225, jitt
     return model
 
 
-def initial_params(model, guide, *args, elbo=None):
+def initial_params(model, guide, *args, elbo=None, **kwargs):
     """Constrained params of a freshly initialised SVI (runs the guide's prototype)."""
     svi = SVI(model, guide, optax.adam(1e-2), elbo or ns.SVGP_ELBO())
-    state = svi.init(random.PRNGKey(0), *args)
+    state = svi.init(random.PRNGKey(0), *args, **kwargs)
     return svi.get_params(state)
