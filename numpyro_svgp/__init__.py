@@ -23,6 +23,7 @@ from numpyro_svgp._diagnostics import svgp_diagnostics
 from numpyro_svgp._elbo import SVGP_ELBO, expected_log_likelihood, kl
 from numpyro_svgp._guide import AutoSVGP
 from numpyro_svgp._inducing import greedy_variance_inducing, kmeans_inducing
+from numpyro_svgp._natgrad import natural_gradient
 from numpyro_svgp._predict import predict_f
 from numpyro_svgp._svgp import svgp
 from numpyro_svgp._train import TrainingStopped, TrainResult, train
@@ -47,6 +48,7 @@ __all__ = [
     "kmeans_inducing",
     "kl",
     "load_checkpoint",
+    "natural_gradient",
     "predict_f",
     "predictive_moments",
     "save_checkpoint",

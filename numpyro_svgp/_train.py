@@ -50,11 +50,14 @@ def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
 
-def _chunk_runner(svi, max_in_a_row: int, length: int):
-    """A compiled function running ``length`` guarded steps."""
+def _chunk_runner(svi, max_in_a_row: int, length: int, static_kwargs: dict):
+    """A compiled function running ``length`` guarded steps; ``static_kwargs`` (sizes,
+    flags) are fixed at compile time, array arguments are traced."""
 
     @jax.jit
     def run(state, in_a_row, skipped, args, kwargs):
+        kwargs = {**kwargs, **static_kwargs}
+
         def step(carry, _):
             state, in_a_row, skipped = carry
             stopped = in_a_row >= max_in_a_row
@@ -112,7 +115,8 @@ def train(
         only at the end.
     :param bool resume: continue from ``checkpoint`` if the file exists.
     :param bool progress_bar: show a tqdm bar with the running loss.
-    :param kwargs: the model's keyword arguments.
+    :param kwargs: the model's keyword arguments; arrays are traced, anything else
+        (a batch size, a flag) is a compile-time constant.
     :return: a :class:`TrainResult`.
     :raises TrainingStopped: after ``max_nonfinite_in_a_row`` skipped steps in a row.
     """
@@ -132,6 +136,8 @@ def train(
         losses = [previous]
         if step > num_steps:
             raise ValueError(f"the checkpoint is at step {step}, past num_steps={num_steps}.")
+    arrays = {k: v for k, v in kwargs.items() if isinstance(v, (jax.Array, np.ndarray))}
+    static_kwargs = {k: v for k, v in kwargs.items() if k not in arrays}
     in_a_row = jnp.asarray(0)
     skipped = jnp.asarray(int(np.sum(~np.isfinite(np.concatenate(losses))) if losses else 0))
     runners = {}
@@ -147,9 +153,9 @@ def train(
                            (step // every + 1) * every, num_steps)
             length = boundary - step
             if length not in runners:
-                runners[length] = _chunk_runner(svi, max_nonfinite_in_a_row, length)
+                runners[length] = _chunk_runner(svi, max_nonfinite_in_a_row, length, static_kwargs)
             (state, in_a_row, skipped), (chunk_losses, stopped) = runners[length](
-                state, in_a_row, skipped, args, kwargs
+                state, in_a_row, skipped, args, arrays
             )
             chunk_losses, stopped = np.asarray(chunk_losses), np.asarray(stopped)
             taken = int(np.sum(~stopped))

@@ -1,0 +1,70 @@
+"""Natural gradients for q(v): one full step on a Gaussian likelihood reaches the closed-form optimum."""
+
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax import random
+from numpyro.infer import SVI
+
+import numpyro_svgp as ns
+
+from . import reference as ref
+from .helpers import gaussian_model, toy_data
+from .test_minibatch import B, N, in_model
+
+VAR, LS, NOISE = 0.8, 0.7, 0.05
+X, Y = toy_data(80, seed=41)
+Z0 = np.linspace(-3, 3, 9)[:, None]
+
+
+def _optimum(jitter):
+    K_zz = ref.rbf(Z0, Z0, VAR, LS) + jitter * np.eye(len(Z0))
+    mu, Sigma = ref.optimal_q_u(ref.rbf(X, Z0, VAR, LS), K_zz, Y, NOISE)
+    return ref.whiten(mu, Sigma, K_zz)
+
+
+@pytest.mark.parametrize("start", ["prior", "random"])
+def test_one_natural_step_of_size_one_reaches_the_optimal_q(start):
+    model = gaussian_model(Z0, VAR, LS, NOISE, jitter=1e-6)
+    guide = ns.AutoSVGP(model)
+    # the other params must not move: set_to_zero
+    svi = SVI(model, guide, ns.natural_gradient(optax.set_to_zero(), step_size=1.0), ns.SVGP_ELBO())
+    state = svi.init(random.PRNGKey(0), X, Y)
+    if start == "random":
+        rng = np.random.default_rng(1)
+        raw = np.tril(0.3 * rng.normal(size=(9, 9))) + np.diag(rng.uniform(0.3, 1.0, size=9))
+        raw[2, 2] *= -1  # a negative diagonal entry, as AutoSVGP allows
+        step, (unconstrained, opt_state) = state.optim_state  # numpyro's optax state
+        unconstrained = {**unconstrained, "f_whitened_auto_loc": jnp.asarray(rng.normal(size=9)),
+                         "f_whitened_auto_scale_tril": jnp.asarray(raw)}
+        state = state._replace(optim_state=(step, (unconstrained, opt_state)))
+    state, _ = svi.update(state, X, Y)
+    params = svi.get_params(state)
+    m_opt, S_opt = _optimum(1e-6)
+    np.testing.assert_allclose(params["f_whitened_auto_loc"], m_opt, rtol=1e-6, atol=1e-8)
+    S = np.asarray(params["f_whitened_auto_scale_tril"])
+    np.testing.assert_allclose(S @ S.T, S_opt @ S_opt.T, rtol=1e-6, atol=1e-10)
+    for name in ("variance", "lengthscale", "noise_var", "Z"):
+        assert np.all(np.asarray(params[name]) == np.asarray(svi.get_params(svi.init(random.PRNGKey(0), X, Y))[name]))
+    # and at the optimum the ELBO is the Titsias bound
+    bound = float(ns.titsias_bound(ns.kernels.RBF(VAR, LS), X, Y, Z0, NOISE, jitter=1e-6))
+    assert -float(ns.SVGP_ELBO().loss(random.PRNGKey(0), params, model, guide, X, Y)) == pytest.approx(bound, rel=1e-8)
+
+
+def test_natural_gradient_with_adam_on_minibatches_fits():
+    import jax
+
+    Xm, Ym = (jnp.asarray(a) for a in toy_data(N, seed=31))
+    guide = ns.AutoSVGP(in_model)
+    # decayed step sizes let the mini-batch noise settle
+    optimizer = ns.natural_gradient(optax.adam(optax.cosine_decay_schedule(1e-2, 2000, 0.05)),
+                                    step_size=optax.cosine_decay_schedule(0.1, 2000, 0.05))
+    svi = SVI(in_model, guide, optimizer, ns.SVGP_ELBO())
+    result = ns.train(svi, random.PRNGKey(0), 2000, Xm, Ym, batch_size=B, progress_bar=False)
+    assert result.num_skipped == 0
+    p = result.params
+    full = -float(ns.SVGP_ELBO().loss(random.PRNGKey(0), p, in_model, guide, Xm, Ym))
+    bound = float(ns.titsias_bound(ns.kernels.RBF(p["variance"], p["lengthscale"]), Xm, Ym, p["Z"], p["noise_var"]))
+    assert full <= bound + 1e-6 and bound - full < 1.0
+    assert jax.tree.all(jax.tree.map(lambda v: bool(jnp.all(jnp.isfinite(v))), p))
