@@ -109,6 +109,13 @@ class SVGP_ELBO(ELBO):
                 substitute(replay(seed(model, model_seed), guide_trace), data=param_map)
             ).get_trace(*args, **kwargs)
             check_model_guide_match(model_trace, guide_trace)
+            mutable = [n for t in (model_trace, guide_trace) for n, site in t.items()
+                       if site["type"] == "mutable"]
+            if mutable:
+                raise NotImplementedError(
+                    f"SVGP_ELBO does not carry mutable state (sites {mutable}); use "
+                    "numpyro.infer.TraceMeanField_ELBO for such models."
+                )
             return elbo_terms(model_trace, guide_trace)
 
         if self.num_particles == 1:
@@ -128,15 +135,16 @@ def elbo_terms(model_trace, guide_trace) -> jax.Array:
         if site["type"] != "sample" or site["is_observed"]:
             continue
         q = guide_trace[name]["fn"]
+        scale = guide_trace[name]["scale"]
         info = svgp_site(site)
         if info is not None and isinstance(q, MultivariateNormal):
-            elbo = elbo - kl(q.loc, q.scale_tril)
+            kl_qp = kl(q.loc, q.scale_tril)
+            elbo = elbo - (kl_qp if scale is None else scale * kl_qp)
             moments = predictive_moments(info.conditional, q.loc, q.scale_tril)
             gaussian_outputs.append((model_trace[info.output]["value"], moments))
             continue
         try:
             kl_qp = kl_divergence(q, site["fn"])
-            scale = guide_trace[name]["scale"]
             elbo = elbo - jnp.sum(kl_qp if scale is None else scale * kl_qp)
         except NotImplementedError:
             elbo = elbo + _site_log_prob(site) - _site_log_prob(guide_trace[name])

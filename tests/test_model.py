@@ -167,3 +167,22 @@ def test_cholesky_failure_names_the_matrix_and_causes():
 def test_kernel_type_is_checked():
     with pytest.raises(TypeError, match="needs a numpyro_svgp.kernels.Kernel"):
         trace(seed(lambda: ns.svgp("f", lambda a, b: a @ b.T, X, Z0), 0)).get_trace()
+
+
+def test_svgp_elbo_refuses_mutable_state_and_honours_site_scale():
+    def with_mutable(X, y=None):
+        numpyro.primitives.mutable("counter", jnp.zeros(()))
+        gaussian_model(Z0)(X, y)
+
+    with pytest.raises(NotImplementedError, match=r"mutable state \(sites \['counter'\]\)"):
+        _svi_run(with_mutable, X, Y)
+
+    model = gaussian_model(Z0)
+    guide = ns.AutoSVGP(model)
+    params = initial_params(model, guide, X, Y)
+    params = dict(params, f_whitened_auto_loc=jnp.linspace(-1, 1, 5))
+    half = numpyro.handlers.scale(model, scale=0.5)
+    half_guide = numpyro.handlers.scale(guide, scale=0.5)
+    full_loss = ns.SVGP_ELBO().loss(random.PRNGKey(0), params, model, guide, X, Y)
+    half_loss = ns.SVGP_ELBO().loss(random.PRNGKey(0), params, half, half_guide, X, Y)
+    assert float(half_loss) == pytest.approx(0.5 * float(full_loss), rel=1e-12)
