@@ -79,7 +79,8 @@ def cholesky_with_jitter(
     (:math:`E` = ``max_escalations``), inside ``jit``, in a ``lax.while_loop`` on
     ``stop_gradient(K)``; ``cholesky(K + jitter_used I)`` is then factorised once more
     to carry the derivative. That is one extra :math:`O(M^3/3)` factorisation, small
-    beside the :math:`O(N M^2)` data term. A jitter of 0 is never escalated.
+    beside the :math:`O(N M^2)` data term; without escalation there is just one. A
+    jitter of 0 is never escalated.
 
     :param K: a symmetric positive semi-definite matrix.
     :param jitter: the base :math:`\epsilon \ge 0` added to the diagonal.
@@ -106,14 +107,18 @@ def cholesky_with_jitter(
         k = state[0] + 1
         return k, jnp.linalg.cholesky(K_fixed + jitter * 10.0**k * eye)
 
-    # The search runs on stop_gradient(K): a failed factor must not enter the
-    # backward pass, where even a zero cotangent times its NaNs gives NaN. The factor
-    # that is returned is then computed afresh, with JAX's own derivative.
-    k, _ = lax.while_loop(keep_going, next_jitter, (0, jnp.linalg.cholesky(K_fixed + jitter * eye)))
-    used = jnp.asarray(jitter, K.dtype) * jnp.asarray(10.0, K.dtype) ** k
+    used = jnp.asarray(jitter, K.dtype)
+    if limit > 0:
+        # The search runs on stop_gradient(K): a failed factor must not enter the
+        # backward pass, where even a zero cotangent times its NaNs gives NaN. The
+        # factor that is returned is then computed afresh, with JAX's own derivative.
+        k, _ = lax.while_loop(
+            keep_going, next_jitter, (0, jnp.linalg.cholesky(K_fixed + jitter * eye))
+        )
+        used = used * jnp.asarray(10.0, K.dtype) ** k
     L = jnp.linalg.cholesky(K + used * eye)
-    largest = jitter * 10.0 ** (max_escalations if jitter > 0 else 0)
-    tried = f"{jitter:g} I" if largest == jitter else f"up to {largest:g} I"
+    largest = jitter * 10.0**limit
+    tried = f"{jitter:g} I" if limit == 0 else f"up to {largest:g} I"
     L = eqx.error_if(
         L,
         ~finite(L),

@@ -1,8 +1,6 @@
 """Diagnostics of the svgp sites of a fitted model: the jitter each one needed."""
 
-from numpyro.handlers import block, seed, substitute, trace
-
-from numpyro_svgp._svgp import svgp_site
+from numpyro_svgp._svgp import fitted_model_trace, svgp_site
 
 __all__ = ["svgp_diagnostics"]
 
@@ -22,13 +20,7 @@ def svgp_diagnostics(model, guide, params, *args, rng_seed: int = 0, **kwargs) -
         besides the svgp ones.
     :param dict params: the SVI params.
     """
-    values = dict(params)
-    if guide is not None:
-        values.update(guide.median(params))
-    with block():
-        model_trace = trace(seed(substitute(model, data=values), rng_seed)).get_trace(
-            *args, **kwargs
-        )
+    model_trace = fitted_model_trace(model, guide, params, args, kwargs, rng_seed)
     report = {}
     for site in model_trace.values():
         prior = svgp_site(site)

@@ -14,7 +14,7 @@ from numpyro.distributions import MultivariateNormal
 from numpyro.handlers import seed, substitute, trace
 
 from numpyro_svgp._conditional import predictive_moments
-from numpyro_svgp._svgp import svgp_site
+from numpyro_svgp._svgp import fitted_model_trace, svgp_site
 
 __all__ = ["predict_f"]
 
@@ -50,7 +50,6 @@ def predict_f(model, guide, params, *args, name: str = "f", rng_seed: int = 0, *
             f"predict_f needs a MultivariateNormal q({whitened}), as AutoSVGP makes; "
             f"the guide gave {type(q).__name__}."
         )
-    fixed = {**params, **guide.median(params)}
-    model_trace = trace(seed(substitute(model, data=fixed), rng_seed)).get_trace(*args, **kwargs)
+    model_trace = fitted_model_trace(model, guide, params, args, kwargs, rng_seed)
     info = svgp_site(model_trace[whitened])
     return predictive_moments(info.conditional, q.loc, q.scale_tril)

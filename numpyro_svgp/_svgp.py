@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpyro
 import numpyro.distributions as dist
 from jaxtyping import Array, Float
+from numpyro.handlers import block, seed, substitute, trace
 
 from numpyro_svgp._conditional import (
     MAX_JITTER_ESCALATIONS,
@@ -52,6 +53,16 @@ class WhitenedPrior(dist.MultivariateNormal):
         )
         self.conditional = conditional
         self.output = output
+
+
+def fitted_model_trace(model, guide, params, args, kwargs, rng_seed: int = 0):
+    """Trace ``model(*args, **kwargs)`` at the fitted params, with every other latent
+    site at the guide's median (``guide=None``: params only)."""
+    values = dict(params)
+    if guide is not None:
+        values.update(guide.median(params))
+    with block():
+        return trace(seed(substitute(model, data=values), rng_seed)).get_trace(*args, **kwargs)
 
 
 def svgp_site(site: dict) -> WhitenedPrior | None:

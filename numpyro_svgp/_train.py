@@ -165,7 +165,8 @@ def train(
             finite = chunk_losses[:taken][np.isfinite(chunk_losses[:taken])]
             if finite.size:
                 bar.set_postfix(loss=f"{finite.mean():.4g}", skipped=int(skipped))
-            if taken < length or int(in_a_row) >= max_nonfinite_in_a_row:
+            # a step is only ever stopped once in_a_row has reached the limit
+            if int(in_a_row) >= max_nonfinite_in_a_row:
                 raise TrainingStopped(
                     f"training stopped at step {step}: {max_nonfinite_in_a_row} steps in a "
                     f"row gave a non-finite loss or gradient ({int(skipped)} skipped in all). "
