@@ -13,8 +13,11 @@ of ``--repeats`` timed steps with ``block_until_ready``. A cell is skipped when 
 nominal flops at 10% of the GEMM rate predict more than ``--max-seconds`` per step,
 or when its warm-up step takes longer than that.
 
-GFLOP/s are nominal: 9·N·M² flops per step (triangular solve, the (A S) product and
-their gradients), against the GEMM rate measured here on a 2048² matrix product.
+Both sides take the form numpyro_svgp picks: the matrix-product form of the
+Gaussian term (``K_zx K_xz`` and ``K_zx y``) in float64 when N ≥ 2M, the per-point
+form otherwise (float32 always: see ``numpyro_svgp._elbo.use_matrix_form``).
+GFLOP/s are nominal (:func:`nominal_flops`), against the GEMM rate measured here on
+a 2048² matrix product.
 """
 
 import argparse
@@ -69,24 +72,42 @@ def numpyro_step(X, y, Z):
 
 
 def plain_step(X, y, Z):
-    """The same whitened SVGP ELBO and Adam step in plain JAX."""
-    dtype, M = X.dtype, Z.shape[0]
+    """The same whitened SVGP ELBO and Adam step in plain JAX, in the same form
+    (matrix-product or per-point) that numpyro_svgp picks for this shape."""
+    dtype, (N, M) = X.dtype, (X.shape[0], Z.shape[0])
     jitter = 1e-6 if dtype == jnp.float64 else 1e-4
+    matrix_form = ns._elbo.use_matrix_form(N, M, dtype)
 
-    def rbf(a, b, var, ls):
+    def rbf_diff(a, b, var, ls):
         a, b = a / ls, b / ls
-        d2 = jnp.sum((a[:, None, :] - b[None, :, :]) ** 2, -1)
-        return var * jnp.exp(-0.5 * d2)
+        return var * jnp.exp(-0.5 * jnp.sum((a[:, None, :] - b[None, :, :]) ** 2, -1))
+
+    def rbf_gemm(a, b, var, ls):
+        c = jax.lax.stop_gradient(b.mean(0))
+        a, b = (a - c) / ls, (b - c) / ls
+        r2 = jnp.sum(a * a, 1)[:, None] + jnp.sum(b * b, 1)[None, :] - 2 * a @ b.T
+        return var * jnp.exp(-0.5 * jnp.maximum(r2, 0))
 
     def loss(p):
         var, ls, s2 = jnp.exp(p["log_var"]), jnp.exp(p["log_ls"]), jnp.exp(p["log_s2"])
-        L = jnp.linalg.cholesky(rbf(p["Z"], p["Z"], var, ls) + jitter * jnp.eye(M, dtype=dtype))
-        W = solve_triangular(L, rbf(p["Z"], X, var, ls), lower=True)
-        S = jnp.tril(p["S"])
-        mean = W.T @ p["m"]
-        fvar = jnp.maximum(var - jnp.sum(W**2, 0), 0) + jnp.sum((W.T @ S) ** 2, 1)
-        ell = -0.5 * jnp.sum(jnp.log(2 * jnp.pi * s2) + ((y - mean) ** 2 + fvar) / s2)
-        kl = 0.5 * (jnp.sum(S**2) + jnp.sum(p["m"] ** 2) - M) - jnp.sum(jnp.log(jnp.abs(jnp.diag(S))))
+        m, S = p["m"], jnp.tril(p["S"])
+        L = jnp.linalg.cholesky(rbf_diff(p["Z"], p["Z"], var, ls) + jitter * jnp.eye(M, dtype=dtype))
+        K_xz = rbf_gemm(X, p["Z"], var, ls)
+        kl = 0.5 * (jnp.sum(S**2) + jnp.sum(m**2) - M) - jnp.sum(jnp.log(jnp.abs(jnp.diag(S))))
+        if matrix_form:
+            T = solve_triangular(L, solve_triangular(L, K_xz.T @ K_xz, lower=True).T, lower=True)
+            b = solve_triangular(L, K_xz.T @ y, lower=True)
+            sigma = jnp.outer(m, m) + S @ S.T - jnp.eye(M, dtype=dtype)
+            quad = jnp.sum(y * y) + N * var - 2 * m @ b + jnp.sum(T * sigma)
+            ell = -0.5 * (N * jnp.log(2 * jnp.pi * s2) + quad / s2)
+        else:
+            if N >= M:  # explicit L^{-1} and a GEMM, as the library does for N >= M
+                A = K_xz @ solve_triangular(L, jnp.eye(M, dtype=dtype), lower=True).T
+            else:
+                A = jax.lax.linalg.triangular_solve(L, K_xz, left_side=False, lower=True,
+                                                    transpose_a=True)
+            fvar = jnp.maximum(var - jnp.sum(A**2, 1), 0) + jnp.sum((A @ S) ** 2, 1)
+            ell = -0.5 * jnp.sum(jnp.log(2 * jnp.pi * s2) + ((y - A @ m) ** 2 + fvar) / s2)
         return kl - ell
 
     params = {"log_var": jnp.zeros((), dtype), "log_ls": jnp.zeros(D, dtype),
@@ -102,6 +123,13 @@ def plain_step(X, y, Z):
         return (optax.apply_updates(p, updates), opt_state), value
 
     return step, (params, optimizer.init(params))
+
+
+def nominal_flops(n, m, dtype):
+    """Leading-order flops of one step: K_zx K_xz and its gradient (4 N M²) in the
+    matrix-product form; A = K_xz L^{-T}, A S and their gradients (8 N M²) in the
+    per-point form."""
+    return (4 if ns._elbo.use_matrix_form(n, m, dtype) else 8) * n * m**2
 
 
 def time_steps(step, state, repeats, max_seconds):
@@ -152,7 +180,7 @@ def main(argv=None):
         peak = gemm_gflops(dtype)
         for n in args.n:
             for m in args.m:
-                if 9 * n * m**2 / (0.1 * peak * 1e9) > args.max_seconds:
+                if nominal_flops(n, m, dtype) / (0.1 * peak * 1e9) > args.max_seconds:
                     print(f"| {dtype_name} | {n} | {m} | skipped (predicted > {args.max_seconds} s/step "
                           "at 10% of the GEMM rate) | | | | |")
                     continue
@@ -162,7 +190,7 @@ def main(argv=None):
                 if ours is None or plain is None:
                     print(f"| {dtype_name} | {n} | {m} | skipped (> {args.max_seconds} s/step) | | | | |")
                     continue
-                gflops = 9 * n * m**2 / ours / 1e9
+                gflops = nominal_flops(n, m, dtype) / ours / 1e9
                 print(f"| {dtype_name} | {n} | {m} | {1e3 * ours:.1f} | {1e3 * plain:.1f} | "
                       f"{ours / plain:.2f} | {gflops:.1f} | {peak:.1f} |")
                 sys.stdout.flush()

@@ -20,13 +20,19 @@ from numpyro_svgp._conditional import (
     whitened_conditional,
 )
 from numpyro_svgp._diagnostics import svgp_diagnostics
-from numpyro_svgp._elbo import SVGP_ELBO, expected_log_likelihood, kl
+from numpyro_svgp._elbo import (
+    SVGP_ELBO,
+    expected_log_likelihood,
+    gaussian_expected_log_likelihood,
+    kl,
+)
 from numpyro_svgp._guide import AutoSVGP
 from numpyro_svgp._inducing import greedy_variance_inducing, kmeans_inducing
 from numpyro_svgp._natgrad import natural_gradient
-from numpyro_svgp._predict import predict_f
+from numpyro_svgp._predict import held_out_log_likelihood, predict_f
+from numpyro_svgp._sharding import data_sharding, shard_data
 from numpyro_svgp._svgp import svgp
-from numpyro_svgp._train import TrainingStopped, TrainResult, train
+from numpyro_svgp._train import EpochsResult, TrainingStopped, TrainResult, train, train_epochs
 
 __version__ = "0.1.0"
 
@@ -34,15 +40,19 @@ __all__ = [
     "MAX_JITTER_ESCALATIONS",
     "AutoSVGP",
     "CheckpointError",
+    "EpochsResult",
     "Conditional",
     "SVGP_ELBO",
     "TrainResult",
     "TrainingStopped",
     "cholesky_with_jitter",
+    "data_sharding",
     "default_jitter",
     "exact_log_marginal_likelihood",
     "expected_log_likelihood",
+    "gaussian_expected_log_likelihood",
     "greedy_variance_inducing",
+    "held_out_log_likelihood",
     "jittered_cholesky",
     "kernels",
     "kmeans_inducing",
@@ -52,10 +62,12 @@ __all__ = [
     "predict_f",
     "predictive_moments",
     "save_checkpoint",
+    "shard_data",
     "svgp",
     "svgp_diagnostics",
     "titsias_bound",
     "to_inference_data",
     "train",
+    "train_epochs",
     "whitened_conditional",
 ]

@@ -54,7 +54,7 @@ def titsias_bound(
     :param noise_var: :math:`\sigma^2 > 0`.
     :param jitter: added to :math:`K_{zz}`, as in :func:`~numpyro_svgp.svgp`.
     """
-    A, cond_var, _ = whitened_conditional(kernel, X, Z, jitter=jitter)
+    A, cond_var = whitened_conditional(kernel, X, Z, jitter=jitter)[:2]
     y = _targets(y, A.shape[0])
     noise_var = check_positive("noise_var", noise_var)
     num_points, num_inducing = A.shape

@@ -32,7 +32,6 @@ from typing import NamedTuple
 import equinox as eqx
 import jax.numpy as jnp
 from jax import lax
-from jax.scipy.linalg import solve_triangular
 from jaxtyping import Array, Float
 
 from numpyro_svgp._checks import as_float_array, check_finite, check_matrix
@@ -149,6 +148,31 @@ class Conditional(NamedTuple):
     r""":math:`\operatorname{diag}(K_{xx} - A A^\top) \ge 0`, the variance left given :math:`v`."""
     jitter: Float[Array, ""]
     r"""The jitter :math:`\epsilon` that the factorisation of :math:`K_{zz}` needed."""
+    cholesky: Float[Array, "M M"]
+    r""":math:`L = \operatorname{chol}(K_{zz} + \epsilon I)`."""
+    cross_covariance: Float[Array, "N M"]
+    r""":math:`K_{xz}`, kept for the matrix-product form of the Gaussian ELBO."""
+    prior_variance: Float[Array, " N"]
+    r""":math:`\operatorname{diag}(K_{xx})`."""
+
+
+def _right_solve_transposed(L: Float[Array, "M M"], K: Float[Array, "N M"]) -> Float[Array, "N M"]:
+    r""":math:`K L^{-\top}` for lower-triangular :math:`L`.
+
+    With more rows than inducing points it is a matrix product with the explicit
+    :math:`L^{-1}` (O(M³) once, then a GEMM, several times faster on CPU than a
+    triangular solve with ``N`` right-hand sides; forward error of the same order,
+    :math:`\epsilon\,\kappa(L)`). Otherwise a right-side triangular solve. Both keep
+    the result ``(N, M)``, so its row sums run along contiguous memory; reducing over
+    the long axis of :math:`L^{-1} K_{zx}` instead is several times slower on XLA:CPU.
+    """
+    num_points, num_inducing = K.shape
+    if num_points >= num_inducing:
+        L_inv = lax.linalg.triangular_solve(
+            L, jnp.eye(num_inducing, dtype=L.dtype), left_side=True, lower=True
+        )
+        return K @ L_inv.T
+    return lax.linalg.triangular_solve(L, K, left_side=False, lower=True, transpose_a=True)
 
 
 def whitened_conditional(
@@ -194,10 +218,12 @@ def whitened_conditional(
     L, jitter_used = cholesky_with_jitter(
         kernel(Z, Z), jitter, max_escalations=max_jitter_escalations
     )
-    W = solve_triangular(L, kernel(Z, X), lower=True)  # L^{-1} K_zx = A^T
+    K_xz = kernel(X, Z)
+    A = _right_solve_transposed(L, K_xz)
+    prior_variance = kernel.diag(X)
     # Round-off can leave tiny negative values where f is pinned by Z (e.g. Z = X).
-    variance = jnp.maximum(kernel.diag(X) - jnp.sum(jnp.square(W), axis=0), 0.0)
-    return Conditional(W.T, variance, jitter_used)
+    variance = jnp.maximum(prior_variance - jnp.sum(jnp.square(A), axis=1), 0.0)
+    return Conditional(A, variance, jitter_used, L, K_xz, prior_variance)
 
 
 def predictive_moments(

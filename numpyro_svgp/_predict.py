@@ -10,13 +10,16 @@ At new inputs :math:`X_*` the fitted SVGP gives the Gaussian marginals
 ``numpyro.infer.Predictive`` samples of the same site converge to.
 """
 
+import jax
+import jax.numpy as jnp
+from jax.scipy.special import logsumexp
 from numpyro.distributions import MultivariateNormal
-from numpyro.handlers import seed, substitute, trace
+from numpyro.handlers import block, seed, substitute, trace
 
 from numpyro_svgp._conditional import predictive_moments
 from numpyro_svgp._svgp import fitted_model_trace, svgp_site
 
-__all__ = ["predict_f"]
+__all__ = ["predict_f", "held_out_log_likelihood"]
 
 
 def predict_f(model, guide, params, *args, name: str = "f", rng_seed: int = 0, **kwargs):
@@ -53,3 +56,44 @@ def predict_f(model, guide, params, *args, name: str = "f", rng_seed: int = 0, *
     model_trace = fitted_model_trace(model, guide, params, args, kwargs, rng_seed)
     info = svgp_site(model_trace[whitened])
     return predictive_moments(info.conditional, q.loc, q.scale_tril)
+
+
+def held_out_log_likelihood(
+    model, guide, params, *args, rng_key, num_samples: int = 100, **kwargs
+) -> jax.Array:
+    r"""Mean log predictive density of the model's observed sites under the fitted guide,
+
+    .. math:: \frac1N \sum_n \log \frac1S \sum_{s=1}^S p(y_n \mid \theta_s), \qquad
+        \theta_s \sim q,
+
+    a Monte-Carlo estimate of :math:`\frac1N\sum_n \log \int p(y_n \mid f_n)\, q(f_n)\, df_n`
+    for any likelihood (each draw of the svgp output includes its conditional
+    variance). Call it with held-out data; with a fixed ``rng_key`` it is a smooth
+    function of the params, which is what early stopping needs.
+
+    :param model: the NumPyro model; it is run with ``*args, **kwargs`` (the held-out
+        inputs and observations).
+    :param guide: the fitted :class:`~numpyro_svgp.AutoSVGP`.
+    :param dict params: the SVI params.
+    :param rng_key: a JAX random key (keyword).
+    :param int num_samples: draws :math:`S` from the guide.
+    :return: a scalar, the mean over all observed values of the log predictive density.
+    """
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
+    draw_key, model_key = jax.random.split(rng_key)
+    draws = guide.sample_posterior(draw_key, params, *args, sample_shape=(num_samples,), **kwargs)
+
+    def log_density(draw, key):
+        with block():
+            model_trace = trace(seed(substitute(model, data={**params, **draw}), key)).get_trace(
+                *args, **kwargs
+            )
+        terms = [jnp.ravel(site["fn"].log_prob(site["value"])) for site in model_trace.values()
+                 if site["type"] == "sample" and site["is_observed"]]
+        if not terms:
+            raise ValueError("the model has no observed site: pass the held-out observations.")
+        return jnp.concatenate(terms)
+
+    log_p = jax.vmap(log_density)(draws, jax.random.split(model_key, num_samples))
+    return jnp.mean(logsumexp(log_p, axis=0) - jnp.log(num_samples))

@@ -18,8 +18,9 @@ from numpyro.infer.svi import SVIState
 from tqdm.auto import tqdm
 
 from numpyro_svgp._checkpoint import load_checkpoint, save_checkpoint
+from numpyro_svgp._predict import held_out_log_likelihood
 
-__all__ = ["TrainResult", "TrainingStopped", "train"]
+__all__ = ["EpochsResult", "TrainResult", "TrainingStopped", "train", "train_epochs"]
 
 
 class TrainResult(NamedTuple):
@@ -52,16 +53,19 @@ def _all_finite(tree) -> jax.Array:
 
 def _chunk_runner(svi, max_in_a_row: int, length: int, static_kwargs: dict):
     """A compiled function running ``length`` guarded steps; ``static_kwargs`` (sizes,
-    flags) are fixed at compile time, array arguments are traced."""
+    flags) are fixed at compile time, array arguments are traced. With ``batches``
+    (arrays with a leading axis of ``length``), step ``i`` gets ``batches[j][i]`` as
+    its positional arguments instead of ``args``."""
 
     @jax.jit
-    def run(state, in_a_row, skipped, args, kwargs):
+    def run(state, in_a_row, skipped, args, kwargs, batches=None):
         kwargs = {**kwargs, **static_kwargs}
 
-        def step(carry, _):
+        def step(carry, batch):
             state, in_a_row, skipped = carry
             stopped = in_a_row >= max_in_a_row
-            new_state, loss = svi.update(state, *args, **kwargs)
+            step_args = args if batch is None else batch
+            new_state, loss = svi.update(state, *step_args, **kwargs)
             ok = jnp.isfinite(loss) & _all_finite(new_state.optim_state) & ~stopped
 
             def keep(new, old):
@@ -76,7 +80,7 @@ def _chunk_runner(svi, max_in_a_row: int, length: int, static_kwargs: dict):
             carry = (SVIState(optim_state, mutable, rng_key), in_a_row, skipped)
             return carry, (loss, stopped)
 
-        return lax.scan(step, (state, in_a_row, skipped), None, length=length)
+        return lax.scan(step, (state, in_a_row, skipped), batches, length=length)
 
     return run
 
@@ -178,3 +182,175 @@ def train(
             if checkpoint is not None and (step % every == 0 or step == num_steps):
                 save_checkpoint(checkpoint, state, step, np.concatenate(losses))
     return result()
+
+
+class EpochsResult(NamedTuple):
+    """What :func:`train_epochs` returns."""
+
+    params: dict
+    """The constrained params: those of the best held-out evaluation when
+    ``held_out`` is given, else the last."""
+    state: SVIState
+    """The SVI state those params come from."""
+    losses: np.ndarray
+    """The loss of every step taken."""
+    num_skipped: int
+    """Steps skipped for a non-finite loss or gradient."""
+    held_out: np.ndarray
+    """``(epoch, mean held-out log-likelihood)`` rows, one per evaluation."""
+    best_epoch: int
+    """The epoch whose params are returned (counted from 1)."""
+    stopped_early: bool
+    """Whether ``patience`` ran out before ``num_epochs``."""
+
+
+def _seed_from_key(rng_key) -> int:
+    return int(jax.random.randint(rng_key, (), 0, np.iinfo(np.int32).max))
+
+
+def train_epochs(
+    svi,
+    rng_key,
+    num_epochs: int,
+    *data,
+    batch_size: int,
+    held_out: tuple | None = None,
+    eval_every: int = 1,
+    patience: int | None = None,
+    num_eval_samples: int = 100,
+    drop_last: bool = True,
+    max_nonfinite_in_a_row: int = 20,
+    steps_per_call: int = 50,
+    progress_bar: bool = True,
+    **kwargs,
+) -> EpochsResult:
+    """SVI over shuffled epochs of host data, with optional early stopping.
+
+    Each epoch draws a new permutation of the ``N`` rows on the host and feeds
+    mini-batches of ``batch_size`` rows to ``svi.update(state, *batch, **kwargs)``;
+    only ``steps_per_call`` batches are on the device at a time, so the data can be
+    far larger than device memory. The model sees a batch as its positional data and
+    must scale its likelihood by ``N / batch_size``, e.g. with
+    ``numpyro.plate("data", num_data, subsample_size=X.shape[0])`` and
+    ``num_data=N`` passed as a keyword::
+
+        def model(X, y=None, num_data=None):
+            ...
+            f = ns.svgp("f", kernel, X, Z)
+            with numpyro.plate("data", num_data, subsample_size=X.shape[0]):
+                numpyro.sample("y", dist.Normal(f, noise), obs=y)
+
+        result = ns.train_epochs(svi, key, 20, X, y, batch_size=1024, num_data=len(X),
+                                 held_out=(X_val, y_val), patience=3)
+
+    Steps have the guards of :func:`train` (non-finite steps skipped, at most
+    ``max_nonfinite_in_a_row`` in a row). With ``held_out``, every ``eval_every``
+    epochs the :func:`~numpyro_svgp.held_out_log_likelihood` of those arguments is
+    computed (same key every time, so evaluations are comparable); the params of the
+    best evaluation are returned, and with ``patience`` training stops after that
+    many evaluations without improvement.
+
+    :param svi: a :class:`numpyro.infer.SVI` whose guide is an :class:`~numpyro_svgp.AutoSVGP`
+        (held-out evaluation samples from it).
+    :param rng_key: random key for initialisation, the steps and the shuffling.
+    :param int num_epochs: passes over the data.
+    :param data: host arrays (NumPy) with the same leading length ``N``.
+    :param int batch_size: rows per step.
+    :param tuple held_out: positional model arguments of held-out data, e.g. ``(X_val, y_val)``.
+    :param int eval_every: evaluate every this many epochs.
+    :param int patience: stop after this many evaluations without improvement.
+    :param int num_eval_samples: guide draws per held-out evaluation.
+    :param bool drop_last: skip the last ``N mod batch_size`` rows of each permutation
+        (they are others in the next epoch), so every step has one compiled shape.
+    :param int max_nonfinite_in_a_row: as in :func:`train`.
+    :param int steps_per_call: batches compiled into one call (and sent to the device
+        together).
+    :param bool progress_bar: a tqdm bar with the running loss and held-out score.
+    :param kwargs: keyword arguments of the model, for training and evaluation;
+        arrays are traced, anything else is a compile-time constant.
+    :raises TrainingStopped: after ``max_nonfinite_in_a_row`` skipped steps in a row.
+    """
+    if not data:
+        raise ValueError("train_epochs needs the data arrays, e.g. train_epochs(svi, key, 10, X, y, ...).")
+    data = tuple(np.asarray(d) for d in data)
+    num_data = data[0].shape[0]
+    lengths = [d.shape[0] for d in data]
+    if len(set(lengths)) != 1:
+        raise ValueError(f"the data arrays must share their leading length, got {lengths}.")
+    if not 1 <= batch_size <= num_data:
+        raise ValueError(f"batch_size must be in [1, N = {num_data}], got {batch_size}.")
+    if num_epochs < 0 or eval_every < 1 or steps_per_call < 1 or max_nonfinite_in_a_row < 1:
+        raise ValueError(
+            "num_epochs must be >= 0; eval_every, steps_per_call and max_nonfinite_in_a_row >= 1."
+        )
+    if patience is not None and (held_out is None or patience < 1):
+        raise ValueError("patience needs held_out data and must be >= 1.")
+
+    init_key, eval_key, shuffle_key = jax.random.split(rng_key, 3)
+    shuffle = np.random.default_rng(_seed_from_key(shuffle_key))
+    state = svi.init(init_key, *(jnp.asarray(d[:batch_size]) for d in data), **kwargs)
+    arrays = {k: v for k, v in kwargs.items() if isinstance(v, (jax.Array, np.ndarray))}
+    static_kwargs = {k: v for k, v in kwargs.items() if k not in arrays}
+    full, rest = divmod(num_data, batch_size)
+    steps_per_epoch = full + (0 if drop_last or rest == 0 else 1)
+    in_a_row, skipped = jnp.asarray(0), jnp.asarray(0)
+    runners, losses, evaluations = {}, [], []
+    best = (-np.inf, 0, state)
+    stopped_early = False
+
+    def run(rows):
+        nonlocal state, in_a_row, skipped
+        length = rows.shape[0]
+        if length not in runners:
+            runners[length] = _chunk_runner(svi, max_nonfinite_in_a_row, length, static_kwargs)
+        # gather on the host, then send only these batches to the device
+        batches = tuple(jnp.asarray(d[rows]) for d in data)
+        (state, in_a_row, skipped), (chunk_losses, stopped) = runners[length](
+            state, in_a_row, skipped, (), arrays, batches
+        )
+        chunk_losses = np.asarray(chunk_losses)[~np.asarray(stopped)]
+        losses.append(chunk_losses)
+        if int(in_a_row) >= max_nonfinite_in_a_row:
+            raise TrainingStopped(
+                f"training stopped in epoch {epoch}: {max_nonfinite_in_a_row} steps in a row "
+                f"gave a non-finite loss or gradient ({int(skipped)} skipped in all).",
+                EpochsResult(svi.get_params(state), state, np.concatenate(losses),
+                             int(skipped), np.asarray(evaluations).reshape(-1, 2), epoch, False),
+            )
+        return chunk_losses
+
+    total = num_epochs * steps_per_epoch
+    with tqdm(total=total, disable=not progress_bar, desc="SVI epochs") as bar:
+        for epoch in range(1, num_epochs + 1):
+            order = shuffle.permutation(num_data)
+            batched = order[: full * batch_size].reshape(full, batch_size)
+            for start in range(0, full, steps_per_call):
+                chunk = run(batched[start : start + steps_per_call])
+                bar.update(len(chunk))
+                finite = chunk[np.isfinite(chunk)]
+                if finite.size:
+                    bar.set_postfix(epoch=epoch, loss=f"{finite.mean():.4g}",
+                                    **({"held_out": f"{best[0]:.4g}"} if evaluations else {}))
+            if steps_per_epoch > full:
+                bar.update(len(run(order[full * batch_size :][None])))
+            if held_out is not None and (epoch % eval_every == 0 or epoch == num_epochs):
+                params = svi.get_params(state)
+                score = float(held_out_log_likelihood(
+                    svi.model, svi.guide, params, *held_out, rng_key=eval_key,
+                    num_samples=num_eval_samples, **kwargs,
+                ))
+                evaluations.append((epoch, score))
+                if score > best[0]:
+                    best = (score, epoch, state)
+                elif patience is not None and epoch - best[1] >= patience * eval_every:
+                    stopped_early = True
+                    break
+
+    history = np.concatenate(losses) if losses else np.zeros(0)
+    evaluations = np.asarray(evaluations, dtype=float).reshape(-1, 2)
+    if held_out is None or not evaluations.size:
+        return EpochsResult(svi.get_params(state), state, history, int(skipped),
+                            evaluations, num_epochs, False)
+    _, best_epoch, best_state = best
+    return EpochsResult(svi.get_params(best_state), best_state, history, int(skipped),
+                        evaluations, best_epoch, stopped_early)

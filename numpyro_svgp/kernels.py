@@ -76,6 +76,14 @@ class Kernel(eqx.Module):
                 f"X1 and X2 must have the same number of features, got "
                 f"{X1.shape[1]} and {X2.shape[1]}."
             )
+        return self._matrix(X1, X2, X2 is X1)
+
+    def _matrix(self, X1: jax.Array, X2: jax.Array, symmetric: bool) -> jax.Array:
+        """Checked inputs -> covariance matrix; ``symmetric`` when ``X2`` is ``X1``.
+
+        The default broadcasts :meth:`evaluate`; kernels with a faster matrix form
+        (:class:`Stationary`, the compositions) override this and nothing else.
+        """
         return jax.vmap(jax.vmap(self.evaluate, (None, 0)), (0, None))(X1, X2)
 
     def diag(self, X: Float[Array, "N D"]) -> Float[Array, " N"]:
@@ -125,6 +133,26 @@ def _scaled_sq_dist(x1, x2, lengthscale) -> jax.Array:
     return jnp.sum(jnp.square((x1 - x2) / lengthscale))
 
 
+def _scaled_sq_dist_matrix(X1, X2, lengthscale) -> jax.Array:
+    r"""All :math:`r^2_{ij} = \|(x_i - x'_j)/\ell\|^2` as one matrix product.
+
+    :math:`\|a\|^2 + \|b\|^2 - 2 a^\top b` is a GEMM instead of an ``(N1, N2, D)``
+    tensor of differences, which is both the memory and the time of large
+    cross-covariances. Its round-off grows with :math:`\|a\|^2`, so both sets are
+    first centred on the mean of ``X2``, before scaling (``r`` is shift-invariant, hence the
+    ``stop_gradient``), and the result is clamped at 0.
+    """
+    _per_feature("lengthscale", lengthscale, X1.shape[-1])
+    centre = jax.lax.stop_gradient(jnp.mean(X2, axis=0))
+    a, b = (X1 - centre) / lengthscale, (X2 - centre) / lengthscale
+    r2 = (
+        jnp.sum(jnp.square(a), axis=1)[:, None]
+        + jnp.sum(jnp.square(b), axis=1)[None, :]
+        - 2.0 * (a @ b.T)
+    )
+    return jnp.maximum(r2, 0.0)
+
+
 def _distance(r2: jax.Array) -> jax.Array:
     # sqrt has an infinite derivative at 0 (every diagonal entry); the double
     # `where` keeps the gradient finite there instead of NaN.
@@ -156,6 +184,13 @@ class Stationary(Kernel):
 
     def evaluate(self, x1, x2):
         return self.variance * self.profile(_scaled_sq_dist(x1, x2, self.lengthscale))
+
+    def _matrix(self, X1, X2, symmetric):
+        if symmetric:
+            # K(Z, Z) must be exactly symmetric with an exact diagonal (it is
+            # factorised), so it keeps the pairwise-difference form; it is small.
+            return super()._matrix(X1, X2, symmetric)
+        return self.variance * self.profile(_scaled_sq_dist_matrix(X1, X2, self.lengthscale))
 
 
 class RBF(Stationary):
@@ -266,6 +301,9 @@ class Sum(Kernel):
     def evaluate(self, x1, x2):
         return self.k1.evaluate(x1, x2) + self.k2.evaluate(x1, x2)
 
+    def _matrix(self, X1, X2, symmetric):
+        return self.k1._matrix(X1, X2, symmetric) + self.k2._matrix(X1, X2, symmetric)
+
 
 class Product(Kernel):
     r"""Product of two kernels, :math:`k(x, x') = k_1(x, x')\, k_2(x, x')`. Made by ``k1 * k2``."""
@@ -275,6 +313,9 @@ class Product(Kernel):
 
     def evaluate(self, x1, x2):
         return self.k1.evaluate(x1, x2) * self.k2.evaluate(x1, x2)
+
+    def _matrix(self, X1, X2, symmetric):
+        return self.k1._matrix(X1, X2, symmetric) * self.k2._matrix(X1, X2, symmetric)
 
 
 class Scaled(Kernel):
@@ -296,3 +337,6 @@ class Scaled(Kernel):
 
     def evaluate(self, x1, x2):
         return self.scale * self.kernel.evaluate(x1, x2)
+
+    def _matrix(self, X1, X2, symmetric):
+        return self.scale * self.kernel._matrix(X1, X2, symmetric)

@@ -63,6 +63,13 @@ def hensman_elbo_unwhitened(K_xx_diag, K_xz, K_zz, y, noise_var, mu, Sigma):
     """Hensman et al. (2013) ELBO for q(u) = N(mu, Sigma), u = f(Z), prior N(0, K_zz):
     sum_n E_q[log N(y_n | f_n, s2)] - KL(q(u) || p(u)), with q(f_n) from the
     unwhitened conditional (dense solves, no Cholesky whitening)."""
+    ell, kl = hensman_terms_unwhitened(K_xx_diag, K_xz, K_zz, y, noise_var, mu, Sigma)
+    return np.sum(ell) - kl
+
+
+def hensman_terms_unwhitened(K_xx_diag, K_xz, K_zz, y, noise_var, mu, Sigma):
+    """The per-point expected log-likelihoods and the KL of
+    :func:`hensman_elbo_unwhitened` (``noise_var`` may be per point)."""
     Kinv_kzx = np.linalg.solve(K_zz, K_xz.T)  # (M, N)
     mean = Kinv_kzx.T @ mu
     var = (
@@ -78,4 +85,4 @@ def hensman_elbo_unwhitened(K_xx_diag, K_xz, K_zz, y, noise_var, mu, Sigma):
         np.trace(np.linalg.solve(K_zz, Sigma)) + mu @ np.linalg.solve(K_zz, mu) - M
         + logdet_K - logdet_S
     )
-    return np.sum(ell) - kl
+    return ell, kl

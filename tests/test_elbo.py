@@ -10,6 +10,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpyro
 import numpyro.distributions as dist
 import pytest
 from jax import random
@@ -83,13 +84,14 @@ def _random_q(M, seed):
     return m, S
 
 
-def test_svgp_elbo_equals_dense_unwhitened_hensman_elbo():
+@pytest.mark.parametrize("num_inducing", [7, 30])  # N = 50: matrix-product and per-point forms
+def test_svgp_elbo_equals_dense_unwhitened_hensman_elbo(num_inducing):
     X, y = toy_data(50, seed=3)
-    Z = np.random.default_rng(1).uniform(-3, 3, size=(7, 1))
+    Z = np.random.default_rng(1).uniform(-3, 3, size=(num_inducing, 1))
     jitter = 1e-6
     model, guide, params = _setup(Z, jitter, X, y)
-    m, S = _random_q(7, seed=4)
-    K_zz = ref.rbf(Z, Z, VAR, LS) + jitter * np.eye(7)
+    m, S = _random_q(num_inducing, seed=4)
+    K_zz = ref.rbf(Z, Z, VAR, LS) + jitter * np.eye(num_inducing)
     # unwhitened q(u) that corresponds to q(v): u = L v
     L = np.linalg.cholesky(K_zz)
     mu, Sigma = L @ m, L @ S @ S.T @ L.T
@@ -100,6 +102,34 @@ def test_svgp_elbo_equals_dense_unwhitened_hensman_elbo():
     assert got == pytest.approx(expected, rel=1e-8)
     # zero variance: the key does not matter
     assert _elbo(_with_q(params, m, S), model, guide, X, y, key=7) == got
+
+
+@pytest.mark.parametrize("num_inducing", [7, 30])
+def test_heteroscedastic_weighted_likelihood_matches_dense_reference(num_inducing):
+    """Per-point noise and a likelihood scale (as a mini-batch has) in both forms."""
+    X, y = toy_data(50, seed=5)
+    rng = np.random.default_rng(6)
+    Z = rng.uniform(-3, 3, size=(num_inducing, 1))
+    noise_var = rng.uniform(0.01, 0.2, size=50)
+    weight, jitter = 2.5, 1e-6
+
+    def model(X, y=None):
+        kernel = ns.kernels.RBF(VAR, LS)
+        f = ns.svgp("f", kernel, X, jnp.asarray(Z), jitter=jitter)
+        with numpyro.plate("data", X.shape[0]), numpyro.handlers.scale(scale=weight):
+            numpyro.sample("y", dist.Normal(f, jnp.sqrt(noise_var)), obs=y)
+
+    guide = ns.AutoSVGP(model)
+    params = initial_params(model, guide, X, y)
+    m, S = _random_q(num_inducing, seed=7)
+    K_zz = ref.rbf(Z, Z, VAR, LS) + jitter * np.eye(num_inducing)
+    L = np.linalg.cholesky(K_zz)
+    ell, kl = ref.hensman_terms_unwhitened(
+        np.full(len(y), VAR), ref.rbf(X, Z, VAR, LS), K_zz, y, noise_var,
+        L @ m, L @ S @ S.T @ L.T,
+    )
+    got = _elbo(_with_q(params, m, S), model, guide, X, y)
+    assert got == pytest.approx(weight * np.sum(ell) - kl, rel=1e-9)
 
 
 def test_trace_mean_field_estimate_averages_to_svgp_elbo():

@@ -47,6 +47,30 @@ def test_stationary_kernels_match_formulas(name, ls):
     assert np.linalg.eigvalsh(np.asarray(kernel(X1))).min() > -1e-10
 
 
+@pytest.mark.parametrize("name", STATIONARY)
+def test_cross_covariance_far_from_the_origin_in_float32(name):
+    # The cross-covariance is a matrix product ||a||^2 + ||b||^2 - 2 a.b; centring
+    # keeps float32 round-off at the scale of the data's spread, not its offset.
+    A, B = (X1 + 1e4).astype(np.float32), (X2 + 1e4).astype(np.float32)
+    kernel = getattr(K, name)(variance=np.float32(1.7), lengthscale=ARD.astype(np.float32))
+    got = kernel(jnp.asarray(A), jnp.asarray(B))
+    assert got.dtype == jnp.float32
+    expected = _numpy_kernel(name, 1.7, ARD)(A.astype(np.float64), B.astype(np.float64))
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", STATIONARY)
+def test_cross_covariance_at_shared_points_has_finite_gradients(name):
+    # Inducing points initialised at data rows give r = 0 pairs in K_xz.
+    def total(ls, X):
+        return jnp.sum(getattr(K, name)(1.0, ls)(X, X[:3]))
+
+    g_ls, g_x = jax.grad(total, argnums=(0, 1))(0.7, X1)
+    assert np.isfinite(g_ls) and np.all(np.isfinite(g_x))
+    k = getattr(K, name)(1.0, 0.7)(X1, X1[:3])
+    np.testing.assert_allclose(np.diagonal(np.asarray(k)[:3]), 1.0, rtol=1e-7)
+
+
 def test_periodic_and_linear_match_formulas():
     per = K.Periodic(variance=0.9, lengthscale=ARD, period=np.array([1.0, 2.0, 0.5]))
     d = X1[:, None] - X2[None]

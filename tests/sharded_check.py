@@ -1,0 +1,102 @@
+"""Run by tests/test_sharding.py in a subprocess with 4 forced host devices:
+prints JSON with single-device and sharded losses and gradients."""
+
+import json
+import os
+import re
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+from jax import random
+from numpyro.infer import SVI
+import optax
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpyro_svgp as ns  # noqa: E402
+
+N, M, D = 400, 12, 3
+
+
+def gaussian(X, y=None):
+    kernel = ns.kernels.RBF(
+        numpyro.param("variance", 0.9, constraint=dist.constraints.positive),
+        numpyro.param("lengthscale", jnp.ones(D), constraint=dist.constraints.positive),
+    )
+    f = ns.svgp("f", kernel, X, numpyro.param("Z", Z0))
+    s2 = numpyro.param("noise_var", 0.1, constraint=dist.constraints.positive)
+    with numpyro.plate("data", X.shape[0]):
+        numpyro.sample("y", dist.Normal(f, jnp.sqrt(s2)), obs=y)
+
+
+def bernoulli(X, y=None):
+    kernel = ns.kernels.Matern32(
+        numpyro.param("variance", 0.9, constraint=dist.constraints.positive),
+        numpyro.param("lengthscale", 1.0, constraint=dist.constraints.positive),
+    )
+    f = ns.svgp("f", kernel, X, numpyro.param("Z", Z0))
+    with numpyro.plate("data", X.shape[0]):
+        numpyro.sample("y", dist.Bernoulli(logits=f), obs=y)
+
+
+rng = np.random.default_rng(0)
+X0 = rng.uniform(-2, 2, size=(N, D))
+Z0 = jnp.asarray(X0[rng.choice(N, M, replace=False)] + 0.05)
+Y_REAL = np.sin(X0[:, 0]) + 0.2 * rng.normal(size=N)
+Y_BIN = (Y_REAL > 0).astype(float)
+
+
+def loss_and_grads(model, X, y):
+    guide = ns.AutoSVGP(model)
+    svi = SVI(model, guide, optax.adam(1e-2), ns.SVGP_ELBO())
+    state = svi.init(random.PRNGKey(0), X, y)
+    params = svi.optim.get_params(state.optim_state)
+    # perturb q(v) away from its initial value so that every gradient is non-trivial
+    params["f_whitened_auto_loc"] = params["f_whitened_auto_loc"] + 0.3
+
+    @jax.jit
+    def value_and_grad(params, X, y):
+        def loss(p):
+            constrained = svi.constrain_fn(p)
+            return svi.loss.loss(random.PRNGKey(1), constrained, model, guide, X, y)
+
+        return jax.value_and_grad(loss)(params)
+
+    value, grads = value_and_grad(params, X, y)
+    update = jax.jit(svi.update)
+    state, step_loss = update(state, X, y)
+    after = svi.get_params(state)
+    hlo = value_and_grad.lower(params, X, y).compile().as_text()
+    return value, grads, after, hlo
+
+
+def main():
+    out = {"devices": len(jax.devices()), "x64": bool(jax.config.jax_enable_x64)}
+    for name, model, y in (("gaussian", gaussian, Y_REAL), ("bernoulli", bernoulli, Y_BIN)):
+        X, yy = jnp.asarray(X0), jnp.asarray(y)
+        single = loss_and_grads(model, X, yy)
+        Xs, ys = ns.shard_data(X0, y)
+        sharded = loss_and_grads(model, Xs, ys)
+        flat = lambda tree: np.concatenate([np.ravel(np.asarray(v)) for v in jax.tree.leaves(tree)])  # noqa: E731
+        out[name] = {
+            "loss": [float(single[0]), float(sharded[0])],
+            "grad_max_abs_diff": float(np.max(np.abs(flat(single[1]) - flat(sharded[1])))),
+            "grad_max_abs": float(np.max(np.abs(flat(single[1])))),
+            "step_max_abs_diff": float(np.max(np.abs(flat(single[2]) - flat(sharded[2])))),
+            "input_sharding": str(Xs.sharding.spec),
+            "all_reduce": "all-reduce" in sharded[3],
+            "per_device_rows": f"[{N // len(jax.devices())},{M}]" in sharded[3],
+            "full_rows_anywhere": re.search(rf"\[{N}[,\]]", sharded[3]) is not None,
+        }
+    try:
+        ns.shard_data(X0[:398], Y_REAL[:398])
+    except ValueError as error:
+        out["uneven_error"] = str(error)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
