@@ -10,7 +10,7 @@ Recipe (that of bayesian_benchmarks' ``variationally_sparse_gp_minibatch``, the
 published "SVGP_M100" column): for each Hernández-Lobato split, standardise X and y
 on the training part, M = 100 inducing inputs by k-means, isotropic RBF (variance
 1, lengthscale sqrt(D)), Gaussian noise variance initialised at 0.01, mini-batches of
-B = 1000 (all rows when fewer), ``--steps`` steps of a natural gradient (γ = 0.1) on
+B = 1000 (all rows when fewer) in shuffled epochs (``ns.train_epochs``), about ``--steps`` steps of a natural gradient (γ = 0.1) on
 q(v) with Adam(0.01) on everything else; both step sizes decay (cosine) over the last
 ``--decay`` fraction of the steps so that the final params are not one draw of the
 mini-batch noise. Reported: test RMSE and mean test log-likelihood in the original
@@ -75,19 +75,18 @@ def fit_and_score(X, y, X_test, y_test, *, seed, steps, decay, num_inducing, bat
     key_z, key_fit = random.split(random.PRNGKey(seed))
     Z0 = ns.kmeans_inducing(key_z, Xs, num_inducing)
 
-    def model(X, y=None, batch_size=None):
+    def model(X, y=None, num_data=None):
         kernel = ns.kernels.RBF(
             numpyro.param("variance", 1.0, constraint=dist.constraints.positive),
             numpyro.param("lengthscale", float(np.sqrt(dim)), constraint=dist.constraints.positive),
         )
         noise_var = numpyro.param("noise_var", 0.01, constraint=dist.constraints.positive)
-        data = numpyro.plate("data", X.shape[0], subsample_size=batch_size)
-        with data as idx:
-            pass
-        f = ns.svgp("f", kernel, X[idx], numpyro.param("Z", Z0))
-        with data:
-            numpyro.sample("y", dist.Normal(f, jnp.sqrt(noise_var)),
-                           obs=None if y is None else y[idx])
+        f = ns.svgp("f", kernel, X, numpyro.param("Z", Z0))
+        # host-side batches: scale the likelihood by num_data / len(X) (a plate with
+        # subsample_size would draw subsample indices every step, unused here)
+        scale = 1.0 if num_data is None else num_data / X.shape[0]
+        with numpyro.plate("data", X.shape[0]), numpyro.handlers.scale(scale=scale):
+            numpyro.sample("y", dist.Normal(f, jnp.sqrt(noise_var)), obs=y)
 
     constant = int(steps * (1 - decay))
 
@@ -100,8 +99,10 @@ def fit_and_score(X, y, X_test, y_test, *, seed, steps, decay, num_inducing, bat
     guide = ns.AutoSVGP(model)
     svi = SVI(model, guide, optimizer, ns.SVGP_ELBO())
     batch_size = min(batch, num_data)
+    num_epochs = -(-steps // (num_data // batch_size))  # shuffled epochs, about `steps` steps
     start = time.perf_counter()
-    result = ns.train(svi, key_fit, steps, Xs, ys, batch_size=batch_size, progress_bar=False)
+    result = ns.train_epochs(svi, key_fit, num_epochs, np.asarray(Xs), np.asarray(ys),
+                             batch_size=batch_size, num_data=num_data, progress_bar=False)
     seconds = time.perf_counter() - start
     mean, var = ns.predict_f(model, guide, result.params, Xt)
     mean = np.asarray(mean) * y_std + y_mean

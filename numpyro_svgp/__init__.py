@@ -20,6 +20,7 @@ from numpyro_svgp._conditional import (
     whitened_conditional,
 )
 from numpyro_svgp._diagnostics import svgp_diagnostics
+from numpyro_svgp._features import InducingFeatures, SphericalHarmonicFeatures
 from numpyro_svgp._elbo import (
     SVGP_ELBO,
     expected_log_likelihood,
@@ -41,8 +42,10 @@ __all__ = [
     "AutoSVGP",
     "CheckpointError",
     "EpochsResult",
+    "InducingFeatures",
     "Conditional",
     "SVGP_ELBO",
+    "SphericalHarmonicFeatures",
     "TrainResult",
     "TrainingStopped",
     "cholesky_with_jitter",

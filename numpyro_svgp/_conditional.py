@@ -35,6 +35,7 @@ from jax import lax
 from jaxtyping import Array, Float
 
 from numpyro_svgp._checks import as_float_array, check_finite, check_matrix
+from numpyro_svgp._features import InducingFeatures
 from numpyro_svgp.kernels import Kernel
 
 __all__ = [
@@ -111,9 +112,13 @@ def cholesky_with_jitter(
         # The search runs on stop_gradient(K): a failed factor must not enter the
         # backward pass, where even a zero cotangent times its NaNs gives NaN. The
         # factor that is returned is then computed afresh, with JAX's own derivative.
-        k, _ = lax.while_loop(
-            keep_going, next_jitter, (0, jnp.linalg.cholesky(K_fixed + jitter * eye))
-        )
+        # the loop sits in a cond branch, so the common case pays one forward factor
+        def escalate():
+            return lax.while_loop(
+                keep_going, next_jitter, (1, jnp.linalg.cholesky(K_fixed + 10 * jitter * eye))
+            )[0]
+
+        k = lax.cond(finite(jnp.linalg.cholesky(K_fixed + jitter * eye)), lambda: 0, escalate)
         used = used * jnp.asarray(10.0, K.dtype) ** k
     L = jnp.linalg.cholesky(K + used * eye)
     largest = jitter * 10.0**limit
@@ -156,6 +161,14 @@ class Conditional(NamedTuple):
     r""":math:`\operatorname{diag}(K_{xx})`."""
 
 
+def _checked_jitter(jitter, dtype) -> float:
+    if jitter is None:
+        return default_jitter(dtype)
+    if not jitter >= 0:
+        raise ValueError(f"jitter must be non-negative, got {jitter}.")
+    return jitter
+
+
 def _right_solve_transposed(L: Float[Array, "M M"], K: Float[Array, "N M"]) -> Float[Array, "N M"]:
     r""":math:`K L^{-\top}` for lower-triangular :math:`L`.
 
@@ -178,7 +191,7 @@ def _right_solve_transposed(L: Float[Array, "M M"], K: Float[Array, "N M"]) -> F
 def whitened_conditional(
     kernel: Kernel,
     X: Float[Array, "N D"],
-    Z: Float[Array, "M D"],
+    Z: "Float[Array, 'M D'] | InducingFeatures",
     *,
     jitter: float | None = None,
     max_jitter_escalations: int = MAX_JITTER_ESCALATIONS,
@@ -190,35 +203,40 @@ def whitened_conditional(
 
     :param kernel: the covariance function.
     :param X: inputs, shape ``(N, D)``.
-    :param Z: inducing inputs, shape ``(M, D)``.
+    :param Z: inducing inputs, shape ``(M, D)``, or :class:`~numpyro_svgp.InducingFeatures`
+        (then :math:`K_{zz}, K_{xz}` are the features' :math:`K_{uu}, K_{xu}`).
     :param jitter: :math:`\epsilon`; defaults to :func:`default_jitter` of the dtype.
     :param max_jitter_escalations: tenfold jitter increases allowed when the factor
         of :math:`K_{zz}` is not finite (see :func:`cholesky_with_jitter`).
-    :return: a :class:`Conditional` ``(projection, variance, jitter)``.
+    :return: a :class:`Conditional` ``(projection, variance, jitter, cholesky,
+        cross_covariance, prior_variance)``.
     """
     X = as_float_array("X", X)
-    Z = as_float_array("Z", Z)
     check_matrix("X", X)
-    check_matrix("Z", Z)
-    if X.shape[1] != Z.shape[1]:
-        raise ValueError(
-            f"X has {X.shape[1]} features but Z has {Z.shape[1]}: inducing inputs "
-            "must live in the same input space as the data."
+    if isinstance(Z, InducingFeatures):
+        Z.check_inputs(X)
+        X = check_finite("X", X)
+        dtype = X.dtype
+        jitter = _checked_jitter(jitter, dtype)
+        L, jitter_used = Z.cholesky(kernel, dtype, jitter, max_jitter_escalations)
+        K_xz = Z.cross_covariance(kernel, X)
+    else:
+        Z = as_float_array("Z", Z)
+        check_matrix("Z", Z)
+        if X.shape[1] != Z.shape[1]:
+            raise ValueError(
+                f"X has {X.shape[1]} features but Z has {Z.shape[1]}: inducing inputs "
+                "must live in the same input space as the data."
+            )
+        if Z.shape[0] == 0:
+            raise ValueError("Z is empty: at least one inducing point is needed.")
+        X = check_finite("X", X)
+        Z = check_finite("Z", Z)
+        jitter = _checked_jitter(jitter, jnp.result_type(X, Z))
+        L, jitter_used = cholesky_with_jitter(
+            kernel(Z, Z), jitter, max_escalations=max_jitter_escalations
         )
-    if Z.shape[0] == 0:
-        raise ValueError("Z is empty: at least one inducing point is needed.")
-    X = check_finite("X", X)
-    Z = check_finite("Z", Z)
-    dtype = jnp.result_type(X, Z)
-    if jitter is None:
-        jitter = default_jitter(dtype)
-    elif not jitter >= 0:
-        raise ValueError(f"jitter must be non-negative, got {jitter}.")
-
-    L, jitter_used = cholesky_with_jitter(
-        kernel(Z, Z), jitter, max_escalations=max_jitter_escalations
-    )
-    K_xz = kernel(X, Z)
+        K_xz = kernel(X, Z)
     A = _right_solve_transposed(L, K_xz)
     prior_variance = kernel.diag(X)
     # Round-off can leave tiny negative values where f is pinned by Z (e.g. Z = X).

@@ -122,9 +122,13 @@ class AutoSVGP(AutoGuide):
         super()._setup_prototype(*args, **kwargs)
         whitened = []
         for name, site in self._latent_sites():
-            if svgp_site(site) is not None:
+            prior = svgp_site(site)
+            if prior is not None:
                 whitened.append(name)
-                self._init_locs[name] = jnp.zeros(jnp.shape(site["value"]), site["value"].dtype)
+                # the dtype of the svgp's computation, not of the prototype's draw
+                # (numpyro draws MVN noise in the default float dtype, float64 under x64)
+                dtype = prior.conditional.projection.dtype
+                self._init_locs[name] = jnp.zeros(jnp.shape(site["value"]), dtype)
                 continue
             self._event_dims[name] = (
                 site["fn"].event_dim + jnp.ndim(self._init_locs[name]) - jnp.ndim(site["value"])

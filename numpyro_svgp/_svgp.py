@@ -25,6 +25,7 @@ from numpyro_svgp._conditional import (
     Conditional,
     whitened_conditional,
 )
+from numpyro_svgp._features import InducingFeatures  # noqa: F401 (annotation)
 from numpyro_svgp.kernels import Kernel
 
 __all__ = ["WhitenedPrior", "svgp", "svgp_site"]
@@ -76,7 +77,7 @@ def svgp(
     name: str,
     kernel: Kernel,
     X: Float[Array, "N D"],
-    Z: Float[Array, "M D"],
+    Z: "Float[Array, 'M D'] | InducingFeatures",
     *,
     jitter: float | None = None,
     max_jitter_escalations: int = MAX_JITTER_ESCALATIONS,
@@ -100,7 +101,8 @@ def svgp(
     :param name: name of the output site; the whitened site is ``f"{name}_whitened"``.
     :param kernel: a :class:`~numpyro_svgp.kernels.Kernel`.
     :param X: inputs, shape ``(N, D)``.
-    :param Z: inducing inputs, shape ``(M, D)``.
+    :param Z: inducing inputs, shape ``(M, D)``, or inducing features such as
+        :class:`~numpyro_svgp.SphericalHarmonicFeatures` (same model, guide and ELBO).
     :param jitter: added to the diagonal of :math:`K_{zz}`; defaults to
         :func:`~numpyro_svgp.default_jitter` of the dtype.
     :param max_jitter_escalations: if :math:`K_{zz}` + jitter cannot be factorised,
@@ -128,7 +130,7 @@ def svgp(
             "shared by all data points, so call svgp outside `numpyro.plate` and put "
             "only the likelihood inside it."
         )
-    f = A @ v
+    f = A @ v.astype(A.dtype)  # numpyro's MVN draws may come in the default float dtype
     key = numpyro.prng_key()
     if key is not None:
         # The double `where` keeps d sqrt(var) finite where var == 0 (e.g. X = Z).

@@ -47,6 +47,9 @@ __all__ = [
     "Sum",
     "Product",
     "Scaled",
+    "Zonal",
+    "ArcCosine",
+    "SphericalMatern",
 ]
 
 
@@ -340,3 +343,141 @@ class Scaled(Kernel):
 
     def _matrix(self, X1, X2, symmetric):
         return self.scale * self.kernel._matrix(X1, X2, symmetric)
+
+
+def _safe_arccos(t: jax.Array) -> jax.Array:
+    # arccos has an infinite derivative at +-1 (every diagonal entry); the double
+    # `where` gives 0 there instead of NaN.
+    inside = jnp.abs(t) < 1.0
+    return jnp.where(inside, jnp.arccos(jnp.where(inside, t, 0.0)), jnp.where(t > 0, 0.0, jnp.pi))
+
+
+class Zonal(Kernel):
+    r"""Abstract base of zonal kernels on the unit sphere.
+
+    An input :math:`x \in \mathbb R^D` is first mapped to the sphere
+    :math:`\mathbb S^{D} \subset \mathbb R^{D+1}` by appending a bias and normalising,
+    :math:`\hat x = (x, b) / \|(x, b)\|`; then
+
+    .. math:: k(x, x') = \sigma^2 \kappa(\hat x^\top \hat x'), \qquad \kappa(1) = 1,
+
+    with the shape function :math:`\kappa` defined by subclasses. Such kernels have a
+    Mercer expansion in spherical harmonics (:meth:`mercer_coefficients`), which is what
+    :class:`~numpyro_svgp.SphericalHarmonicFeatures` uses (Dutordoir et al. 2020).
+
+    :param variance: :math:`\sigma^2 > 0`.
+    :param bias: :math:`b > 0`, appended to every input before normalising.
+    """
+
+    variance: Float[Array, ""]
+    bias: Float[Array, ""]
+
+    @abc.abstractmethod
+    def shape(self, t: Float[Array, "*T"]) -> Float[Array, "*T"]:
+        r""":math:`\kappa(t)` for cosines :math:`t \in [-1, 1]`, with :math:`\kappa(1) = 1`."""
+
+    def to_sphere(self, X: Float[Array, "N D"]) -> Float[Array, "N D+1"]:
+        """The inputs with the bias appended, normalised to unit length."""
+        bias = jnp.broadcast_to(self.bias, X.shape[:-1] + (1,)).astype(X.dtype)
+        augmented = jnp.concatenate([X, bias], axis=-1)
+        return augmented / jnp.linalg.norm(augmented, axis=-1, keepdims=True)
+
+    def evaluate(self, x1, x2):
+        t = jnp.clip(jnp.dot(self.to_sphere(x1), self.to_sphere(x2)), -1.0, 1.0)
+        return self.variance * self.shape(t)
+
+    def _matrix(self, X1, X2, symmetric):
+        t = jnp.clip(self.to_sphere(X1) @ self.to_sphere(X2).T, -1.0, 1.0)
+        if symmetric:
+            # x.x is 1 - O(eps), and arccos turns that into O(sqrt(eps)): pin it
+            t = jnp.where(jnp.eye(t.shape[0], dtype=bool), 1.0, t)
+        return self.variance * self.shape(t)
+
+    def diag(self, X):
+        X = _as_inputs("X", X)
+        return self.variance * self.shape(jnp.ones(X.shape[0], X.dtype))
+
+    def mercer_coefficients(self, dimension: int, max_degree: int, num_nodes: int = 1024):
+        r"""The Funk–Hecke coefficients :math:`\sigma^2\lambda_0, \dots, \sigma^2\lambda_L` on
+        :math:`\mathbb S^{d-1}`, ``d = dimension`` (= input features + 1), by
+        ``num_nodes``-point Gauss–Gegenbauer quadrature of :meth:`shape` (see
+        :mod:`numpyro_svgp._harmonics`). Differentiable in the hyperparameters.
+        """
+        # local import: _harmonics is pure NumPy/JAX maths, kernels stay importable alone
+        from numpyro_svgp._harmonics import gegenbauer, gegenbauer_quadrature, sphere_area
+
+        nodes, weights = gegenbauer_quadrature(dimension, num_nodes)
+        dtype = jnp.result_type(self.variance)
+        P = jnp.asarray(gegenbauer(max_degree, dimension, nodes), dtype)  # (nodes, L + 1)
+        kappa = self.shape(jnp.asarray(nodes, dtype))
+        area = sphere_area(dimension - 1)
+        return self.variance * area * (jnp.asarray(weights, dtype) * kappa) @ P
+
+
+class ArcCosine(Zonal):
+    r"""Arc-cosine kernel of order 0 or 1 (Cho & Saul 2009) on the sphere
+
+    .. math:: \kappa_0(t) = 1 - \frac{\theta}{\pi}, \qquad
+        \kappa_1(t) = \frac{\sin\theta + (\pi - \theta)\cos\theta}{\pi}, \qquad
+        \theta = \arccos t,
+
+    the covariance of an infinitely wide one-layer network with step (order 0) or ReLU
+    (order 1) activations, restricted to unit-norm inputs (see :class:`Zonal`).
+
+    :param order: 0 or 1.
+    :param variance: :math:`\sigma^2 > 0`.
+    :param bias: :math:`b > 0`.
+    """
+
+    order: int = eqx.field(static=True)
+
+    def __init__(self, order: int = 1, variance=1.0, bias=1.0):
+        if order not in (0, 1):
+            raise ValueError(f"ArcCosine order must be 0 or 1, got {order}.")
+        self.order = order
+        self.variance = _hyperparameter("variance", variance, allow_vector=False)
+        self.bias = _hyperparameter("bias", bias, allow_vector=False)
+
+    def shape(self, t):
+        theta = _safe_arccos(t)
+        if self.order == 0:
+            return 1.0 - theta / jnp.pi
+        return (_distance(1.0 - t * t) + (jnp.pi - theta) * t) / jnp.pi  # sin(theta), safely
+
+
+class SphericalMatern(Zonal):
+    r"""Matérn kernel of the chordal distance on the sphere
+
+    .. math:: \kappa(t) = \mathrm{Matern}_\nu\big(r\big), \qquad
+        r = \|\hat x - \hat x'\| / \ell = \sqrt{2 - 2t} / \ell,
+
+    the restriction of a Euclidean Matérn kernel to the sphere (so positive definite),
+    for :math:`\nu \in \{1/2, 3/2, 5/2\}`.
+
+    :param smoothness: :math:`\nu`: 0.5, 1.5 or 2.5.
+    :param variance: :math:`\sigma^2 > 0`.
+    :param lengthscale: :math:`\ell > 0` (scalar).
+    :param bias: :math:`b > 0`.
+    """
+
+    smoothness: float = eqx.field(static=True)
+    lengthscale: Float[Array, ""]
+
+    def __init__(self, smoothness: float = 1.5, variance=1.0, lengthscale=1.0, bias=1.0):
+        if smoothness not in (0.5, 1.5, 2.5):
+            raise ValueError(f"SphericalMatern smoothness must be 0.5, 1.5 or 2.5, got {smoothness}.")
+        self.smoothness = smoothness
+        self.variance = _hyperparameter("variance", variance, allow_vector=False)
+        self.lengthscale = _hyperparameter("lengthscale", lengthscale, allow_vector=False)
+        self.bias = _hyperparameter("bias", bias, allow_vector=False)
+
+    def shape(self, t):
+        r2 = jnp.maximum(2.0 - 2.0 * t, 0.0) / jnp.square(self.lengthscale)
+        r = _distance(r2)
+        if self.smoothness == 0.5:
+            return jnp.exp(-r)
+        if self.smoothness == 1.5:
+            s = jnp.sqrt(3.0) * r
+            return (1.0 + s) * jnp.exp(-s)
+        s = jnp.sqrt(5.0) * r
+        return (1.0 + s + 5.0 / 3.0 * r2) * jnp.exp(-s)

@@ -1,0 +1,160 @@
+r"""Inducing *features*: inter-domain inducing variables accepted by ``svgp`` in place of ``Z``.
+
+An inducing point is one kind of inducing variable, :math:`u_m = f(z_m)`. Any linear
+functional of :math:`f` will do (Lázaro-Gredilla & Figueiras-Vidal 2009); all the SVGP
+needs from it is :math:`K_{uu}` (through its Cholesky factor) and :math:`K_{xu}`. An
+:class:`InducingFeatures` supplies exactly these two, and :func:`~numpyro_svgp.svgp`,
+:class:`~numpyro_svgp.AutoSVGP`, :class:`~numpyro_svgp.SVGP_ELBO` and
+:func:`~numpyro_svgp.predict_f` treat it as they treat ``Z``: one code path.
+
+:class:`SphericalHarmonicFeatures` (Dutordoir, Durrande & Hensman 2020) projects
+:math:`f` onto the spherical harmonics :math:`Y_{n,j}` up to a maximum degree in the
+reproducing-kernel Hilbert space of a zonal kernel, so that
+
+.. math:: K_{uu} = \operatorname{diag}(\lambda_n^{-1}), \qquad [K_{xu}]_{:, (n,j)} = Y_{n,j}(\hat x),
+
+equivalently (scaling each :math:`u_{n,j}` by :math:`\lambda_n`)
+:math:`K_{uu} = \operatorname{diag}(\lambda_n)` and :math:`K_{xu} = Y(\hat x) \operatorname{diag}(\lambda)`,
+the form used here; the whitened projection is :math:`A = Y(\hat x) \operatorname{diag}(\sqrt{\lambda})`
+either way. :math:`K_{uu}` is diagonal: no O(M³) Cholesky, and two features can never
+pile up on each other as learnt inducing points can. Truncating the kernel's Mercer
+expansion at the same degree makes :math:`Q_{xx} = K_{xx}`: the SVGP is then exact.
+"""
+
+import abc
+
+import equinox as eqx
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float
+
+from numpyro_svgp._harmonics import fundamental_system, gegenbauer, num_harmonics
+from numpyro_svgp.kernels import Kernel, Zonal
+
+__all__ = ["InducingFeatures", "SphericalHarmonicFeatures"]
+
+
+class InducingFeatures(eqx.Module):
+    """Abstract inducing features: what ``svgp`` needs instead of inducing inputs ``Z``."""
+
+    @property
+    @abc.abstractmethod
+    def num_features(self) -> int:
+        """:math:`M`, the number of inducing variables."""
+
+    @abc.abstractmethod
+    def check_inputs(self, X: Float[Array, "N D"]) -> None:
+        """Raise (at trace time) if ``X`` does not fit these features."""
+
+    @abc.abstractmethod
+    def cholesky(
+        self, kernel: Kernel, dtype, jitter: float, max_escalations: int
+    ) -> tuple[Float[Array, "M M"], Float[Array, ""]]:
+        r"""``(L, jitter_used)`` with :math:`L L^\top = K_{uu} + \epsilon I`."""
+
+    @abc.abstractmethod
+    def cross_covariance(self, kernel: Kernel, X: Float[Array, "N D"]) -> Float[Array, "N M"]:
+        r""":math:`K_{xu}`."""
+
+
+class SphericalHarmonicFeatures(InducingFeatures):
+    r"""Spherical-harmonic inducing features up to degree ``max_degree`` (Dutordoir et al. 2020).
+
+    Use with a :class:`~numpyro_svgp.kernels.Zonal` kernel (e.g.
+    :class:`~numpyro_svgp.kernels.ArcCosine`, :class:`~numpyro_svgp.kernels.SphericalMatern`),
+    in place of ``Z``::
+
+        features = ns.SphericalHarmonicFeatures(max_degree=10, input_dim=X.shape[1])
+        f = ns.svgp("f", ns.kernels.ArcCosine(1, variance, bias), X, features)
+
+    There are :math:`M = \sum_{n \le L} N(D + 1, n)` features (e.g. :math:`(L + 1)^2` for
+    :math:`D = 2`). The harmonics are built once, in NumPy, from fundamental systems of
+    points (:func:`numpyro_svgp._harmonics.fundamental_system`); the kernel's Mercer
+    coefficients are recomputed at every call from its (possibly learnt) hyperparameters.
+
+    :param int max_degree: :math:`L \ge 0`, the largest degree.
+    :param int input_dim: :math:`D`, the number of input features (the sphere is
+        :math:`\mathbb S^D \subset \mathbb R^{D + 1}`, the bias being the extra coordinate).
+    :param int num_nodes: Gauss–Gegenbauer nodes for the Mercer coefficients.
+    """
+
+    max_degree: int = eqx.field(static=True)
+    input_dim: int = eqx.field(static=True)
+    num_nodes: int = eqx.field(static=True)
+    points: tuple[np.ndarray, ...]
+    inverse_factors: tuple[np.ndarray, ...]
+
+    def __init__(self, max_degree: int, input_dim: int, *, num_nodes: int = 1024):
+        if int(max_degree) != max_degree or max_degree < 0:
+            raise ValueError(f"max_degree must be a non-negative integer, got {max_degree}.")
+        if int(input_dim) != input_dim or input_dim < 1:
+            raise ValueError(f"input_dim must be a positive integer, got {input_dim}.")
+        self.max_degree, self.input_dim, self.num_nodes = int(max_degree), int(input_dim), num_nodes
+        systems = [fundamental_system(self.dimension, n) for n in range(self.max_degree + 1)]
+        self.points = tuple(v for v, _ in systems)
+        self.inverse_factors = tuple(r for _, r in systems)
+
+    @property
+    def dimension(self) -> int:
+        """:math:`d = D + 1`, the ambient dimension of the sphere."""
+        return self.input_dim + 1
+
+    @property
+    def num_features(self) -> int:
+        return sum(num_harmonics(self.dimension, n) for n in range(self.max_degree + 1))
+
+    @property
+    def degrees(self) -> np.ndarray:
+        """The degree :math:`n` of each feature, shape ``(M,)``."""
+        return np.concatenate([
+            np.full(num_harmonics(self.dimension, n), n) for n in range(self.max_degree + 1)
+        ])
+
+    def check_inputs(self, X):
+        if X.shape[1] != self.input_dim:
+            raise ValueError(
+                f"X has {X.shape[1]} features but the SphericalHarmonicFeatures were built "
+                f"for input_dim={self.input_dim}."
+            )
+
+    def _zonal(self, kernel) -> Zonal:
+        if not isinstance(kernel, Zonal):
+            raise TypeError(
+                "SphericalHarmonicFeatures need a zonal kernel (numpyro_svgp.kernels.Zonal, "
+                f"e.g. ArcCosine or SphericalMatern), got {type(kernel).__name__}."
+            )
+        return kernel
+
+    def eigenvalues(self, kernel: Zonal, dtype=None) -> Float[Array, " M"]:
+        r"""The Mercer coefficient :math:`\sigma^2 \lambda_n` of each feature, shape ``(M,)``."""
+        lam = self._zonal(kernel).mercer_coefficients(self.dimension, self.max_degree, self.num_nodes)
+        lam = lam if dtype is None else lam.astype(dtype)
+        return lam[jnp.asarray(self.degrees)]
+
+    def harmonics(self, kernel: Zonal, X: Float[Array, "N D"]) -> Float[Array, "N M"]:
+        r"""The orthonormal harmonics :math:`Y_{n,j}(\hat x)` at the inputs mapped to the
+        sphere by ``kernel``, shape ``(N, M)``."""
+        return self.spherical_harmonics(self._zonal(kernel).to_sphere(X))
+
+    def spherical_harmonics(self, Xs: Float[Array, "N D+1"]) -> Float[Array, "N M"]:
+        r"""The orthonormal harmonics :math:`Y_{n,j}` (all degrees, in order) at unit
+        vectors ``Xs`` of :math:`\mathbb R^{D+1}`, shape ``(N, M)``."""
+        blocks = []
+        for n, (V, R_inv) in enumerate(zip(self.points, self.inverse_factors)):
+            t = jnp.clip(Xs @ jnp.asarray(V, Xs.dtype).T, -1.0, 1.0)
+            blocks.append(gegenbauer(n, self.dimension, t)[..., n] @ jnp.asarray(R_inv, Xs.dtype).T)
+        return jnp.concatenate(blocks, axis=-1)
+
+    def cholesky(self, kernel, dtype, jitter, max_escalations):
+        variances = self.eigenvalues(kernel, dtype) + jitter
+        root = eqx.error_if(
+            jnp.sqrt(variances),
+            ~jnp.all(variances > 0),
+            "K_uu of the SphericalHarmonicFeatures has a zero or negative entry (a kernel "
+            "whose Mercer coefficient vanishes at some degree, e.g. ArcCosine(0) at even "
+            "degrees in D = 1): use a positive jitter.",
+        )
+        return jnp.diag(root), jnp.asarray(jitter, dtype)
+
+    def cross_covariance(self, kernel, X):
+        return self.harmonics(kernel, X) * self.eigenvalues(kernel, X.dtype)
