@@ -20,7 +20,11 @@ from numpyro_svgp._conditional import (
     whitened_conditional,
 )
 from numpyro_svgp._diagnostics import svgp_diagnostics
-from numpyro_svgp._features import InducingFeatures, SphericalHarmonicFeatures
+from numpyro_svgp._features import (
+    FeatureInducingPoints,
+    InducingFeatures,
+    SphericalHarmonicFeatures,
+)
 from numpyro_svgp._elbo import (
     SVGP_ELBO,
     expected_log_likelihood,
@@ -42,6 +46,7 @@ __all__ = [
     "AutoSVGP",
     "CheckpointError",
     "EpochsResult",
+    "FeatureInducingPoints",
     "InducingFeatures",
     "Conditional",
     "SVGP_ELBO",

@@ -28,10 +28,11 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
+from numpyro_svgp._checks import as_float_array, check_finite, check_matrix
 from numpyro_svgp._harmonics import fundamental_system, gegenbauer, num_harmonics
-from numpyro_svgp.kernels import Kernel, Zonal
+from numpyro_svgp.kernels import Kernel, Warped, Zonal
 
-__all__ = ["InducingFeatures", "SphericalHarmonicFeatures"]
+__all__ = ["FeatureInducingPoints", "InducingFeatures", "SphericalHarmonicFeatures"]
 
 
 class InducingFeatures(eqx.Module):
@@ -158,3 +159,57 @@ class SphericalHarmonicFeatures(InducingFeatures):
 
     def cross_covariance(self, kernel, X):
         return self.harmonics(kernel, X) * self.eigenvalues(kernel, X.dtype)
+
+
+class FeatureInducingPoints(InducingFeatures):
+    r"""Inducing points in the feature space of a :class:`~numpyro_svgp.kernels.Warped`
+    kernel: :math:`u_m = f` at the feature vector :math:`z_m \in \mathbb R^F`, so
+
+    .. math:: K_{uu} = k_0(Z, Z), \qquad K_{xu} = k_0\big(g(X), Z\big),
+
+    with :math:`k_0` the base kernel and :math:`g` the warp. The network then never needs an
+    inverse image of :math:`Z`, and :math:`Z` moves with the features as they are learnt.
+
+    :param Z: inducing points, shape ``(M, F)``.
+    """
+
+    Z: Float[Array, "M F"]
+
+    def __init__(self, Z):
+        Z = as_float_array("Z", Z)
+        check_matrix("Z", Z)
+        if Z.shape[0] == 0:
+            raise ValueError("Z is empty: at least one inducing point is needed.")
+        self.Z = Z
+
+    @property
+    def num_features(self) -> int:
+        return self.Z.shape[0]
+
+    def check_inputs(self, X):
+        pass  # D is the network's business; F is checked against Z below
+
+    def _warped(self, kernel) -> Warped:
+        if not isinstance(kernel, Warped):
+            raise TypeError(
+                "FeatureInducingPoints need a numpyro_svgp.kernels.Warped kernel, got "
+                f"{type(kernel).__name__}; for inducing points in the input space pass Z itself."
+            )
+        return kernel
+
+    def cholesky(self, kernel, dtype, jitter, max_escalations):
+        from numpyro_svgp._conditional import cholesky_with_jitter  # circular at import time
+
+        base = self._warped(kernel).kernel
+        Z = check_finite("Z", self.Z)
+        return cholesky_with_jitter(base(Z, Z), jitter, max_escalations=max_escalations)
+
+    def cross_covariance(self, kernel, X):
+        warped = self._warped(kernel)
+        G = warped.features(X)
+        if G.shape[1] != self.Z.shape[1]:
+            raise ValueError(
+                f"the warp maps inputs to {G.shape[1]} features but Z has {self.Z.shape[1]} "
+                "columns: feature-space inducing points need shape (M, F)."
+            )
+        return warped.kernel(G, self.Z)

@@ -50,6 +50,7 @@ __all__ = [
     "Zonal",
     "ArcCosine",
     "SphericalMatern",
+    "Warped",
 ]
 
 
@@ -481,3 +482,55 @@ class SphericalMatern(Zonal):
             return (1.0 + s) * jnp.exp(-s)
         s = jnp.sqrt(5.0) * r
         return (1.0 + s + 5.0 / 3.0 * r2) * jnp.exp(-s)
+
+
+class Warped(Kernel):
+    r"""A kernel on warped inputs (deep kernel learning; Wilson et al. 2016)
+
+    .. math:: k(x, x') = k_0\big(g(x), g(x')\big),
+
+    where :math:`g` maps one input :math:`x \in \mathbb R^D` to features in
+    :math:`\mathbb R^F`, e.g. an equinox network registered in the model with
+    :func:`numpyro.contrib.module.eqx_module` (its weights become ``numpyro.param`` sites
+    that SVI fits with the other params) or
+    :func:`~numpyro.contrib.module.random_eqx_module` (weights with priors)::
+
+        net = eqx_module("net", eqx.nn.MLP(1, 2, 32, 2, key=key))
+        kernel = ns.kernels.Warped(ns.kernels.RBF(variance, lengthscale), net)
+        f = ns.svgp("f", kernel, X, ns.FeatureInducingPoints(Z))   # Z: (M, F)
+
+    Inducing points may live in the input space (plain ``Z`` of shape ``(M, D)``, warped
+    like the data) or in the feature space of :math:`g` with
+    :class:`~numpyro_svgp.FeatureInducingPoints`.
+
+    :param kernel: the base kernel :math:`k_0` on :math:`\mathbb R^F`.
+    :param warp: :math:`g`, a callable on one input ``(D,) -> (F,)``.
+    """
+
+    kernel: Kernel
+    warp: object
+
+    def __init__(self, kernel: Kernel, warp):
+        if not isinstance(kernel, Kernel):
+            raise TypeError(f"Warped needs a base Kernel, got {type(kernel).__name__}.")
+        if not callable(warp):
+            raise TypeError(f"Warped needs a callable warp g(x), got {type(warp).__name__}.")
+        self.kernel, self.warp = kernel, warp
+
+    def features(self, X: Float[Array, "N D"]) -> Float[Array, "N F"]:
+        """:math:`g` applied to every row of ``X``."""
+        G = jax.vmap(self.warp)(X)
+        if G.ndim != 2:
+            raise ValueError(f"the warp must map one input (D,) to (F,), got output shape {G.shape[1:]}.")
+        return G
+
+    def evaluate(self, x1, x2):
+        return self.kernel.evaluate(self.warp(x1), self.warp(x2))
+
+    def _matrix(self, X1, X2, symmetric):
+        G1 = self.features(X1)
+        G2 = G1 if symmetric else self.features(X2)
+        return self.kernel._matrix(G1, G2, symmetric)
+
+    def diag(self, X):
+        return self.kernel.diag(self.features(_as_inputs("X", X)))
