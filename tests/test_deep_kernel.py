@@ -76,7 +76,7 @@ def test_gradients_reach_the_network_and_it_trains_on_minibatches_with_predictiv
     leaves = jax.tree.leaves(grads["net$params"])
     assert leaves and all(np.all(np.isfinite(g)) for g in leaves)
     assert sum(float(jnp.sum(jnp.abs(g))) for g in leaves) > 1e-3
-    result = ns.train_epochs(svi, random.PRNGKey(2), 40, X, y, batch_size=50, num_data=len(X),
+    result = ns.train_epochs(svi, random.PRNGKey(2), 25, X, y, batch_size=50, num_data=len(X),
                              progress_bar=False)
     assert np.all(np.isfinite(result.losses)) and result.num_skipped == 0
     assert result.losses[-8:].mean() < result.losses[:8].mean() - 50
@@ -124,7 +124,7 @@ SCRIPT = textwrap.dedent(
         with numpyro.plate("data", X.shape[0]):
             numpyro.sample("y", dist.Normal(f, jnp.sqrt(s2)), obs=y)
     svi = SVI(model, ns.AutoSVGP(model), optax.adam(1e-2), ns.SVGP_ELBO())
-    result = ns.train(svi, random.PRNGKey(0), 1500, X, y, progress_bar=False)
+    result = ns.train(svi, random.PRNGKey(0), 600, X, y, progress_bar=False)
     assert result.losses.dtype == np.float32, result.losses.dtype
     assert np.all(np.isfinite(result.losses)) and result.num_skipped == 0
     assert result.losses[-50:].mean() < result.losses[:50].mean()

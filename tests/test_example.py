@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,3 +30,22 @@ def test_standard_svgp_example_tiny(tmp_path):
     assert {"Z", "variance", "lengthscale", "noise_var"} <= set(params.files)
     assert params["Z"].shape == (20, 1)
     assert float(lines[1].split(" = ")[1]) == round(float(params["variance"]), 4)
+
+
+@pytest.mark.parametrize("script, outputs", [
+    ("spherical_harmonic_svgp.py", ("spherical_toy.png", "spherical.txt")),
+    ("deep_kernel_svgp.py", ("deep_kernel.png", "deep_kernel.txt")),
+])
+def test_feature_examples_tiny(tmp_path, script, outputs):
+    # --data elsewhere: the UCI and mcycle parts are skipped, the toy parts run
+    out = tmp_path / "figs"
+    run = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "examples", script), "--out", str(out),
+         "--steps", "20", "--data", str(tmp_path / "no-data")],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    table = run.stdout.strip().splitlines()
+    assert len(table) == 4 and all(row.startswith("|") and row.endswith("|") for row in table)
+    for name in outputs:
+        assert (out / name).stat().st_size > 0
