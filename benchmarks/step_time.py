@@ -38,6 +38,7 @@ from numpyro.infer import SVI
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpyro_svgp as ns  # noqa: E402
+from numpyro_svgp._elbo import _weighted_gram as weighted_gram  # noqa: E402
 
 D = 8
 
@@ -71,9 +72,14 @@ def numpyro_step(X, y, Z):
     return step, state
 
 
-def plain_step(X, y, Z):
+def plain_step(X, y, Z, gram_vjp=False):
     """The same whitened SVGP ELBO and Adam step in plain JAX, in the same form
-    (matrix-product or per-point) that numpyro_svgp picks for this shape."""
+    (matrix-product or per-point) that numpyro_svgp picks for this shape.
+
+    With ``gram_vjp`` the products ``K_zx K_xz`` and ``K_zx y`` of the matrix form
+    go through the library's hand-written derivative (one O(N M²) product in the
+    backward pass instead of two), so that the difference left is the NumPyro
+    layer and the checks alone."""
     dtype, (N, M) = X.dtype, (X.shape[0], Z.shape[0])
     jitter = 1e-6 if dtype == jnp.float64 else 1e-4
     matrix_form = ns._elbo.use_matrix_form(N, M, dtype)
@@ -95,8 +101,12 @@ def plain_step(X, y, Z):
         K_xz = rbf_gemm(X, p["Z"], var, ls)
         kl = 0.5 * (jnp.sum(S**2) + jnp.sum(m**2) - M) - jnp.sum(jnp.log(jnp.abs(jnp.diag(S))))
         if matrix_form:
-            T = solve_triangular(L, solve_triangular(L, K_xz.T @ K_xz, lower=True).T, lower=True)
-            b = solve_triangular(L, K_xz.T @ y, lower=True)
+            if gram_vjp:
+                gram, r = weighted_gram(K_xz.T, jnp.ones((), dtype), y)
+            else:
+                gram, r = K_xz.T @ K_xz, K_xz.T @ y
+            T = solve_triangular(L, solve_triangular(L, gram, lower=True).T, lower=True)
+            b = solve_triangular(L, r, lower=True)
             sigma = jnp.outer(m, m) + S @ S.T - jnp.eye(M, dtype=dtype)
             quad = jnp.sum(y * y) + N * var - 2 * m @ b + jnp.sum(T * sigma)
             ell = -0.5 * (N * jnp.log(2 * jnp.pi * s2) + quad / s2)

@@ -156,9 +156,13 @@ class Conditional(NamedTuple):
     cholesky: Float[Array, "M M"]
     r""":math:`L = \operatorname{chol}(K_{zz} + \epsilon I)`."""
     cross_covariance: Float[Array, "N M"]
-    r""":math:`K_{xz}`, kept for the matrix-product form of the Gaussian ELBO."""
+    r""":math:`K_{xz}`."""
     prior_variance: Float[Array, " N"]
     r""":math:`\operatorname{diag}(K_{xx})`."""
+    cross_covariance_zx: Float[Array, "M N"]
+    r""":math:`K_{zx}`, computed in this layout for the matrix-product form of the
+    Gaussian ELBO (its products with the data then need no ``(M, N)`` transpose;
+    under ``jit`` whichever of the two layouts is unused is never computed)."""
 
 
 def _checked_jitter(jitter, dtype) -> float:
@@ -220,6 +224,7 @@ def whitened_conditional(
         jitter = _checked_jitter(jitter, dtype)
         L, jitter_used = Z.cholesky(kernel, dtype, jitter, max_jitter_escalations)
         K_xz = Z.cross_covariance(kernel, X)
+        K_zx = K_xz.T
     else:
         Z = as_float_array("Z", Z)
         check_matrix("Z", Z)
@@ -237,11 +242,12 @@ def whitened_conditional(
             kernel(Z, Z), jitter, max_escalations=max_jitter_escalations
         )
         K_xz = kernel(X, Z)
+        K_zx = kernel(Z, X)
     A = _right_solve_transposed(L, K_xz)
     prior_variance = kernel.diag(X)
     # Round-off can leave tiny negative values where f is pinned by Z (e.g. Z = X).
     variance = jnp.maximum(prior_variance - jnp.sum(jnp.square(A), axis=1), 0.0)
-    return Conditional(A, variance, jitter_used, L, K_xz, prior_variance)
+    return Conditional(A, variance, jitter_used, L, K_xz, prior_variance, K_zx)
 
 
 def predictive_moments(

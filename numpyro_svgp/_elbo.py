@@ -71,6 +71,44 @@ def use_matrix_form(num_points: int, num_inducing: int, dtype) -> bool:
     return num_points >= 2 * num_inducing and jnp.finfo(dtype).eps < 1e-10
 
 
+@jax.custom_vjp
+def _weighted_gram(
+    K_zx: Float[Array, "M N"], w: Float[Array, "*N"], u: Float[Array, " N"]
+) -> tuple[Float[Array, "M M"], Float[Array, " M"]]:
+    r""":math:`(K_{zx} \operatorname{diag}(w) K_{xz},\ K_{zx} u)` for a scalar or ``(N,)`` weight ``w``.
+
+    The derivative is written by hand because of its cost: for a cotangent
+    :math:`\bar P`, :math:`\bar K_{zx} = (\bar P + \bar P^\top) K_{zx} \operatorname{diag}(w)
+    + \bar r u^\top` is one O(N M²) product, where the transpose of
+    ``K_zx @ K_zx.T`` that JAX derives takes two (one per factor).
+    """
+    return _gram_forward(K_zx, w, u)[0]
+
+
+def _gram_forward(K_zx, w, u):
+    if jnp.ndim(w) == 0:
+        gram = K_zx @ K_zx.T
+        return (w * gram, K_zx @ u), (K_zx, w, u, gram)
+    return ((K_zx * w) @ K_zx.T, K_zx @ u), (K_zx, w, u, None)
+
+
+def _gram_backward(residuals, cotangents):
+    K_zx, w, u, gram = residuals
+    P_bar, r_bar = cotangents
+    G = (P_bar + P_bar.T) @ K_zx
+    if gram is None:
+        # dP/dw_n = k_n k_nᵀ; a sum over M as a GEMV, not a slow column reduction
+        w_bar = 0.5 * (jnp.ones(K_zx.shape[0], K_zx.dtype) @ (G * K_zx))
+        K_bar = G * w
+    else:
+        w_bar = jnp.sum(P_bar * gram)
+        K_bar = w * G
+    return K_bar + jnp.outer(r_bar, u), w_bar, r_bar @ K_zx
+
+
+_weighted_gram.defvjp(_gram_forward, _gram_backward)
+
+
 def gaussian_expected_log_likelihood(
     conditional: Conditional,
     loc: Float[Array, " M"],
@@ -107,20 +145,19 @@ def gaussian_expected_log_likelihood(
     :param weight: :math:`c_n` (e.g. ``N_total / B`` for a mini-batch), broadcastable
         to ``(N,)``; default 1.
     """
-    K_xz, L = conditional.cross_covariance, conditional.cholesky
-    num_points, num_inducing = K_xz.shape
+    K_zx, L = conditional.cross_covariance_zx, conditional.cholesky
+    num_inducing, num_points = K_zx.shape
     weight = jnp.ones((), y.dtype) if weight is None else weight
     w = weight / noise_var
     if jnp.size(w) == 1:
         w = jnp.reshape(w, ())
-        P = w * (K_xz.T @ K_xz)
         log_norm = jnp.reshape(weight, ()) * num_points * jnp.log(2 * jnp.pi * jnp.reshape(noise_var, ()))
     else:
         w = jnp.broadcast_to(w, (num_points,))
-        P = (K_xz * w[:, None]).T @ K_xz
         log_norm = jnp.sum(jnp.broadcast_to(weight * jnp.log(2 * jnp.pi * noise_var), (num_points,)))
     wy = w * y
-    b = solve_triangular(L, K_xz.T @ wy, lower=True)
+    P, r = _weighted_gram(K_zx, w, wy)
+    b = solve_triangular(L, r, lower=True)
     T = solve_triangular(L, solve_triangular(L, P, lower=True).T, lower=True)
     sigma = jnp.outer(loc, loc) + scale_tril @ scale_tril.T - jnp.eye(num_inducing, dtype=loc.dtype)
     quadratic = (

@@ -149,12 +149,25 @@ def _scaled_sq_dist_matrix(X1, X2, lengthscale) -> jax.Array:
     _per_feature("lengthscale", lengthscale, X1.shape[-1])
     centre = jax.lax.stop_gradient(jnp.mean(X2, axis=0))
     a, b = (X1 - centre) / lengthscale, (X2 - centre) / lengthscale
-    r2 = (
-        jnp.sum(jnp.square(a), axis=1)[:, None]
-        + jnp.sum(jnp.square(b), axis=1)[None, :]
-        - 2.0 * (a @ b.T)
-    )
-    return jnp.maximum(r2, 0.0)
+    # All three terms in one product, [a, |a|², 1] [-2b, 1, |b|²]ᵀ: then the
+    # derivative is two matrix products as well. Added outside the product, the
+    # norms' derivatives are sums over the long axis of an (N1, N2) array, which
+    # XLA:CPU runs about 30 times slower than the same sum as a matrix product.
+    ones_a, ones_b = jnp.ones((a.shape[0], 1), a.dtype), jnp.ones((b.shape[0], 1), b.dtype)
+    left = jnp.concatenate([a, jnp.sum(jnp.square(a), axis=1, keepdims=True), ones_a], axis=1)
+    right = jnp.concatenate([-2.0 * b, ones_b, jnp.sum(jnp.square(b), axis=1, keepdims=True)], axis=1)
+    return jnp.maximum(left @ right.T, 0.0)
+
+
+def _scaled_sq_dist_pairwise(X, lengthscale) -> jax.Array:
+    r""":math:`r^2_{ij}` within one set, as differences of the scaled inputs.
+
+    Exactly symmetric with an exact zero diagonal (the matrix is factorised).
+    Scaling before pairing keeps the ``(N, N, D)`` work to a subtraction and a square.
+    """
+    _per_feature("lengthscale", lengthscale, X.shape[-1])
+    a = X / lengthscale
+    return jnp.sum(jnp.square(a[:, None, :] - a[None, :, :]), axis=-1)
 
 
 def _distance(r2: jax.Array) -> jax.Array:
@@ -193,7 +206,7 @@ class Stationary(Kernel):
         if symmetric:
             # K(Z, Z) must be exactly symmetric with an exact diagonal (it is
             # factorised), so it keeps the pairwise-difference form; it is small.
-            return super()._matrix(X1, X2, symmetric)
+            return self.variance * self.profile(_scaled_sq_dist_pairwise(X1, self.lengthscale))
         return self.variance * self.profile(_scaled_sq_dist_matrix(X1, X2, self.lengthscale))
 
 

@@ -88,8 +88,12 @@ def main():
             "step_max_abs_diff": float(np.max(np.abs(flat(single[2]) - flat(sharded[2])))),
             "input_sharding": str(Xs.sharding.spec),
             "all_reduce": "all-reduce" in sharded[3],
-            "per_device_rows": f"[{N // len(jax.devices())},{M}]" in sharded[3],
-            "full_rows_anywhere": re.search(rf"\[{N}[,\]]", sharded[3]) is not None,
+            # K_xz (per-point form) or K_zx (matrix-product form) in blocks of N/4 points
+            "per_device_rows": any(
+                block in sharded[3]
+                for block in (f"[{N // len(jax.devices())},{M}]", f"[{M},{N // len(jax.devices())}]")
+            ),
+            "full_rows_anywhere": re.search(rf"[\[,]{N}[,\]]", sharded[3]) is not None,
         }
     try:
         ns.shard_data(X0[:398], Y_REAL[:398])

@@ -40,7 +40,7 @@ def test_sharded_loss_gradients_and_step_equal_single_device(report, likelihood)
 @pytest.mark.parametrize("likelihood", ["gaussian", "bernoulli"])
 def test_data_term_is_split_along_n(report, likelihood):
     r = report[likelihood]
-    assert r["per_device_rows"]  # K_xz blocks of N/4 rows
+    assert r["per_device_rows"]  # K_xz or K_zx in blocks of N/4 points
     assert not r["full_rows_anywhere"]  # nothing of length N is gathered
     assert r["all_reduce"]  # sums over N meet the replicated O(M^3) part
 
