@@ -30,6 +30,7 @@ exactly that of Hensman et al. (2013) for the jittered :math:`K_{zz}`.
 from typing import NamedTuple
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Float
@@ -65,6 +66,32 @@ MAX_JITTER_ESCALATIONS = 6
 """Default number of tenfold jitter increases tried when a Cholesky factor is not finite."""
 
 
+@jax.custom_jvp
+def _cholesky_or_nan(K: Float[Array, "M M"]) -> Float[Array, "M M"]:
+    """``lax.linalg.cholesky`` (NaN where it fails) whose derivative is 0 instead of
+    NaN where the factor failed, so that a failed first try may sit beside a
+    successful retry in a ``lax.cond`` without poisoning the backward pass."""
+    return lax.linalg.cholesky(K, symmetrize_input=False)
+
+
+@_cholesky_or_nan.defjvp
+def _cholesky_or_nan_jvp(primals, tangents):
+    (K,), (K_dot,) = primals, tangents
+    L = _cholesky_or_nan(K)
+    ok = jnp.all(jnp.isfinite(L))
+    eye = jnp.eye(K.shape[-1], dtype=K.dtype)
+    # JAX's own rule (Murray 2016, arXiv:1602.07527), L_dot = L Phi(L^-1 K_dot L^-T),
+    # on a finite stand-in for a failed factor.
+    L_safe = jnp.where(ok, L, eye)
+    tmp = lax.linalg.triangular_solve(
+        L_safe, K_dot, left_side=False, transpose_a=True, conjugate_a=True, lower=True
+    )
+    inner = lax.linalg.triangular_solve(L_safe, tmp, left_side=True, transpose_a=False, lower=True)
+    phi = jnp.tril(inner) / (1.0 + eye)
+    L_dot = lax.dot(L_safe, phi, precision=lax.Precision.HIGHEST)
+    return L, jnp.where(ok, L_dot, 0.0)
+
+
 def cholesky_with_jitter(
     K: Float[Array, "M M"],
     jitter: float,
@@ -76,11 +103,11 @@ def cholesky_with_jitter(
 
     The factor with :math:`\epsilon` = ``jitter`` is tried first. Only if it is not
     finite are :math:`10\epsilon, 100\epsilon, \dots, 10^{E}\epsilon` tried in turn
-    (:math:`E` = ``max_escalations``), inside ``jit``, in a ``lax.while_loop`` on
-    ``stop_gradient(K)``; ``cholesky(K + jitter_used I)`` is then factorised once more
-    to carry the derivative. That is one extra :math:`O(M^3/3)` factorisation, small
-    beside the :math:`O(N M^2)` data term; without escalation there is just one. A
-    jitter of 0 is never escalated.
+    (:math:`E` = ``max_escalations``), inside ``jit``: a ``lax.while_loop`` on
+    ``stop_gradient(K)`` in the failure branch of a ``lax.cond``, after which
+    ``cholesky(K + jitter_used I)`` is factorised once more to carry the derivative.
+    In the common case that is one factorisation, as without escalation. A jitter
+    of 0 is never escalated.
 
     :param K: a symmetric positive semi-definite matrix.
     :param jitter: the base :math:`\epsilon \ge 0` added to the diagonal.
@@ -93,34 +120,39 @@ def cholesky_with_jitter(
     jitter = float(jitter)
     M = K.shape[-1]
     eye = jnp.eye(M, dtype=K.dtype)
-    K_fixed = lax.stop_gradient(K)
     limit = max_escalations if jitter > 0 else 0
 
     def finite(L):
         return jnp.all(jnp.isfinite(L))
 
-    def keep_going(state):
-        k, L = state
-        return ~finite(L) & (k < limit)
+    def symmetric(A):
+        return 0.5 * (A + A.T)  # as jnp.linalg.cholesky symmetrises its input
 
-    def next_jitter(state):
-        k = state[0] + 1
-        return k, jnp.linalg.cholesky(K_fixed + jitter * 10.0**k * eye)
-
+    L = _cholesky_or_nan(symmetric(K + jitter * eye))
     used = jnp.asarray(jitter, K.dtype)
     if limit > 0:
-        # The search runs on stop_gradient(K): a failed factor must not enter the
-        # backward pass, where even a zero cotangent times its NaNs gives NaN. The
-        # factor that is returned is then computed afresh, with JAX's own derivative.
-        # the loop sits in a cond branch, so the common case pays one forward factor
-        def escalate():
-            return lax.while_loop(
-                keep_going, next_jitter, (1, jnp.linalg.cholesky(K_fixed + 10 * jitter * eye))
-            )[0]
 
-        k = lax.cond(finite(jnp.linalg.cholesky(K_fixed + jitter * eye)), lambda: 0, escalate)
-        used = used * jnp.asarray(10.0, K.dtype) ** k
-    L = jnp.linalg.cholesky(K + used * eye)
+        def keep_going(state):
+            k, L = state
+            return ~finite(L) & (k < limit)
+
+        def next_jitter(state, K_fixed):
+            k = state[0] + 1
+            return k, jnp.linalg.cholesky(K_fixed + jitter * 10.0**k * eye)
+
+        def escalate(K):
+            # The search runs on stop_gradient(K): a failed factor must not enter the
+            # backward pass, where even a zero cotangent times its NaNs gives NaN.
+            K_fixed = lax.stop_gradient(K)
+            k = lax.while_loop(
+                keep_going,
+                lambda state: next_jitter(state, K_fixed),
+                (1, jnp.linalg.cholesky(K_fixed + 10 * jitter * eye)),
+            )[0]
+            used = jnp.asarray(jitter, K.dtype) * jnp.asarray(10.0, K.dtype) ** k
+            return _cholesky_or_nan(symmetric(K + used * eye)), used
+
+        L, used = lax.cond(finite(L), lambda K: (L, used), escalate, K)
     largest = jitter * 10.0**limit
     tried = f"{jitter:g} I" if limit == 0 else f"up to {largest:g} I"
     L = eqx.error_if(

@@ -45,6 +45,39 @@ def test_cholesky_escalates_jitter_only_when_needed_and_stays_differentiable():
     assert np.all(np.isfinite(grad))
 
 
+@pytest.mark.parametrize("escalates", [False, True], ids=["first-try", "escalated"])
+def test_cholesky_derivative_matches_finite_differences_and_jax(escalates):
+    # The factor's derivative is hand-written (zero where a first try failed, so the
+    # successful retry beside it in the cond keeps finite gradients). References: JAX's
+    # own Cholesky derivative at the jitter used, and central finite differences.
+    rng = np.random.default_rng(3)
+    B = rng.normal(size=(5, 5))
+    if escalates:  # rank 2 minus 1e-3 I: indefinite until the jitter reaches 1e-2
+        B[:, 2:] = 0.0
+    K = jnp.asarray(B @ B.T - (1e-3 if escalates else 0.0) * np.eye(5))
+    W = jnp.asarray(rng.normal(size=(5, 5)))
+    E = rng.normal(size=(5, 5))
+    E = jnp.asarray(E + E.T)
+
+    def objective(K):
+        return jnp.sum(W * ns.cholesky_with_jitter(K, 1e-6)[0])
+
+    used = float(jax.jit(lambda K: ns.cholesky_with_jitter(K, 1e-6)[1])(K))
+    assert used == pytest.approx(1e-2 if escalates else 1e-6)
+    reference = jax.grad(
+        lambda K: jnp.sum(W * jnp.linalg.cholesky(K + used * jnp.eye(5)))
+    )(K)
+    grad = jax.jit(jax.grad(objective))(K)
+    assert np.all(np.isfinite(grad))
+    np.testing.assert_allclose(0.5 * (grad + grad.T), 0.5 * (reference + reference.T), rtol=1e-9, atol=1e-9)
+    # forward mode through the same rule
+    tangent = jax.jvp(objective, (K,), (E,))[1]
+    h = 1e-6
+    fd = (objective(K + h * E) - objective(K - h * E)) / (2 * h)
+    np.testing.assert_allclose(tangent, fd, rtol=1e-6)
+    np.testing.assert_allclose(jnp.sum(grad * E), tangent, rtol=1e-10)
+
+
 def test_cholesky_error_after_bounded_escalation_names_everything():
     K = jnp.array([[1.0, 0.0], [0.0, -10.0]])
     with pytest.raises(Exception, match=r"K_zz \+ jitter \(2x2, float64, jitter tried up to 1 I\)"):
