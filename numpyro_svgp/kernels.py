@@ -209,6 +209,13 @@ class Stationary(Kernel):
             return self.variance * self.profile(_scaled_sq_dist_pairwise(X1, self.lengthscale))
         return self.variance * self.profile(_scaled_sq_dist_matrix(X1, X2, self.lengthscale))
 
+    def diag(self, X):
+        # k(x, x) = sigma^2 kappa(0) for every x: a constant, not a per-row distance
+        # computation (and its lengthscale derivative) over all N inputs.
+        X = _as_inputs("X", X)
+        _per_feature("lengthscale", self.lengthscale, X.shape[-1])
+        return jnp.broadcast_to(self.variance * self.profile(jnp.zeros((), X.dtype)), X.shape[:1])
+
 
 class RBF(Stationary):
     r"""Squared-exponential (radial basis function) kernel
@@ -321,6 +328,9 @@ class Sum(Kernel):
     def _matrix(self, X1, X2, symmetric):
         return self.k1._matrix(X1, X2, symmetric) + self.k2._matrix(X1, X2, symmetric)
 
+    def diag(self, X):
+        return self.k1.diag(X) + self.k2.diag(X)
+
 
 class Product(Kernel):
     r"""Product of two kernels, :math:`k(x, x') = k_1(x, x')\, k_2(x, x')`. Made by ``k1 * k2``."""
@@ -333,6 +343,9 @@ class Product(Kernel):
 
     def _matrix(self, X1, X2, symmetric):
         return self.k1._matrix(X1, X2, symmetric) * self.k2._matrix(X1, X2, symmetric)
+
+    def diag(self, X):
+        return self.k1.diag(X) * self.k2.diag(X)
 
 
 class Scaled(Kernel):
@@ -357,6 +370,9 @@ class Scaled(Kernel):
 
     def _matrix(self, X1, X2, symmetric):
         return self.scale * self.kernel._matrix(X1, X2, symmetric)
+
+    def diag(self, X):
+        return self.scale * self.kernel.diag(X)
 
 
 def _safe_arccos(t: jax.Array) -> jax.Array:

@@ -93,6 +93,29 @@ def test_kernel_algebra():
     np.testing.assert_allclose((2.0 * (a + b) * a).diag(X1), 2 * (1.2 + 0.5) * 1.2, rtol=1e-12)
 
 
+@pytest.mark.parametrize(
+    "kernel",
+    [
+        K.RBF(1.2, ARD),
+        K.Matern12(0.5, 0.9),
+        K.Matern52(0.8, ARD),
+        2.0 * (K.RBF(1.2, 0.7) + K.Linear(ARD)) * K.Periodic(0.9, ARD, 1.3),
+    ],
+    ids=["rbf", "matern12", "matern52", "composite"],
+)
+def test_diag_is_the_matrix_diagonal_with_the_same_gradient(kernel):
+    # diag has its own closed forms (a constant for stationary kernels, the parts'
+    # diagonals for sums and products); the full matrix is the reference
+    w = np.linspace(0.5, 1.5, X1.shape[0])
+    np.testing.assert_allclose(kernel.diag(X1), np.diagonal(kernel(X1)), rtol=1e-12)
+    got = jax.grad(lambda k: jnp.sum(w * k.diag(X1)))(kernel)
+    want = jax.grad(lambda k: jnp.sum(w * jnp.diagonal(k(X1))))(kernel)
+    for g, h in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(g, h, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="lengthscale has shape"):
+        K.RBF(lengthscale=np.ones(2)).diag(X1)
+
+
 def test_pytree_round_trip_and_jit():
     kernel = K.RBF(1.2, ARD) + 2.0 * K.Periodic(0.5, 0.4, 1.1)
     leaves, treedef = jax.tree.flatten(kernel)
