@@ -27,6 +27,7 @@ exactly that of Hensman et al. (2013) for the jittered :math:`K_{zz}`.
 3. Hensman, Matthews & Ghahramani (2015), *Scalable variational Gaussian process classification*.
 """
 
+import functools
 from typing import NamedTuple
 
 import equinox as eqx
@@ -66,30 +67,62 @@ MAX_JITTER_ESCALATIONS = 6
 """Default number of tenfold jitter increases tried when a Cholesky factor is not finite."""
 
 
-@jax.custom_jvp
-def _cholesky_or_nan(K: Float[Array, "M M"]) -> Float[Array, "M M"]:
-    """``lax.linalg.cholesky`` (NaN where it fails) whose derivative is 0 instead of
-    NaN where the factor failed, so that a failed first try may sit beside a
-    successful retry in a ``lax.cond`` without poisoning the backward pass."""
-    return lax.linalg.cholesky(K, symmetrize_input=False)
+def _symmetric(A: jax.Array) -> jax.Array:
+    return 0.5 * (A + A.T)  # as jnp.linalg.cholesky symmetrises its input
 
 
-@_cholesky_or_nan.defjvp
-def _cholesky_or_nan_jvp(primals, tangents):
-    (K,), (K_dot,) = primals, tangents
-    L = _cholesky_or_nan(K)
-    ok = jnp.all(jnp.isfinite(L))
+def _all_finite(A: jax.Array) -> jax.Array:
+    return jnp.all(jnp.isfinite(A))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3))
+def _escalating_cholesky(
+    K: Float[Array, "M M"], jitter: float, limit: int, message: str
+) -> tuple[Float[Array, "M M"], Float[Array, ""]]:
+    """``(chol(K + used I), used)``, ``used`` the first of ``jitter * 10**k``,
+    ``k = 0..limit``, whose factor is finite (the last one tried if none is; then the
+    factor is NaN). See :func:`cholesky_with_jitter`."""
     eye = jnp.eye(K.shape[-1], dtype=K.dtype)
-    # JAX's own rule (Murray 2016, arXiv:1602.07527), L_dot = L Phi(L^-1 K_dot L^-T),
-    # on a finite stand-in for a failed factor.
-    L_safe = jnp.where(ok, L, eye)
+    L = lax.linalg.cholesky(_symmetric(K) + jitter * eye, symmetrize_input=False)
+    used = jnp.asarray(jitter, K.dtype)
+    if limit == 0:
+        return eqx.error_if(L, ~_all_finite(L), message), used
+
+    def escalate(K):
+        def factor(k):
+            return lax.linalg.cholesky(K + jitter * 10.0**k * eye, symmetrize_input=False)
+
+        def keep_going(state):
+            k, L_k = state
+            return ~_all_finite(L_k) & (k < limit)
+
+        def next_try(state):
+            k = state[0] + 1
+            return k, factor(k)
+
+        k, L_k = lax.while_loop(keep_going, next_try, (1, factor(1)))
+        L_k = eqx.error_if(L_k, ~_all_finite(L_k), message)
+        return L_k, jnp.asarray(jitter, K.dtype) * jnp.asarray(10.0, K.dtype) ** k
+
+    return lax.cond(_all_finite(L), lambda K: (L, used), escalate, _symmetric(K))
+
+
+@_escalating_cholesky.defjvp
+def _escalating_cholesky_jvp(jitter, limit, message, primals, tangents):
+    # The jitter used is piecewise constant in K, so the derivative is that of the
+    # factor that was returned: JAX's own Cholesky rule (Murray 2016,
+    # arXiv:1602.07527), L_dot = L Phi(L^-1 sym(K_dot) L^-T). Written here so that
+    # the search above stays out of the derivative: a lax.cond that carries tangents
+    # also carries, and copies, the residuals of both branches at every step.
+    (K,), (K_dot,) = primals, tangents
+    L, used = _escalating_cholesky(K, jitter, limit, message)
+    eye = jnp.eye(K.shape[-1], dtype=K.dtype)
     tmp = lax.linalg.triangular_solve(
-        L_safe, K_dot, left_side=False, transpose_a=True, conjugate_a=True, lower=True
+        L, _symmetric(K_dot), left_side=False, transpose_a=True, conjugate_a=True, lower=True
     )
-    inner = lax.linalg.triangular_solve(L_safe, tmp, left_side=True, transpose_a=False, lower=True)
-    phi = jnp.tril(inner) / (1.0 + eye)
-    L_dot = lax.dot(L_safe, phi, precision=lax.Precision.HIGHEST)
-    return L, jnp.where(ok, L_dot, 0.0)
+    inner = lax.linalg.triangular_solve(L, tmp, left_side=True, transpose_a=False, lower=True)
+    L_dot = lax.dot(L, jnp.tril(inner) / (1.0 + eye), precision=lax.Precision.HIGHEST)
+    return (L, used), (L_dot, jnp.zeros_like(used))
 
 
 def cholesky_with_jitter(
@@ -103,11 +136,12 @@ def cholesky_with_jitter(
 
     The factor with :math:`\epsilon` = ``jitter`` is tried first. Only if it is not
     finite are :math:`10\epsilon, 100\epsilon, \dots, 10^{E}\epsilon` tried in turn
-    (:math:`E` = ``max_escalations``), inside ``jit``: a ``lax.while_loop`` on
-    ``stop_gradient(K)`` in the failure branch of a ``lax.cond``, after which
-    ``cholesky(K + jitter_used I)`` is factorised once more to carry the derivative.
-    In the common case that is one factorisation, as without escalation. A jitter
-    of 0 is never escalated.
+    (:math:`E` = ``max_escalations``), inside ``jit``, in a ``lax.while_loop`` in the
+    failure branch of a ``lax.cond``: in the common case that is one factorisation.
+    The jitter used is piecewise constant in :math:`K`, so the derivative is that of
+    :math:`\operatorname{chol}(K + \epsilon_{\text{used}} I)`; it is written out
+    (Murray 2016) so that the search never enters the backward pass. A jitter of 0
+    is never escalated.
 
     :param K: a symmetric positive semi-definite matrix.
     :param jitter: the base :math:`\epsilon \ge 0` added to the diagonal.
@@ -116,55 +150,24 @@ def cholesky_with_jitter(
     :return: ``(L, jitter_used)``.
     :raises: (when the compiled program runs) an error naming the matrix, its size
         and dtype, the largest jitter tried and the likely causes, if no factor is finite.
+
+    **Reference**: Murray (2016), *Differentiation of the Cholesky decomposition*,
+    arXiv:1602.07527.
     """
     jitter = float(jitter)
     M = K.shape[-1]
-    eye = jnp.eye(M, dtype=K.dtype)
     limit = max_escalations if jitter > 0 else 0
-
-    def finite(L):
-        return jnp.all(jnp.isfinite(L))
-
-    def symmetric(A):
-        return 0.5 * (A + A.T)  # as jnp.linalg.cholesky symmetrises its input
-
-    L = _cholesky_or_nan(symmetric(K + jitter * eye))
-    used = jnp.asarray(jitter, K.dtype)
-    if limit > 0:
-
-        def keep_going(state):
-            k, L = state
-            return ~finite(L) & (k < limit)
-
-        def next_jitter(state, K_fixed):
-            k = state[0] + 1
-            return k, jnp.linalg.cholesky(K_fixed + jitter * 10.0**k * eye)
-
-        def escalate(K):
-            # The search runs on stop_gradient(K): a failed factor must not enter the
-            # backward pass, where even a zero cotangent times its NaNs gives NaN.
-            K_fixed = lax.stop_gradient(K)
-            k = lax.while_loop(
-                keep_going,
-                lambda state: next_jitter(state, K_fixed),
-                (1, jnp.linalg.cholesky(K_fixed + 10 * jitter * eye)),
-            )[0]
-            used = jnp.asarray(jitter, K.dtype) * jnp.asarray(10.0, K.dtype) ** k
-            return _cholesky_or_nan(symmetric(K + used * eye)), used
-
-        L, used = lax.cond(finite(L), lambda K: (L, used), escalate, K)
     largest = jitter * 10.0**limit
     tried = f"{jitter:g} I" if limit == 0 else f"up to {largest:g} I"
-    L = eqx.error_if(
-        L,
-        ~finite(L),
+    message = (
         f"Cholesky factorisation of {name} + jitter ({M}x{M}, {K.dtype}, jitter tried "
         f"{tried}) failed: the matrix is not numerically positive definite. Likely "
         "causes: duplicate or near-duplicate inducing inputs Z, a lengthscale that "
         "collapsed or grew huge, a very large kernel variance, or float32 with many "
         "inducing points. Remedies: a larger `jitter`, float64 "
-        "(jax.config.update('jax_enable_x64', True)), or re-initialising Z.",
+        "(jax.config.update('jax_enable_x64', True)), or re-initialising Z."
     )
+    L, used = _escalating_cholesky(K, jitter, limit, message)
     return L, used
 
 
