@@ -8,14 +8,28 @@ Usage::
 Model: whitened SVGP, RBF kernel with ARD lengthscales, D = 8, Gaussian likelihood,
 full batch, Adam. numpyro_svgp runs ``svi.update`` (``AutoSVGP``, ``SVGP_ELBO``)
 under ``jit``; the reference is the same ELBO and gradient written in plain JAX in
-this file, also under ``jit``. Each cell: compile, one warm-up step, then the median
-of ``--repeats`` timed steps with ``block_until_ready``. A cell is skipped when its
-nominal flops at 25% of the GEMM rate predict more than ``--max-seconds`` per step,
-or when its warm-up step takes longer than that.
+this file, also under ``jit``. Each cell: compile, one warm-up step, then
+``--repeats`` rounds of one timed step per contender (``block_until_ready``), the
+order rotated every round (:func:`time_interleaved`); the table gives medians, their
+ratio, and the quartiles of the per-round ratios as a measure of the noise. A cell
+is skipped when its nominal flops at 25% of the GEMM rate predict more than
+``--max-seconds`` per step, or when a warm-up step takes longer than that.
+
+The plain-JAX reference lets JAX derive the gradient. In the matrix-product form
+numpyro_svgp differentiates ``K_zx K_xz`` by hand (one O(N M²) product where JAX's
+derivative takes two, see ``numpyro_svgp._elbo._weighted_gram``); a second
+reference, "plain JAX + library derivative", uses that derivative too, so that its
+ratio is the cost of the NumPyro layer and the input checks alone.
 
 Both sides take the form numpyro_svgp picks: the matrix-product form of the
 Gaussian term (``K_zx K_xz`` and ``K_zx y``) in float64 when N ≥ 2M, the per-point
 form otherwise (float32 always: see ``numpyro_svgp._elbo.use_matrix_form``).
+numpyro_svgp's value checks (NaN/inf data, non-positive hyperparameters, a failed
+Cholesky) are ``equinox.error_if``: host callbacks, which make XLA:CPU run the step
+synchronously in the calling thread instead of dispatching it asynchronously.
+``EQX_ON_ERROR=nan python benchmarks/step_time.py`` measures the step without them
+(bad values then turn into NaN instead of raising).
+
 GFLOP/s are nominal (:func:`nominal_flops`), against the GEMM rate measured here on
 a 2048² matrix product.
 """
@@ -94,7 +108,7 @@ def plain_step(X, y, Z, gram_vjp=False):
         r2 = jnp.sum(a * a, 1)[:, None] + jnp.sum(b * b, 1)[None, :] - 2 * a @ b.T
         return var * jnp.exp(-0.5 * jnp.maximum(r2, 0))
 
-    def loss(p):
+    def loss(p, X, y):
         var, ls, s2 = jnp.exp(p["log_var"]), jnp.exp(p["log_ls"]), jnp.exp(p["log_s2"])
         m, S = p["m"], jnp.tril(p["S"])
         L = jnp.linalg.cholesky(rbf_diff(p["Z"], p["Z"], var, ls) + jitter * jnp.eye(M, dtype=dtype))
@@ -125,12 +139,16 @@ def plain_step(X, y, Z, gram_vjp=False):
               "m": jnp.zeros(M, dtype), "S": jnp.eye(M, dtype=dtype)}
     optimizer = optax.adam(1e-2)
 
+    # the data are arguments of the compiled step, as in SVI.update, not constants in it
     @jax.jit
-    def step(state):
+    def update(state, X, y):
         p, opt_state = state
-        value, grads = jax.value_and_grad(loss)(p)
+        value, grads = jax.value_and_grad(loss)(p, X, y)
         updates, opt_state = optimizer.update(grads, opt_state)
         return (optax.apply_updates(p, updates), opt_state), value
+
+    def step(state):
+        return update(state, X, y)
 
     return step, (params, optimizer.init(params))
 
@@ -142,23 +160,36 @@ def nominal_flops(n, m, dtype):
     return (4 if ns._elbo.use_matrix_form(n, m, dtype) else 8) * n * m**2
 
 
-def time_steps(step, state, repeats, max_seconds):
-    state, loss = step(state)  # compile
-    jax.block_until_ready(loss)
-    start = time.perf_counter()
-    state, loss = step(state)  # warm up, and a first look at the cost
-    jax.block_until_ready(loss)
-    if time.perf_counter() - start > max_seconds:
-        return None
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        state, loss = step(state)
+def time_interleaved(contenders, repeats, max_seconds):
+    """Median seconds per step of each ``name -> (step, state)``, timed in rounds.
+
+    Each contender is compiled and warmed up, then every round runs one step of
+    each, in an order rotated by one every round, so that slow drift of the machine
+    and any cost of switching between compiled programs (the first program in a
+    round was measured here to run up to 5% slower) fall on every contender alike.
+    Returns ``{name: [seconds, ...]}`` in round order, or ``None`` when a warm-up step
+    takes longer than ``max_seconds``.
+    """
+    names, states = list(contenders), {}
+    for name, (step, state) in contenders.items():
+        state, loss = step(state)  # compile
         jax.block_until_ready(loss)
-        times.append(time.perf_counter() - start)
-        if times[0] > max_seconds:
+        start = time.perf_counter()
+        state, loss = step(state)  # warm up, and a first look at the cost
+        jax.block_until_ready(loss)
+        if time.perf_counter() - start > max_seconds:
             return None
-    return statistics.median(times)
+        states[name] = state
+    times = {name: [] for name in names}
+    for round_ in range(repeats):
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
+            step = contenders[name][0]
+            start = time.perf_counter()
+            states[name], loss = step(states[name])
+            jax.block_until_ready(loss)
+            times[name].append(time.perf_counter() - start)
+    return times
 
 
 def gemm_gflops(dtype, size=2048, repeats=5):
@@ -178,31 +209,44 @@ def main(argv=None):
     parser.add_argument("--n", type=int, nargs="*", default=[10_000, 100_000])
     parser.add_argument("--m", type=int, nargs="*", default=[64, 256, 1024])
     parser.add_argument("--dtype", nargs="*", default=["float64", "float32"])
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=12)
     parser.add_argument("--max-seconds", type=float, default=2.0)
     args = parser.parse_args(argv)
     jax.config.update("jax_enable_x64", True)
-    print(f"jax {jax.__version__}, {jax.devices()[0].platform}, {os.cpu_count()} cores")
-    print("| dtype | N | M | numpyro_svgp ms | plain JAX ms | ratio | nominal GFLOP/s | GEMM peak GFLOP/s |")
-    print("|---|---|---|---|---|---|---|---|")
+    on_error = os.environ.get("EQX_ON_ERROR", "raise")
+    print(f"jax {jax.__version__}, {jax.devices()[0].platform}, {os.cpu_count()} cores, "
+          f"EQX_ON_ERROR={on_error}")
+    print("| dtype | N | M | numpyro_svgp ms | plain JAX ms | ratio | paired ratios, quartiles "
+          "| plain JAX + library derivative ms | ratio | nominal GFLOP/s | GEMM peak GFLOP/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for dtype_name in args.dtype:
         dtype = jnp.dtype(dtype_name)
         peak = gemm_gflops(dtype)
         for n in args.n:
             for m in args.m:
+                cell = f"| {dtype_name} | {n} | {m} |"
                 if nominal_flops(n, m, dtype) / (0.25 * peak * 1e9) > args.max_seconds:
-                    print(f"| {dtype_name} | {n} | {m} | skipped (predicted > {args.max_seconds} s/step "
-                          "at 25% of the GEMM rate) | | | | |")
+                    print(f"{cell} skipped (predicted > {args.max_seconds} s/step at 25% of the "
+                          "GEMM rate) | | | | | | | |")
                     continue
                 X, y, Z = data(n, m, dtype)
-                ours = time_steps(*numpyro_step(X, y, Z), args.repeats, args.max_seconds)
-                plain = time_steps(*plain_step(X, y, Z), args.repeats, args.max_seconds)
-                if ours is None or plain is None:
-                    print(f"| {dtype_name} | {n} | {m} | skipped (> {args.max_seconds} s/step) | | | | |")
+                contenders = {"ours": numpyro_step(X, y, Z), "plain": plain_step(X, y, Z)}
+                if ns._elbo.use_matrix_form(n, m, dtype):
+                    contenders["plain_vjp"] = plain_step(X, y, Z, gram_vjp=True)
+                times = time_interleaved(contenders, args.repeats, args.max_seconds)
+                if times is None:
+                    print(f"{cell} skipped (> {args.max_seconds} s/step) | | | | | | | |")
                     continue
+                ours, plain = (statistics.median(times[k]) for k in ("ours", "plain"))
+                paired = np.quantile(np.divide(times["ours"], times["plain"]), [0.25, 0.75])
+                if "plain_vjp" in times:
+                    plain_vjp = statistics.median(times["plain_vjp"])
+                    vjp_cells = f"{1e3 * plain_vjp:.1f} | {ours / plain_vjp:.2f}"
+                else:
+                    vjp_cells = "(same program) | "
                 gflops = nominal_flops(n, m, dtype) / ours / 1e9
-                print(f"| {dtype_name} | {n} | {m} | {1e3 * ours:.1f} | {1e3 * plain:.1f} | "
-                      f"{ours / plain:.2f} | {gflops:.1f} | {peak:.1f} |")
+                print(f"{cell} {1e3 * ours:.1f} | {1e3 * plain:.1f} | {ours / plain:.2f} | "
+                      f"{paired[0]:.2f}–{paired[1]:.2f} | {vjp_cells} | {gflops:.1f} | {peak:.1f} |")
                 sys.stdout.flush()
 
 
