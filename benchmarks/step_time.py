@@ -9,9 +9,10 @@ Model: whitened SVGP, RBF kernel with ARD lengthscales, D = 8, Gaussian likeliho
 full batch, Adam. numpyro_svgp runs ``svi.update`` (``AutoSVGP``, ``SVGP_ELBO``)
 under ``jit``; the reference is the same ELBO and gradient written in plain JAX in
 this file, also under ``jit``. Each cell: compile, one warm-up step, then
-``--repeats`` rounds of one timed step per contender (``block_until_ready``), the
-order rotated every round (:func:`time_interleaved`); the table gives medians, their
-ratio, and the quartiles of the per-round ratios as a measure of the noise. A cell
+``--repeats`` rounds (more for fast steps, see ``--min-seconds``) of one timed step
+per contender (``block_until_ready``), the order rotated every round
+(:func:`time_interleaved`); the table gives medians, their ratio, and the quartiles
+of the per-round ratios as a measure of the noise. A cell
 is skipped when its nominal flops at 25% of the GEMM rate predict more than
 ``--max-seconds`` per step, or when a warm-up step takes longer than that.
 
@@ -35,6 +36,7 @@ a 2048² matrix product.
 """
 
 import argparse
+import math
 import os
 import statistics
 import sys
@@ -160,28 +162,31 @@ def nominal_flops(n, m, dtype):
     return (4 if ns._elbo.use_matrix_form(n, m, dtype) else 8) * n * m**2
 
 
-def time_interleaved(contenders, repeats, max_seconds):
-    """Median seconds per step of each ``name -> (step, state)``, timed in rounds.
+def time_interleaved(contenders, repeats, max_seconds, min_seconds=0.0):
+    """Seconds per step of each ``name -> (step, state)``, timed in rounds.
 
     Each contender is compiled and warmed up, then every round runs one step of
     each, in an order rotated by one every round, so that slow drift of the machine
     and any cost of switching between compiled programs (the first program in a
     round was measured here to run up to 5% slower) fall on every contender alike.
-    Returns ``{name: [seconds, ...]}`` in round order, or ``None`` when a warm-up step
-    takes longer than ``max_seconds``.
+    There are ``repeats`` rounds, or more where the steps are fast: enough for each
+    contender to run ``min_seconds`` in all, so that millisecond steps get hundreds of
+    samples. Returns ``{name: [seconds, ...]}`` in round order, or ``None`` when a
+    warm-up step takes longer than ``max_seconds``.
     """
-    names, states = list(contenders), {}
+    names, states, slowest = list(contenders), {}, 0.0
     for name, (step, state) in contenders.items():
         state, loss = step(state)  # compile
         jax.block_until_ready(loss)
         start = time.perf_counter()
         state, loss = step(state)  # warm up, and a first look at the cost
         jax.block_until_ready(loss)
-        if time.perf_counter() - start > max_seconds:
+        slowest = max(slowest, time.perf_counter() - start)
+        if slowest > max_seconds:
             return None
         states[name] = state
     times = {name: [] for name in names}
-    for round_ in range(repeats):
+    for round_ in range(max(repeats, math.ceil(min_seconds / slowest))):
         shift = round_ % len(names)
         for name in names[shift:] + names[:shift]:
             step = contenders[name][0]
@@ -192,7 +197,9 @@ def time_interleaved(contenders, repeats, max_seconds):
     return times
 
 
-def gemm_gflops(dtype, size=2048, repeats=5):
+def gemm_gflops(dtype, size=2048, repeats=9):
+    """The GEMM rate on a ``size``² product: the fastest of ``repeats`` (a peak, and
+    the skip rule's yardstick, so one slow repeat must not move it)."""
     a = jnp.asarray(np.random.default_rng(0).normal(size=(size, size)), dtype)
     matmul = jax.jit(lambda a: a @ a)
     jax.block_until_ready(matmul(a))
@@ -201,7 +208,7 @@ def gemm_gflops(dtype, size=2048, repeats=5):
         start = time.perf_counter()
         jax.block_until_ready(matmul(a))
         times.append(time.perf_counter() - start)
-    return 2 * size**3 / statistics.median(times) / 1e9
+    return 2 * size**3 / min(times) / 1e9
 
 
 def main(argv=None):
@@ -211,6 +218,8 @@ def main(argv=None):
     parser.add_argument("--dtype", nargs="*", default=["float64", "float32"])
     parser.add_argument("--repeats", type=int, default=12)
     parser.add_argument("--max-seconds", type=float, default=2.0)
+    parser.add_argument("--min-seconds", type=float, default=3.0,
+                        help="run at least this long per contender and cell (more rounds for fast steps)")
     args = parser.parse_args(argv)
     jax.config.update("jax_enable_x64", True)
     on_error = os.environ.get("EQX_ON_ERROR", "raise")
@@ -233,7 +242,7 @@ def main(argv=None):
                 contenders = {"ours": numpyro_step(X, y, Z), "plain": plain_step(X, y, Z)}
                 if ns._elbo.use_matrix_form(n, m, dtype):
                     contenders["plain_vjp"] = plain_step(X, y, Z, gram_vjp=True)
-                times = time_interleaved(contenders, args.repeats, args.max_seconds)
+                times = time_interleaved(contenders, args.repeats, args.max_seconds, args.min_seconds)
                 if times is None:
                     print(f"{cell} skipped (> {args.max_seconds} s/step) | | | | | | | |")
                     continue
