@@ -91,7 +91,11 @@ class Kernel(eqx.Module):
         return jax.vmap(jax.vmap(self.evaluate, (None, 0)), (0, None))(X1, X2)
 
     def diag(self, X: Float[Array, "N D"]) -> Float[Array, " N"]:
-        """The variances :math:`k(x_n, x_n)` without forming the full matrix."""
+        """The variances :math:`k(x_n, x_n)` without forming the full matrix.
+
+        The default broadcasts :meth:`evaluate`; stationary kernels (a constant) and the
+        compositions (from their parts' diagonals) override it with a closed form.
+        """
         X = _as_inputs("X", X)
         return jax.vmap(lambda x: self.evaluate(x, x))(X)
 
