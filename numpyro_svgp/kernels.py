@@ -170,31 +170,8 @@ def _scaled_sq_dist_pairwise(X, lengthscale) -> jax.Array:
     Scaling before pairing keeps the ``(N, N, D)`` work to a subtraction and a square.
     """
     _per_feature("lengthscale", lengthscale, X.shape[-1])
-    return _pairwise_sq_dist(X / lengthscale)
-
-
-@jax.custom_jvp
-def _pairwise_sq_dist(a: Float[Array, "M D"]) -> Float[Array, "M M"]:
-    r""":math:`r^2_{ij} = \|a_i - a_j\|^2` by differences, with its derivative as matrix
-    products:
-
-    .. math:: \dot r^2_{ij} = 2\big(u_i + u_j - C_{ij} - C_{ji}\big),
-        \qquad u_i = a_i^\top \dot a_i, \quad C = a \dot a^\top.
-
-    Its transpose (the backward pass) is then two ``(M, M) @ (M, D)`` products and two
-    sums over ``M``. The derivative JAX would derive from the differences reduces the
-    ``(M, M, D)`` tensor over both of its first axes, one of them strided, which on
-    XLA:CPU is several times slower.
-    """
+    a = X / lengthscale
     return jnp.sum(jnp.square(a[:, None, :] - a[None, :, :]), axis=-1)
-
-
-@_pairwise_sq_dist.defjvp
-def _pairwise_sq_dist_jvp(primals, tangents):
-    (a,), (a_dot,) = primals, tangents
-    u = jnp.sum(a * a_dot, axis=1)
-    C = a @ a_dot.T
-    return _pairwise_sq_dist(a), 2.0 * (u[:, None] + u[None, :] - C - C.T)
 
 
 def _distance(r2: jax.Array) -> jax.Array:

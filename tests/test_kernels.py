@@ -93,31 +93,6 @@ def test_kernel_algebra():
     np.testing.assert_allclose((2.0 * (a + b) * a).diag(X1), 2 * (1.2 + 0.5) * 1.2, rtol=1e-12)
 
 
-@pytest.mark.parametrize("name", STATIONARY)
-def test_symmetric_matrix_derivatives_match_the_naive_formula(name):
-    # K(Z, Z) differentiates its squared distances by matrix products (a hand-written
-    # rule); JAX's derivative of the plain difference formula is the reference, in
-    # reverse and forward mode, with respect to the inputs and the lengthscales.
-    rng = np.random.default_rng(5)
-    W = jnp.asarray(rng.normal(size=(7, 7)))
-    Z_dot, ls_dot = jnp.asarray(rng.normal(size=X1.shape)), jnp.asarray(rng.normal(size=3))
-    profile = getattr(K, name)(1.0, 1.0).profile
-
-    def ours(Z, ls):
-        return jnp.sum(W * getattr(K, name)(1.3, ls)(Z))
-
-    def naive(Z, ls):
-        d = (Z[:, None, :] - Z[None, :, :]) / ls
-        return jnp.sum(W * 1.3 * profile(jnp.sum(d * d, axis=-1)))
-
-    args = (jnp.asarray(X1), jnp.asarray(ARD))
-    for got, want in zip(jax.grad(ours, argnums=(0, 1))(*args), jax.grad(naive, argnums=(0, 1))(*args)):
-        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
-    got = jax.jvp(ours, args, (Z_dot, ls_dot))[1]
-    want = jax.jvp(naive, args, (Z_dot, ls_dot))[1]
-    np.testing.assert_allclose(got, want, rtol=1e-10)
-
-
 @pytest.mark.parametrize(
     "kernel",
     [
