@@ -134,8 +134,9 @@ def gaussian_expected_log_likelihood(
     :math:`(y_n - a_n^\top m)^2 + k_{nn} - a_n^\top a_n + a_n^\top S S^\top a_n`).
     The data enter only through :math:`K_{zx} \operatorname{diag}(w) K_{xz}` and
     :math:`K_{zx}(w \circ y)`, one GEMM of O(N M²) flops, instead of the triangular
-    solve behind :math:`A`. It does not clamp the conditional variance at 0 as the
-    per-point form does, which differs only by round-off.
+    solve behind :math:`A`. The summed conditional variance
+    :math:`\sum_n w_n (k_{nn} - a_n^\top a_n)` is clamped at 0 (the per-point form clamps
+    each term), since round-off can make the difference of the two sums negative.
 
     :param conditional: the output of :func:`~numpyro_svgp.whitened_conditional`.
     :param loc: :math:`m`, shape ``(M,)``.
@@ -159,11 +160,12 @@ def gaussian_expected_log_likelihood(
     P, r = _weighted_gram(K_zx, w, wy)
     b = solve_triangular(L, r, lower=True)
     T = solve_triangular(L, solve_triangular(L, P, lower=True).T, lower=True)
-    sigma = jnp.outer(loc, loc) + scale_tril @ scale_tril.T - jnp.eye(num_inducing, dtype=loc.dtype)
-    quadratic = (
-        jnp.sum(wy * y) + jnp.sum(w * conditional.prior_variance) - 2.0 * (loc @ b)
-        + jnp.sum(T * sigma)
-    )
+    q_cov = jnp.outer(loc, loc) + scale_tril @ scale_tril.T
+    # sum_n w_n (k_nn - a_n^T a_n) >= 0, but as a difference of two sums it can come out
+    # negative by round-off, which a shrinking noise variance then turns into an
+    # unbounded spurious gain; clamped at 0 as the per-point form clamps each term.
+    residual_variance = jnp.maximum(jnp.sum(w * conditional.prior_variance) - jnp.trace(T), 0.0)
+    quadratic = jnp.sum(wy * y) + residual_variance - 2.0 * (loc @ b) + jnp.sum(T * q_cov)
     return -0.5 * (log_norm + quadratic)
 
 

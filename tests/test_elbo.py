@@ -258,3 +258,20 @@ def test_gradients_equal_finite_differences_of_dense_reference(num_inducing, per
         scale = np.max(np.abs(expected))
         assert scale > 0
         np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7 * scale, err_msg=name)
+
+
+def test_matrix_form_clamps_a_negative_residual_variance_like_the_per_point_form():
+    # sum_n (k_nn - a_n^T a_n) >= 0, but the matrix-product form computes it as a
+    # difference of two sums, and round-off made it negative in float64 with a kernel
+    # variance of 1e6; a shrinking noise variance then bought an unbounded spurious
+    # gain. Here every point's prior variance is set below a_n^T a_n: the per-point
+    # form clamps each term at 0, and the matrix form must give the same bound.
+    X, y = toy_data(40, seed=4)
+    conditional = ns.whitened_conditional(ns.kernels.RBF(VAR, LS), X, X[::5], jitter=1e-6)
+    low = 0.5 * jnp.sum(jnp.square(conditional.projection), axis=1)
+    conditional = conditional._replace(prior_variance=low, variance=jnp.zeros_like(low))
+    m, S = _random_q(8, seed=3)
+    matrix_form = ns.gaussian_expected_log_likelihood(conditional, m, S, jnp.asarray(y), NOISE)
+    mean, var = ns.predictive_moments(conditional, m, S)
+    per_point = jnp.sum(ns.expected_log_likelihood(jnp.asarray(y), mean, var, NOISE))
+    assert float(matrix_form) == pytest.approx(float(per_point), rel=1e-10)
