@@ -147,7 +147,7 @@ def gaussian_expected_log_likelihood(
         to ``(N,)``; default 1.
     """
     K_zx, L = conditional.cross_covariance_zx, conditional.cholesky
-    num_inducing, num_points = K_zx.shape
+    num_points = K_zx.shape[1]
     weight = jnp.ones((), y.dtype) if weight is None else weight
     w = weight / noise_var
     if jnp.size(w) == 1:
