@@ -82,8 +82,9 @@ def _escalating_cholesky(
     """``(chol(K + used I), used)``, ``used`` the first of ``jitter * 10**k``,
     ``k = 0..limit``, whose factor is finite (the last one tried if none is; then the
     factor is NaN). See :func:`cholesky_with_jitter`."""
+    K = _symmetric(K)
     eye = jnp.eye(K.shape[-1], dtype=K.dtype)
-    L = lax.linalg.cholesky(_symmetric(K) + jitter * eye, symmetrize_input=False)
+    L = lax.linalg.cholesky(K + jitter * eye, symmetrize_input=False)
     used = jnp.asarray(jitter, K.dtype)
     if limit == 0:
         return eqx.error_if(L, ~_all_finite(L), message), used
@@ -104,7 +105,7 @@ def _escalating_cholesky(
         L_k = eqx.error_if(L_k, ~_all_finite(L_k), message)
         return L_k, jnp.asarray(jitter, K.dtype) * jnp.asarray(10.0, K.dtype) ** k
 
-    return lax.cond(_all_finite(L), lambda K: (L, used), escalate, _symmetric(K))
+    return lax.cond(_all_finite(L), lambda K: (L, used), escalate, K)
 
 
 @_escalating_cholesky.defjvp
@@ -167,8 +168,7 @@ def cholesky_with_jitter(
         "inducing points. Remedies: a larger `jitter`, float64 "
         "(jax.config.update('jax_enable_x64', True)), or re-initialising Z."
     )
-    L, used = _escalating_cholesky(K, jitter, limit, message)
-    return L, used
+    return _escalating_cholesky(K, jitter, limit, message)
 
 
 def jittered_cholesky(
