@@ -198,6 +198,32 @@ class Conditional(NamedTuple):
     r""":math:`K_{zx}`, computed in this layout for the matrix-product form of the
     Gaussian ELBO (its products with the data then need no ``(M, N)`` transpose;
     under ``jit`` whichever of the two layouts is unused is never computed)."""
+    kernel: Kernel
+    """The covariance function, kept (with the two below) so that the ELBO can
+    recompute rows of :math:`K_{xz}` block by block instead of holding all ``N``
+    (see :mod:`numpyro_svgp._blocks`)."""
+    inputs: Float[Array, "N D"]
+    """:math:`X`, as checked."""
+    inducing: "Float[Array, 'M D'] | InducingFeatures"
+    """:math:`Z` as checked, or the inducing features."""
+
+
+def cross_covariance(
+    kernel: Kernel, inducing: "Float[Array, 'M D'] | InducingFeatures", X: Float[Array, "N D"]
+) -> Float[Array, "N M"]:
+    """:math:`K_{xz}` for inducing points or inducing features."""
+    if isinstance(inducing, InducingFeatures):
+        return inducing.cross_covariance(kernel, X)
+    return kernel(X, inducing)
+
+
+def cross_covariance_zx(
+    kernel: Kernel, inducing: "Float[Array, 'M D'] | InducingFeatures", X: Float[Array, "N D"]
+) -> Float[Array, "M N"]:
+    """:math:`K_{zx}`, in the ``(M, N)`` layout that the matrix-product form multiplies."""
+    if isinstance(inducing, InducingFeatures):
+        return inducing.cross_covariance(kernel, X).T
+    return kernel(inducing, X)
 
 
 def _checked_jitter(jitter, dtype) -> float:
@@ -248,7 +274,7 @@ def whitened_conditional(
     :param max_jitter_escalations: tenfold jitter increases allowed when the factor
         of :math:`K_{zz}` is not finite (see :func:`cholesky_with_jitter`).
     :return: a :class:`Conditional` ``(projection, variance, jitter, cholesky,
-        cross_covariance, prior_variance)``.
+        cross_covariance, prior_variance, cross_covariance_zx, kernel, inputs, inducing)``.
     """
     X = as_float_array("X", X)
     check_matrix("X", X)
@@ -258,7 +284,7 @@ def whitened_conditional(
         dtype = X.dtype
         jitter = _checked_jitter(jitter, dtype)
         L, jitter_used = Z.cholesky(kernel, dtype, jitter, max_jitter_escalations)
-        K_xz = Z.cross_covariance(kernel, X)
+        K_xz = cross_covariance(kernel, Z, X)
         K_zx = K_xz.T
     else:
         Z = as_float_array("Z", Z)
@@ -276,13 +302,13 @@ def whitened_conditional(
         L, jitter_used = cholesky_with_jitter(
             kernel(Z, Z), jitter, max_escalations=max_jitter_escalations
         )
-        K_xz = kernel(X, Z)
-        K_zx = kernel(Z, X)
+        K_xz = cross_covariance(kernel, Z, X)
+        K_zx = cross_covariance_zx(kernel, Z, X)
     A = _right_solve_transposed(L, K_xz)
     prior_variance = kernel.diag(X)
     # Round-off can leave tiny negative values where f is pinned by Z (e.g. Z = X).
     variance = jnp.maximum(prior_variance - jnp.sum(jnp.square(A), axis=1), 0.0)
-    return Conditional(A, variance, jitter_used, L, K_xz, prior_variance, K_zx)
+    return Conditional(A, variance, jitter_used, L, K_xz, prior_variance, K_zx, kernel, X, Z)
 
 
 def predictive_moments(

@@ -14,6 +14,7 @@ expectation is closed form (Hensman, Fusi & Lawrence 2013, eq. 7), which makes t
 whole bound deterministic.
 """
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jax import random
@@ -25,8 +26,14 @@ from numpyro.handlers import replay, seed, substitute, trace
 from numpyro.infer.elbo import ELBO
 from numpyro.util import check_model_guide_match
 
+from numpyro_svgp._blocks import block_rows, from_blocks, split_rows, sum_over_blocks
 from numpyro_svgp._checks import check_observed_site
-from numpyro_svgp._conditional import Conditional, predictive_moments
+from numpyro_svgp._conditional import (
+    Conditional,
+    cross_covariance,
+    cross_covariance_zx,
+    predictive_moments,
+)
 from numpyro_svgp._svgp import svgp_site
 
 __all__ = ["kl", "expected_log_likelihood", "gaussian_expected_log_likelihood", "SVGP_ELBO"]
@@ -109,6 +116,107 @@ def _gram_backward(residuals, cotangents):
 _weighted_gram.defvjp(_gram_forward, _gram_backward)
 
 
+def _blocked_weighted_gram(
+    conditional: Conditional, w: Float[Array, "*N"], u: Float[Array, " N"], rows: int
+) -> tuple[Float[Array, "M M"], Float[Array, " M"]]:
+    r""":func:`_weighted_gram` of :math:`K_{zx}`, with :math:`K_{zx}` formed ``rows`` data
+    points at a time from the conditional's kernel and inputs (see :mod:`numpyro_svgp._blocks`).
+
+    The derivative takes a second pass over the blocks: each block's :math:`K_{zx}` is
+    formed again and pulled back with :math:`\bar K_{zx} = (\bar P + \bar P^\top)
+    K_{zx} \operatorname{diag}(w) + \bar r u^\top`, which needs the whole :math:`\bar P`
+    (so it cannot share the first pass). Re-forming a block is O(rows · M · D), small
+    beside the O(rows · M²) products; the inputs' own gradient is taken only where
+    they are differentiated (e.g. the outputs of a network).
+    """
+    dynamic, static = eqx.partition((conditional.kernel, conditional.inducing), eqx.is_array)
+    X = conditional.inputs
+    num_points = X.shape[0]
+    per_point = jnp.ndim(w) == 1
+
+    def cross(dynamic, X_block):
+        return cross_covariance_zx(*eqx.combine(dynamic, static), X_block)
+
+    def per_row(X, w, u):
+        return {"X": X, "u": u, "w": w} if per_point else {"X": X, "u": u}
+
+    def gram(dynamic, X, w, u):
+        """The unweighted (scalar w) or weighted (per-point w) sums over blocks."""
+
+        def block(b):
+            K = cross(dynamic, b["X"])
+            return (K * b["w"] if per_point else K) @ K.T, K @ b["u"]
+
+        blocks, rest = split_rows(per_row(X, w, u), num_points, rows)
+        num_inducing = jax.eval_shape(cross, dynamic, X[:1]).shape[0]
+        init = (jnp.zeros((num_inducing, num_inducing), u.dtype), jnp.zeros(num_inducing, u.dtype))
+        (P, r), _ = jax.lax.scan(lambda acc, b: (jax.tree.map(jnp.add, acc, block(b)), None), init, blocks)
+        if rest is not None:
+            P, r = jax.tree.map(jnp.add, (P, r), block(rest))
+        return P, r
+
+    @jax.custom_vjp
+    def weighted_gram(dynamic, X, w, u):
+        P, r = gram(dynamic, X, w, u)
+        return (P if per_point else w * P), r
+
+    def forward(dynamic, X, w, u):
+        X_value = X.value
+        values = jax.tree.map(lambda p: p.value, (dynamic, w, u), is_leaf=_is_primal)
+        dynamic, w, u = values
+        P, r = gram(dynamic, X_value, w, u)
+        # the structure of the residuals says whether X needs a gradient
+        X_needed = jnp.zeros(()) if X.perturbed else None
+        return ((P if per_point else w * P), r), (dynamic, X_value, w, u, P, X_needed)
+
+    def backward(residuals, cotangents):
+        dynamic, X, w, u, P, X_needed = residuals
+        P_bar, r_bar = cotangents
+        P_bar = jnp.zeros_like(P) if _is_zero(P_bar) else P_bar
+        r_bar = jnp.zeros(P.shape[:1], P.dtype) if _is_zero(r_bar) else r_bar
+        H = P_bar + P_bar.T if per_point else w * (P_bar + P_bar.T)
+
+        def block(b):
+            if X_needed is None:
+                K, pull = jax.vjp(lambda d: cross(d, b["X"]), dynamic)
+            else:
+                K, pull = jax.vjp(cross, dynamic, b["X"])
+            G = H @ K
+            K_bar = (G * b["w"] if per_point else G) + jnp.outer(r_bar, b["u"])
+            grads = pull(K_bar)
+            out = {"u": r_bar @ K, "X": grads[1] if X_needed is not None else None}
+            if per_point:
+                # dP/dw_n = k_n k_n^T; a sum over M as a GEMV, not a slow column reduction
+                out["w"] = 0.5 * (jnp.ones(K.shape[0], K.dtype) @ (G * K))
+            return grads[0], out
+
+        blocks, rest = split_rows(per_row(X, w, u), num_points, rows)
+
+        def body(acc, b):
+            d_dynamic, out = block(b)
+            return jax.tree.map(jnp.add, acc, d_dynamic), out
+
+        d_dynamic, outs = jax.lax.scan(body, jax.tree.map(jnp.zeros_like, dynamic), blocks)
+        outs = jax.tree.map(from_blocks, outs)
+        if rest is not None:
+            d_rest, out_rest = block(rest)
+            d_dynamic = jax.tree.map(jnp.add, d_dynamic, d_rest)
+            outs = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), outs, out_rest)
+        w_bar = outs["w"] if per_point else jnp.sum(P_bar * P)
+        return d_dynamic, outs["X"], w_bar, outs["u"]
+
+    weighted_gram.defvjp(forward, backward, symbolic_zeros=True)
+    return weighted_gram(dynamic, X, w, u)
+
+
+def _is_primal(x) -> bool:
+    return isinstance(x, jax.custom_derivatives.CustomVJPPrimal)
+
+
+def _is_zero(x) -> bool:
+    return isinstance(x, jax.custom_derivatives.SymbolicZero)
+
+
 def gaussian_expected_log_likelihood(
     conditional: Conditional,
     loc: Float[Array, " M"],
@@ -157,7 +265,11 @@ def gaussian_expected_log_likelihood(
         w = jnp.broadcast_to(w, (num_points,))
         log_norm = jnp.sum(jnp.broadcast_to(weight * jnp.log(2 * jnp.pi * noise_var), (num_points,)))
     wy = w * y
-    P, r = _weighted_gram(K_zx, w, wy)
+    rows = block_rows(num_points, L.shape[0])
+    if rows is None:
+        P, r = _weighted_gram(K_zx, w, wy)
+    else:
+        P, r = _blocked_weighted_gram(conditional, w, wy, rows)
     b = solve_triangular(L, r, lower=True)
     T = solve_triangular(L, solve_triangular(L, P, lower=True).T, lower=True)
     q_cov = jnp.outer(loc, loc) + scale_tril @ scale_tril.T
@@ -167,6 +279,68 @@ def gaussian_expected_log_likelihood(
     residual_variance = jnp.maximum(jnp.sum(w * conditional.prior_variance) - jnp.trace(T), 0.0)
     quadratic = jnp.sum(wy * y) + residual_variance - 2.0 * (loc @ b) + jnp.sum(T * q_cov)
     return -0.5 * (log_norm + quadratic)
+
+
+def blocked_gaussian_expected_log_likelihood(
+    conditional: Conditional,
+    loc: Float[Array, " M"],
+    scale_tril: Float[Array, "M M"],
+    y: Float[Array, " N"],
+    noise_var: Float[Array, "*N"],
+    weight: Float[Array, "*N"] | None,
+    rows: int,
+) -> Float[Array, ""]:
+    r"""The per-point Gaussian data term :math:`\sum_n c_n \mathbb E_{q(f_n)}[\log
+    \mathcal N(y_n \mid f_n, \sigma^2_n)]`, summed over blocks of ``rows`` data points.
+
+    The same sum as :func:`expected_log_likelihood` of :func:`predictive_moments`,
+    with :math:`K_{xz}` and :math:`A = K_{xz} L^{-\top}` recomputed per block from the
+    conditional's kernel and inputs, so that no ``(N, M)`` array is ever held (see
+    :mod:`numpyro_svgp._blocks`). :math:`L^{-1}` is formed once, and each block's
+    :math:`A` is a matrix product with it, as :func:`~numpyro_svgp.whitened_conditional`
+    does for ``N >= M``.
+
+    :param conditional: the output of :func:`~numpyro_svgp.whitened_conditional`.
+    :param loc: :math:`m`, shape ``(M,)``.
+    :param scale_tril: :math:`S`, shape ``(M, M)``.
+    :param y: observations, shape ``(N,)``.
+    :param noise_var: :math:`\sigma^2`, a scalar or shape ``(N,)``.
+    :param weight: :math:`c_n`, ``None`` (1), a scalar or shape ``(N,)``.
+    :param rows: data points per block (:func:`~numpyro_svgp._blocks.block_rows`).
+    """
+    L = conditional.cholesky
+    num_inducing = L.shape[0]
+    L_inv = jax.lax.linalg.triangular_solve(
+        L, jnp.eye(num_inducing, dtype=L.dtype), left_side=True, lower=True
+    )
+    shared = {
+        "kernel": conditional.kernel,
+        "inducing": conditional.inducing,
+        "projector": L_inv.T,
+        "loc": loc,
+        "scale_tril": scale_tril,
+    }
+    per_row = {"X": conditional.inputs, "y": y}
+    for name, value in (("noise_var", noise_var), ("weight", weight)):
+        if value is None:
+            continue
+        if jnp.ndim(value) == 0:
+            shared[name] = value
+        else:
+            per_row[name] = value
+    return sum_over_blocks(_gaussian_block, shared, per_row, rows)
+
+
+def _gaussian_block(shared, per_row) -> jax.Array:
+    X = per_row["X"]
+    A = cross_covariance(shared["kernel"], shared["inducing"], X) @ shared["projector"]
+    # as in whitened_conditional and predictive_moments, clamped per point
+    variance = jnp.maximum(shared["kernel"].diag(X) - jnp.sum(jnp.square(A), axis=1), 0.0)
+    variance = variance + jnp.sum(jnp.square(A @ shared["scale_tril"]), axis=1)
+    noise_var = per_row["noise_var"] if "noise_var" in per_row else shared["noise_var"]
+    ell = expected_log_likelihood(per_row["y"], A @ shared["loc"], variance, noise_var)
+    weight = per_row.get("weight", shared.get("weight"))
+    return jnp.sum(ell if weight is None else weight * ell)
 
 
 def _site_log_prob(site) -> jax.Array:
@@ -281,6 +455,20 @@ def elbo_terms(model_trace, guide_trace) -> jax.Array:
         ):
             elbo = elbo + gaussian_expected_log_likelihood(
                 conditional, q.loc, q.scale_tril, y, noise_var, weight
+            )
+            continue
+        rows = block_rows(num_points, num_inducing)
+        if (
+            rows is not None
+            and jnp.shape(y) == (num_points,)
+            and jnp.ndim(noise_var) in (0, 1)
+            and jnp.ndim(weight if weight is not None else 1.0) in (0, 1)
+        ):
+            noise_var = jnp.broadcast_to(noise_var, (num_points,)) if jnp.ndim(noise_var) else noise_var
+            if weight is not None and jnp.ndim(weight):
+                weight = jnp.broadcast_to(weight, (num_points,))
+            elbo = elbo + blocked_gaussian_expected_log_likelihood(
+                conditional, q.loc, q.scale_tril, y, noise_var, weight, rows
             )
             continue
         mean, var = predictive_moments(conditional, q.loc, q.scale_tril)

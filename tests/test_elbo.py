@@ -84,8 +84,20 @@ def _random_q(M, seed):
     return m, S
 
 
-@pytest.mark.parametrize("num_inducing", [7, 30])  # N = 50: matrix-product and per-point forms
-def test_svgp_elbo_equals_dense_unwhitened_hensman_elbo(num_inducing):
+# N = 50: the matrix-product form (M = 7) and the per-point form (M = 30), taken whole
+# or forced into blocks of rows (numpyro_svgp._blocks): 10 blocks of 5, or 12 of 4 and
+# a remainder of 2
+FORMS = [(7, None), (7, 4), (30, None), (30, 5), (30, 4)]
+
+
+def _force_blocks(monkeypatch, rows):
+    if rows is not None:
+        monkeypatch.setattr(ns._elbo, "block_rows", lambda num_points, num_inducing: rows)
+
+
+@pytest.mark.parametrize("num_inducing,rows", FORMS)
+def test_svgp_elbo_equals_dense_unwhitened_hensman_elbo(num_inducing, rows, monkeypatch):
+    _force_blocks(monkeypatch, rows)
     X, y = toy_data(50, seed=3)
     Z = np.random.default_rng(1).uniform(-3, 3, size=(num_inducing, 1))
     jitter = 1e-6
@@ -104,9 +116,10 @@ def test_svgp_elbo_equals_dense_unwhitened_hensman_elbo(num_inducing):
     assert _elbo(_with_q(params, m, S), model, guide, X, y, key=7) == got
 
 
-@pytest.mark.parametrize("num_inducing", [7, 30])
-def test_heteroscedastic_weighted_likelihood_matches_dense_reference(num_inducing):
+@pytest.mark.parametrize("num_inducing,rows", FORMS)
+def test_heteroscedastic_weighted_likelihood_matches_dense_reference(num_inducing, rows, monkeypatch):
     """Per-point noise and a likelihood scale (as a mini-batch has) in both forms."""
+    _force_blocks(monkeypatch, rows)
     X, y = toy_data(50, seed=5)
     rng = np.random.default_rng(6)
     Z = rng.uniform(-3, 3, size=(num_inducing, 1))
@@ -203,11 +216,14 @@ def _reference_elbo(theta, X, y, weight, jitter):
     return weight * np.sum(ell) - kl
 
 
-@pytest.mark.parametrize("num_inducing", [7, 30])  # N = 50: matrix-product and per-point forms
+@pytest.mark.parametrize("num_inducing,rows", FORMS[:3] + FORMS[4:])
 @pytest.mark.parametrize("per_point_noise", [False, True])
-def test_gradients_equal_finite_differences_of_dense_reference(num_inducing, per_point_noise):
+def test_gradients_equal_finite_differences_of_dense_reference(
+    num_inducing, rows, per_point_noise, monkeypatch
+):
     """Every derivative the optimiser sees (variance, ARD lengthscales, Z, noise,
     m, S) against central differences of the NumPy reference ELBO."""
+    _force_blocks(monkeypatch, rows)
     rng = np.random.default_rng(8)
     # jitter 1e-4 keeps K_zz well enough conditioned for central differences of the
     # reference to be accurate to ~1e-8 of the largest derivative
