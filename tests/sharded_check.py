@@ -73,13 +73,30 @@ def loss_and_grads(model, X, y):
     return value, grads, after, hlo
 
 
+BLOCK_ROWS = 20  # the forced blocks: 20 blocks of 20 rows, 5 rows of each per device
+
+CASES = (
+    # name, model, y, rows per block (None: as chosen), matrix-product form allowed
+    ("gaussian", gaussian, Y_REAL, None, True),
+    ("bernoulli", bernoulli, Y_BIN, None, True),
+    ("gaussian_blocked", gaussian, Y_REAL, BLOCK_ROWS, True),
+    ("gaussian_blocked_per_point", gaussian, Y_REAL, BLOCK_ROWS, False),
+)
+
+
 def main():
     out = {"devices": len(jax.devices()), "x64": bool(jax.config.jax_enable_x64)}
-    for name, model, y in (("gaussian", gaussian, Y_REAL), ("bernoulli", bernoulli, Y_BIN)):
+    elbo = ns._elbo
+    chosen_rows, use_matrix_form = elbo.block_rows, elbo.use_matrix_form
+    for name, model, y, rows, matrix_form in CASES:
+        # N = 400 is one block by default: force blocks to see that they stay split
+        elbo.block_rows = chosen_rows if rows is None else (lambda num_points, num_inducing: rows)
+        elbo.use_matrix_form = use_matrix_form if matrix_form else (lambda *args: False)
         X, yy = jnp.asarray(X0), jnp.asarray(y)
         single = loss_and_grads(model, X, yy)
         Xs, ys = ns.shard_data(X0, y)
         sharded = loss_and_grads(model, Xs, ys)
+        per_device = N // len(jax.devices()) if rows is None else rows // len(jax.devices())
         flat = lambda tree: np.concatenate([np.ravel(np.asarray(v)) for v in jax.tree.leaves(tree)])  # noqa: E731
         out[name] = {
             "loss": [float(single[0]), float(sharded[0])],
@@ -88,10 +105,10 @@ def main():
             "step_max_abs_diff": float(np.max(np.abs(flat(single[2]) - flat(sharded[2])))),
             "input_sharding": str(Xs.sharding.spec),
             "all_reduce": "all-reduce" in sharded[3],
-            # K_xz (per-point form) or K_zx (matrix-product form) in blocks of N/4 points
+            # K_xz (per-point form) or K_zx (matrix-product form) in blocks of N/4 points,
+            # or of a quarter of each forced block
             "per_device_rows": any(
-                block in sharded[3]
-                for block in (f"[{N // len(jax.devices())},{M}]", f"[{M},{N // len(jax.devices())}]")
+                block in sharded[3] for block in (f"[{per_device},{M}]", f"[{M},{per_device}]")
             ),
             "full_rows_anywhere": re.search(rf"[\[,]{N}[,\]]", sharded[3]) is not None,
         }

@@ -25,7 +25,9 @@ def report():
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("likelihood", ["gaussian", "bernoulli"])
+@pytest.mark.parametrize(
+    "likelihood", ["gaussian", "bernoulli", "gaussian_blocked", "gaussian_blocked_per_point"]
+)
 def test_sharded_loss_gradients_and_step_equal_single_device(report, likelihood):
     assert report["devices"] == 4 and report["x64"]
     r = report[likelihood]
@@ -37,7 +39,9 @@ def test_sharded_loss_gradients_and_step_equal_single_device(report, likelihood)
     assert r["input_sharding"] == "P('data',)"
 
 
-@pytest.mark.parametrize("likelihood", ["gaussian", "bernoulli"])
+@pytest.mark.parametrize(
+    "likelihood", ["gaussian", "bernoulli", "gaussian_blocked", "gaussian_blocked_per_point"]
+)
 def test_data_term_is_split_along_n(report, likelihood):
     r = report[likelihood]
     assert r["per_device_rows"]  # K_xz or K_zx in blocks of N/4 points
