@@ -25,6 +25,10 @@ ratio is the cost of the NumPyro layer and the input checks alone.
 Both sides take the form numpyro_svgp picks: the matrix-product form of the
 Gaussian term (``K_zx K_xz`` and ``K_zx y``) in float64 when N ≥ 2M, the per-point
 form otherwise (float32 always: see ``numpyro_svgp._elbo.use_matrix_form``).
+numpyro_svgp forms that term in blocks of rows (``numpyro_svgp._blocks``); the
+reference takes it whole, as a plain implementation does. The table counts the
+minor page faults per step of each: XLA:CPU allocates a step's temporaries afresh
+on every call, and whole ``(N, M)`` arrays come back from the kernel as fresh pages.
 numpyro_svgp's value checks (NaN/inf data, non-positive hyperparameters, a failed
 Cholesky) are ``equinox.error_if``: host callbacks, which make XLA:CPU run the step
 synchronously in the calling thread instead of dispatching it asynchronously.
@@ -38,6 +42,7 @@ a 2048² matrix product.
 import argparse
 import math
 import os
+import resource
 import statistics
 import sys
 import time
@@ -171,8 +176,9 @@ def time_interleaved(contenders, repeats, max_seconds, min_seconds=0.0):
     round was measured here to run up to 5% slower) fall on every contender alike.
     There are ``repeats`` rounds, or more where the steps are fast: enough for each
     contender to run ``min_seconds`` in all, so that millisecond steps get hundreds of
-    samples. Returns ``{name: [seconds, ...]}`` in round order, or ``None`` when a
-    warm-up step takes longer than ``max_seconds``.
+    samples. Returns ``{name: [seconds, ...]}`` in round order and
+    ``{name: [minor page faults, ...]}`` alike, or ``None`` when a warm-up step takes
+    longer than ``max_seconds``.
     """
     names, states, slowest = list(contenders), {}, 0.0
     for name, (step, state) in contenders.items():
@@ -185,16 +191,18 @@ def time_interleaved(contenders, repeats, max_seconds, min_seconds=0.0):
         if slowest > max_seconds:
             return None
         states[name] = state
-    times = {name: [] for name in names}
+    times, faults = {name: [] for name in names}, {name: [] for name in names}
     for round_ in range(max(repeats, math.ceil(min_seconds / slowest))):
         shift = round_ % len(names)
         for name in names[shift:] + names[:shift]:
             step = contenders[name][0]
+            faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             start = time.perf_counter()
             states[name], loss = step(states[name])
             jax.block_until_ready(loss)
             times[name].append(time.perf_counter() - start)
-    return times
+            faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before)
+    return times, faults
 
 
 def gemm_gflops(dtype, size=2048, repeats=9):
@@ -226,8 +234,9 @@ def main(argv=None):
     print(f"jax {jax.__version__}, {jax.devices()[0].platform}, {os.cpu_count()} cores, "
           f"EQX_ON_ERROR={on_error}")
     print("| dtype | N | M | numpyro_svgp ms | plain JAX ms | ratio | paired ratios, quartiles "
-          "| plain JAX + library derivative ms | ratio | nominal GFLOP/s | GEMM peak GFLOP/s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| plain JAX + library derivative ms | ratio | nominal GFLOP/s | GEMM peak GFLOP/s "
+          "| page faults per step, numpyro_svgp / plain |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for dtype_name in args.dtype:
         dtype = jnp.dtype(dtype_name)
         peak = gemm_gflops(dtype)
@@ -236,16 +245,17 @@ def main(argv=None):
                 cell = f"| {dtype_name} | {n} | {m} |"
                 if nominal_flops(n, m, dtype) / (0.25 * peak * 1e9) > args.max_seconds:
                     print(f"{cell} skipped (predicted > {args.max_seconds} s/step at 25% of the "
-                          "GEMM rate) | | | | | | | |")
+                          "GEMM rate) | | | | | | | | |")
                     continue
                 X, y, Z = data(n, m, dtype)
                 contenders = {"ours": numpyro_step(X, y, Z), "plain": plain_step(X, y, Z)}
                 if ns._elbo.use_matrix_form(n, m, dtype):
                     contenders["plain_vjp"] = plain_step(X, y, Z, gram_vjp=True)
-                times = time_interleaved(contenders, args.repeats, args.max_seconds, args.min_seconds)
-                if times is None:
-                    print(f"{cell} skipped (> {args.max_seconds} s/step) | | | | | | | |")
+                timed = time_interleaved(contenders, args.repeats, args.max_seconds, args.min_seconds)
+                if timed is None:
+                    print(f"{cell} skipped (> {args.max_seconds} s/step) | | | | | | | | |")
                     continue
+                times, faults = timed
                 ours, plain = (statistics.median(times[k]) for k in ("ours", "plain"))
                 paired = np.quantile(np.divide(times["ours"], times["plain"]), [0.25, 0.75])
                 if "plain_vjp" in times:
@@ -254,8 +264,10 @@ def main(argv=None):
                 else:
                     vjp_cells = "(same program) | "
                 gflops = nominal_flops(n, m, dtype) / ours / 1e9
+                page_faults = " / ".join(f"{statistics.median(faults[k]):.0f}" for k in ("ours", "plain"))
                 print(f"{cell} {1e3 * ours:.1f} | {1e3 * plain:.1f} | {ours / plain:.2f} | "
-                      f"{paired[0]:.2f}–{paired[1]:.2f} | {vjp_cells} | {gflops:.1f} | {peak:.1f} |")
+                      f"{paired[0]:.2f}–{paired[1]:.2f} | {vjp_cells} | {gflops:.1f} | {peak:.1f} | "
+                      f"{page_faults} |")
                 sys.stdout.flush()
 
 

@@ -7,8 +7,10 @@ Cholesky factor and :math:`q(v)` are :math:`M \times M`. Placing the data arrays
 a one-axis :class:`~jax.sharding.Mesh` split along ``N`` (and the params replicated,
 as :func:`jax.device_put` leaves them) is all it takes: under ``jit``, XLA's SPMD
 partitioner propagates the split through every O(N M²) operation and inserts one
-all-reduce where a sum over ``N`` meets the replicated O(M³) part. No code of the
-model, guide or ELBO changes::
+all-reduce where a sum over ``N`` meets the replicated O(M³) part. The ELBO's blocks
+of rows (:mod:`numpyro_svgp._blocks`) interleave the data (block ``j`` holds rows
+``j, j + n_b, …``), so every block is split over the devices as the data are. No code
+of the model, guide or ELBO changes::
 
     X, y = ns.shard_data(X, y)              # over all local devices
     svi = SVI(model, ns.AutoSVGP(model), optax.adam(1e-2), ns.SVGP_ELBO())
