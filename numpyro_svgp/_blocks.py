@@ -38,13 +38,15 @@ MIN_BLOCK_ROWS = 256
 
 def block_rows(num_points: int, num_inducing: int) -> int | None:
     """Rows per block for ``num_points`` rows against ``num_inducing`` inducing
-    points, or ``None`` when the data are better taken whole (fewer than two blocks).
+    points, or ``None`` when the data are better taken whole: fewer than two blocks, or
+    fewer than 4 M rows, where the O(M³) work dominates the step and the blocks' loop
+    only adds to it (measured: N = 1024, M = 512 took 5% longer in blocks, in float32).
 
     A divisor of ``num_points`` between half the target and the target is preferred:
     then there is no remainder block, and an evenly sharded ``N`` stays even.
     """
     target = max(MIN_BLOCK_ROWS, BLOCK_ENTRIES // max(num_inducing, 1))
-    if num_points < 2 * target:
+    if num_points < max(2 * target, 4 * num_inducing):
         return None
     for rows in range(target, target // 2, -1):
         if num_points % rows == 0:

@@ -17,7 +17,9 @@ def test_block_rows_prefers_an_exact_divisor_and_takes_small_data_whole():
     assert 100_000 % block_rows(100_000, 64) == 0
     assert block_rows(2 * target - 1, 64) is None  # fewer than two blocks: whole
     assert block_rows(2 * 4099, 64) == target  # 8198 = 2 * 4099 has no divisor in range
-    assert block_rows(10_000, 4096) == 250  # at least MIN_BLOCK_ROWS (256) as the target
+    assert block_rows(10_000, 2048) == 250  # at least MIN_BLOCK_ROWS (256) as the target
+    assert block_rows(1024, 512) is None  # N < 4 M: the O(M^3) part dominates
+    assert block_rows(4096, 512) == 512
 
 
 def _term(shared, rows):
