@@ -6,8 +6,8 @@ these ``(N, M)`` arrays and their cotangents make up nearly all of a step's memo
 CPU the memory also costs time: XLA:CPU allocates a program's temporaries afresh on
 every call, and an allocation beyond glibc's mmap threshold (32 MiB at most) comes
 back from the kernel as fresh pages, zeroed on first touch. That was 47,000 page
-faults and 95 ms of system time per step at N = 10⁵, M = 64 in float32, about as much
-as the arithmetic (``benchmarks/step_time.py``).
+faults and 95 ms of system time per step at N = 10⁵, M = 64 in float32, against 130 ms
+of user time (``benchmarks/step_time.py`` counts the faults).
 
 :func:`sum_over_blocks` evaluates :math:`\sum_b g(\theta, \text{rows}_b)` as a
 ``lax.scan`` over blocks of about :data:`BLOCK_ENTRIES` ``(row, inducing point)``
@@ -27,7 +27,15 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import CustomVJPPrimal
 
-__all__ = ["BLOCK_ENTRIES", "MIN_BLOCK_ROWS", "block_rows", "from_blocks", "split_rows", "sum_over_blocks"]
+__all__ = [
+    "BLOCK_ENTRIES",
+    "MIN_BLOCK_ROWS",
+    "block_rows",
+    "from_blocks",
+    "is_primal",
+    "split_rows",
+    "sum_over_blocks",
+]
 
 BLOCK_ENTRIES = 2**18
 """Target rows × inducing points per block: (block, M) arrays of 1–2 MiB."""
@@ -110,8 +118,8 @@ def sum_over_blocks(fn, shared, per_row, rows: int) -> jax.Array:
     summed = jax.custom_vjp(total)
 
     def forward(primals):
-        values = jax.tree.map(lambda p: p.value, primals, is_leaf=_is_primal)
-        perturbed = jax.tree.map(lambda p: p.perturbed, primals, is_leaf=_is_primal)
+        values = jax.tree.map(lambda p: p.value, primals, is_leaf=is_primal)
+        perturbed = jax.tree.map(lambda p: p.perturbed, primals, is_leaf=is_primal)
         # differentiate only what the caller differentiates (not the data, usually)
         diff_shared, fixed_shared = eqx.partition(values[0], perturbed[0])
         diff_rows, fixed_rows = eqx.partition(values[1], perturbed[1])
@@ -159,5 +167,6 @@ def _value_dtype(call, shared, blocks):
     return jax.eval_shape(call, shared, block).dtype
 
 
-def _is_primal(x) -> bool:
+def is_primal(x) -> bool:
+    """Whether ``x`` is a leaf that a ``symbolic_zeros`` custom-VJP forward rule receives."""
     return isinstance(x, CustomVJPPrimal)

@@ -26,7 +26,7 @@ from numpyro.handlers import replay, seed, substitute, trace
 from numpyro.infer.elbo import ELBO
 from numpyro.util import check_model_guide_match
 
-from numpyro_svgp._blocks import block_rows, from_blocks, split_rows, sum_over_blocks
+from numpyro_svgp._blocks import block_rows, from_blocks, is_primal, split_rows, sum_over_blocks
 from numpyro_svgp._checks import check_observed_site
 from numpyro_svgp._conditional import (
     Conditional,
@@ -162,7 +162,7 @@ def _blocked_weighted_gram(
 
     def forward(dynamic, X, w, u):
         X_value = X.value
-        values = jax.tree.map(lambda p: p.value, (dynamic, w, u), is_leaf=_is_primal)
+        values = jax.tree.map(lambda p: p.value, (dynamic, w, u), is_leaf=is_primal)
         dynamic, w, u = values
         P, r = gram(dynamic, X_value, w, u)
         # the structure of the residuals says whether X needs a gradient
@@ -207,10 +207,6 @@ def _blocked_weighted_gram(
 
     weighted_gram.defvjp(forward, backward, symbolic_zeros=True)
     return weighted_gram(dynamic, X, w, u)
-
-
-def _is_primal(x) -> bool:
-    return isinstance(x, jax.custom_derivatives.CustomVJPPrimal)
 
 
 def _is_zero(x) -> bool:
