@@ -148,7 +148,7 @@ def _blocked_weighted_gram(
             return (K * b["w"] if per_point else K) @ K.T, K @ b["u"]
 
         blocks, rest = split_rows(per_row(X, w, u), num_points, rows)
-        num_inducing = jax.eval_shape(cross, dynamic, X[:1]).shape[0]
+        num_inducing = conditional.cholesky.shape[0]
         init = (jnp.zeros((num_inducing, num_inducing), u.dtype), jnp.zeros(num_inducing, u.dtype))
         (P, r), _ = jax.lax.scan(lambda acc, b: (jax.tree.map(jnp.add, acc, block(b)), None), init, blocks)
         if rest is not None:
