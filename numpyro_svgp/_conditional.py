@@ -234,6 +234,21 @@ def _checked_jitter(jitter, dtype) -> float:
     return jitter
 
 
+def lower_inverse(L: Float[Array, "M M"]) -> Float[Array, "M M"]:
+    r"""The explicit :math:`L^{-1}` of a lower-triangular :math:`L` (O(M³), once per step)."""
+    return lax.linalg.triangular_solve(
+        L, jnp.eye(L.shape[0], dtype=L.dtype), left_side=True, lower=True
+    )
+
+
+def residual_variance(
+    prior_variance: Float[Array, " N"], A: Float[Array, "N M"]
+) -> Float[Array, " N"]:
+    r""":math:`\operatorname{diag}(K_{xx} - A A^\top)`, clamped at 0 per point: round-off can
+    leave tiny negative values where :math:`f` is pinned by :math:`Z` (e.g. :math:`Z = X`)."""
+    return jnp.maximum(prior_variance - jnp.sum(jnp.square(A), axis=1), 0.0)
+
+
 def _right_solve_transposed(L: Float[Array, "M M"], K: Float[Array, "N M"]) -> Float[Array, "N M"]:
     r""":math:`K L^{-\top}` for lower-triangular :math:`L`.
 
@@ -246,10 +261,7 @@ def _right_solve_transposed(L: Float[Array, "M M"], K: Float[Array, "N M"]) -> F
     """
     num_points, num_inducing = K.shape
     if num_points >= num_inducing:
-        L_inv = lax.linalg.triangular_solve(
-            L, jnp.eye(num_inducing, dtype=L.dtype), left_side=True, lower=True
-        )
-        return K @ L_inv.T
+        return K @ lower_inverse(L).T
     return lax.linalg.triangular_solve(L, K, left_side=False, lower=True, transpose_a=True)
 
 
@@ -306,8 +318,7 @@ def whitened_conditional(
         K_zx = cross_covariance_zx(kernel, Z, X)
     A = _right_solve_transposed(L, K_xz)
     prior_variance = kernel.diag(X)
-    # Round-off can leave tiny negative values where f is pinned by Z (e.g. Z = X).
-    variance = jnp.maximum(prior_variance - jnp.sum(jnp.square(A), axis=1), 0.0)
+    variance = residual_variance(prior_variance, A)
     return Conditional(A, variance, jitter_used, L, K_xz, prior_variance, K_zx, kernel, X, Z)
 
 

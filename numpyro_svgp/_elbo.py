@@ -32,7 +32,9 @@ from numpyro_svgp._conditional import (
     Conditional,
     cross_covariance,
     cross_covariance_zx,
+    lower_inverse,
     predictive_moments,
+    residual_variance,
 )
 from numpyro_svgp._svgp import svgp_site
 
@@ -304,15 +306,10 @@ def blocked_gaussian_expected_log_likelihood(
     :param weight: :math:`c_n`, ``None`` (1), a scalar or shape ``(N,)``.
     :param rows: data points per block (:func:`~numpyro_svgp._blocks.block_rows`).
     """
-    L = conditional.cholesky
-    num_inducing = L.shape[0]
-    L_inv = jax.lax.linalg.triangular_solve(
-        L, jnp.eye(num_inducing, dtype=L.dtype), left_side=True, lower=True
-    )
     shared = {
         "kernel": conditional.kernel,
         "inducing": conditional.inducing,
-        "projector": L_inv.T,
+        "projector": lower_inverse(conditional.cholesky).T,
         "loc": loc,
         "scale_tril": scale_tril,
     }
@@ -330,8 +327,8 @@ def blocked_gaussian_expected_log_likelihood(
 def _gaussian_block(shared, per_row) -> jax.Array:
     X = per_row["X"]
     A = cross_covariance(shared["kernel"], shared["inducing"], X) @ shared["projector"]
-    # as in whitened_conditional and predictive_moments, clamped per point
-    variance = jnp.maximum(shared["kernel"].diag(X) - jnp.sum(jnp.square(A), axis=1), 0.0)
+    # the marginal variance of predictive_moments
+    variance = residual_variance(shared["kernel"].diag(X), A)
     variance = variance + jnp.sum(jnp.square(A @ shared["scale_tril"]), axis=1)
     noise_var = per_row["noise_var"] if "noise_var" in per_row else shared["noise_var"]
     ell = expected_log_likelihood(per_row["y"], A @ shared["loc"], variance, noise_var)
