@@ -18,13 +18,13 @@ is skipped when its nominal flops at 25% of the GEMM rate predict more than
 
 The plain-JAX reference lets JAX derive the gradient. In the matrix-product form
 numpyro_svgp differentiates ``K_zx K_xz`` by hand (one O(N M²) product where JAX's
-derivative takes two, see ``numpyro_svgp._elbo._weighted_gram``); a second
+derivative takes two, see ``numpyro_svgp._gaussian._weighted_gram``); a second
 reference, "plain JAX + library derivative", uses that derivative too, so that its
 ratio is the cost of the NumPyro layer and the input checks alone.
 
 Both sides take the form numpyro_svgp picks: the matrix-product form of the
 Gaussian term (``K_zx K_xz`` and ``K_zx y``) in float64 when N ≥ 2M, the per-point
-form otherwise (float32 always: see ``numpyro_svgp._elbo.use_matrix_form``).
+form otherwise (float32 always: see ``numpyro_svgp._gaussian.use_matrix_form``).
 numpyro_svgp forms that term in blocks of rows (``numpyro_svgp._blocks``); the
 reference takes it whole, as a plain implementation does. The table counts the
 minor page faults per step of each: XLA:CPU allocates a step's temporaries afresh
@@ -59,7 +59,7 @@ from numpyro.infer import SVI
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpyro_svgp as ns  # noqa: E402
-from numpyro_svgp._elbo import _weighted_gram as weighted_gram  # noqa: E402
+from numpyro_svgp._gaussian import _weighted_gram as weighted_gram  # noqa: E402
 
 D = 8
 
@@ -103,7 +103,7 @@ def plain_step(X, y, Z, gram_vjp=False):
     layer and the checks alone."""
     dtype, (N, M) = X.dtype, (X.shape[0], Z.shape[0])
     jitter = 1e-6 if dtype == jnp.float64 else 1e-4
-    matrix_form = ns._elbo.use_matrix_form(N, M, dtype)
+    matrix_form = ns._gaussian.use_matrix_form(N, M, dtype)
 
     def rbf_diff(a, b, var, ls):
         a, b = a / ls, b / ls
@@ -164,7 +164,7 @@ def nominal_flops(n, m, dtype):
     """Leading-order flops of one step: K_zx K_xz and its gradient (4 N M²) in the
     matrix-product form; A = K_xz L^{-T}, A S and their gradients (8 N M²) in the
     per-point form."""
-    return (4 if ns._elbo.use_matrix_form(n, m, dtype) else 8) * n * m**2
+    return (4 if ns._gaussian.use_matrix_form(n, m, dtype) else 8) * n * m**2
 
 
 def time_interleaved(contenders, repeats, max_seconds, min_seconds=0.0):
@@ -249,7 +249,7 @@ def main(argv=None):
                     continue
                 X, y, Z = data(n, m, dtype)
                 contenders = {"ours": numpyro_step(X, y, Z), "plain": plain_step(X, y, Z)}
-                if ns._elbo.use_matrix_form(n, m, dtype):
+                if ns._gaussian.use_matrix_form(n, m, dtype):
                     contenders["plain_vjp"] = plain_step(X, y, Z, gram_vjp=True)
                 timed = time_interleaved(contenders, args.repeats, args.max_seconds, args.min_seconds)
                 if timed is None:

@@ -95,8 +95,8 @@ def fit_and_score(X, y, X_test, y_test, *, seed, steps, decay, num_inducing, bat
             [optax.constant_schedule(value),
              optax.cosine_decay_schedule(value, steps - constant, alpha=0.01)], [constant])
 
-    optimizer = ns.natural_gradient(optax.adam(schedule(1e-2)), schedule(0.1))
     guide = ns.AutoSVGP(model)
+    optimizer = ns.natural_gradient(optax.adam(schedule(1e-2)), schedule(0.1), guide=guide)
     svi = SVI(model, guide, optimizer, ns.SVGP_ELBO())
     batch_size = min(batch, num_data)
     num_epochs = -(-steps // (num_data // batch_size))  # shuffled epochs, about `steps` steps

@@ -11,25 +11,30 @@ from numpyro_svgp._arviz import to_inference_data
 from numpyro_svgp._checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from numpyro_svgp._collapsed import exact_log_marginal_likelihood, titsias_bound
 from numpyro_svgp._conditional import (
-    MAX_JITTER_ESCALATIONS,
     Conditional,
-    cholesky_with_jitter,
-    default_jitter,
-    jittered_cholesky,
+    conditional_variance,
     predictive_moments,
+    projection,
     whitened_conditional,
 )
-from numpyro_svgp._diagnostics import svgp_diagnostics
+from numpyro_svgp._diagnostics import (
+    format_integration_report,
+    integration_report,
+    svgp_diagnostics,
+)
+from numpyro_svgp._elbo import SVGP_ELBO, kl
 from numpyro_svgp._features import (
     FeatureInducingPoints,
     InducingFeatures,
+    InducingPoints,
     SphericalHarmonicFeatures,
 )
-from numpyro_svgp._elbo import (
-    SVGP_ELBO,
-    expected_log_likelihood,
-    gaussian_expected_log_likelihood,
-    kl,
+from numpyro_svgp._gaussian import expected_log_likelihood, gaussian_expected_log_likelihood
+from numpyro_svgp._linalg import (
+    MAX_JITTER_ESCALATIONS,
+    cholesky_with_jitter,
+    default_jitter,
+    jittered_cholesky,
 )
 from numpyro_svgp._guide import AutoSVGP
 from numpyro_svgp._inducing import greedy_variance_inducing, kmeans_inducing
@@ -48,19 +53,23 @@ __all__ = [
     "EpochsResult",
     "FeatureInducingPoints",
     "InducingFeatures",
+    "InducingPoints",
     "Conditional",
     "SVGP_ELBO",
     "SphericalHarmonicFeatures",
     "TrainResult",
     "TrainingStopped",
     "cholesky_with_jitter",
+    "conditional_variance",
     "data_sharding",
     "default_jitter",
     "exact_log_marginal_likelihood",
+    "format_integration_report",
     "expected_log_likelihood",
     "gaussian_expected_log_likelihood",
     "greedy_variance_inducing",
     "held_out_log_likelihood",
+    "integration_report",
     "jittered_cholesky",
     "kernels",
     "kmeans_inducing",
@@ -69,6 +78,7 @@ __all__ = [
     "natural_gradient",
     "predict_f",
     "predictive_moments",
+    "projection",
     "save_checkpoint",
     "shard_data",
     "svgp",

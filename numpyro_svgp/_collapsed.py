@@ -20,7 +20,8 @@ from jax.scipy.linalg import cho_solve, solve_triangular
 from jaxtyping import Array, Float
 
 from numpyro_svgp._checks import as_float_array, check_finite, check_positive
-from numpyro_svgp._conditional import jittered_cholesky, whitened_conditional
+from numpyro_svgp._conditional import conditional_variance, projection, whitened_conditional
+from numpyro_svgp._linalg import jittered_cholesky
 from numpyro_svgp.kernels import Kernel
 
 __all__ = ["titsias_bound", "exact_log_marginal_likelihood"]
@@ -54,7 +55,9 @@ def titsias_bound(
     :param noise_var: :math:`\sigma^2 > 0`.
     :param jitter: added to :math:`K_{zz}`, as in :func:`~numpyro_svgp.svgp`.
     """
-    A, cond_var = whitened_conditional(kernel, X, Z, jitter=jitter)[:2]
+    conditional = whitened_conditional(kernel, X, Z, jitter=jitter)
+    A = projection(conditional)
+    cond_var = conditional_variance(conditional, A)
     y = _targets(y, A.shape[0])
     noise_var = check_positive("noise_var", noise_var)
     num_points, num_inducing = A.shape

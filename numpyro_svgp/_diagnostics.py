@@ -1,8 +1,13 @@
-"""Diagnostics of the svgp sites of a fitted model: the jitter each one needed."""
+"""Diagnostics of a fitted model: the jitter each svgp site needed, and how the ELBO
+integrates each site."""
 
+import jax
+from numpyro.handlers import block
+
+from numpyro_svgp._elbo import SVGP_ELBO, guide_and_plan
 from numpyro_svgp._svgp import fitted_model_trace, svgp_site
 
-__all__ = ["svgp_diagnostics"]
+__all__ = ["format_integration_report", "integration_report", "svgp_diagnostics"]
 
 
 def svgp_diagnostics(model, guide, params, *args, rng_seed: int = 0, **kwargs) -> dict:
@@ -27,6 +32,52 @@ def svgp_diagnostics(model, guide, params, *args, rng_seed: int = 0, **kwargs) -
         if prior is not None:
             report[prior.output] = {
                 "jitter": float(prior.conditional.jitter),
-                "num_inducing": int(prior.conditional.projection.shape[-1]),
+                "num_inducing": int(prior.conditional.num_inducing),
             }
     return report
+
+
+def integration_report(model, guide, params, *args, elbo: SVGP_ELBO | None = None, **kwargs) -> dict:
+    r"""How :class:`~numpyro_svgp.SVGP_ELBO` integrates each site that depends on an svgp output.
+
+    Example::
+
+        report = ns.integration_report(model, guide, svi_result.params, X, y)
+        # {'y': {'integration': 'quadrature (20 points)', 'outputs': ('f',), 'reason': ''}}
+        print(ns.format_integration_report(report))
+
+    :param model: the NumPyro model.
+    :param guide: its guide (e.g. :class:`~numpyro_svgp.AutoSVGP`).
+    :param dict params: the SVI params (``svi_result.params``) or initial ones.
+    :param elbo: the :class:`~numpyro_svgp.SVGP_ELBO` whose options apply; default ``SVGP_ELBO()``.
+    :return: site name to ``{"integration": "closed form" | "quadrature (K points)" |
+        "quadrature (K x K points)" | "Monte Carlo", "outputs": (svgp output names,),
+        "reason": why Monte Carlo, else ""}``, for every sample site that depends on an
+        svgp output, in model order.
+    """
+    elbo = SVGP_ELBO() if elbo is None else elbo
+    with block():
+        _, plan = guide_and_plan(
+            model, guide, args, kwargs, params, jax.random.PRNGKey(0), elbo.options
+        )
+    return {
+        name: {"integration": i.describe(), "outputs": i.outputs, "reason": i.reason}
+        for name, i in plan.integrations.items()
+        if i.method != "exact"
+    }
+
+
+def format_integration_report(report: dict) -> str:
+    """:func:`integration_report` as a table, one line per site."""
+    if not report:
+        return "no site depends on an svgp output"
+    width = max(len(name) for name in report)
+    lines = []
+    for name, entry in report.items():
+        line = f"{name:<{width}}  {entry['integration']}"
+        if entry["outputs"]:
+            line += f"  (of {', '.join(entry['outputs'])})"
+        if entry["reason"]:
+            line += f": {entry['reason']}"
+        lines.append(line)
+    return "\n".join(lines)

@@ -1,15 +1,18 @@
-r"""Inducing *features*: inter-domain inducing variables accepted by ``svgp`` in place of ``Z``.
+r"""Inducing variables: what :func:`~numpyro_svgp.svgp` conditions on.
 
 An inducing point is one kind of inducing variable, :math:`u_m = f(z_m)`. Any linear
 functional of :math:`f` will do (Lázaro-Gredilla & Figueiras-Vidal 2009); all the SVGP
 needs from it is :math:`K_{uu}` (through its Cholesky factor) and :math:`K_{xu}`. An
-:class:`InducingFeatures` supplies exactly these two, and :func:`~numpyro_svgp.svgp`,
-:class:`~numpyro_svgp.AutoSVGP`, :class:`~numpyro_svgp.SVGP_ELBO` and
-:func:`~numpyro_svgp.predict_f` treat it as they treat ``Z``: one code path.
+:class:`InducingFeatures` supplies exactly these two, and everything above it (the
+conditional, the ELBO, the guide, prediction) has one code path for all of them:
 
-:class:`SphericalHarmonicFeatures` (Dutordoir, Durrande & Hensman 2020) projects
-:math:`f` onto the spherical harmonics :math:`Y_{n,j}` up to a maximum degree in the
-reproducing-kernel Hilbert space of a zonal kernel, so that
+- :class:`InducingPoints` (a raw ``(M, D)`` array ``Z`` passed to ``svgp`` becomes one),
+- :class:`FeatureInducingPoints`, points in the feature space of a warped kernel,
+- :class:`SphericalHarmonicFeatures` (Dutordoir, Durrande & Hensman 2020).
+
+:class:`SphericalHarmonicFeatures` projects :math:`f` onto the spherical harmonics
+:math:`Y_{n,j}` up to a maximum degree in the reproducing-kernel Hilbert space of a
+zonal kernel, so that
 
 .. math:: K_{uu} = \operatorname{diag}(\lambda_n^{-1}), \qquad [K_{xu}]_{:, (n,j)} = Y_{n,j}(\hat x),
 
@@ -24,19 +27,27 @@ expansion at the same degree makes :math:`Q_{xx} = K_{xx}`: the SVGP is then exa
 import abc
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
 from numpyro_svgp._checks import as_float_array, check_finite, check_matrix
 from numpyro_svgp._harmonics import fundamental_system, gegenbauer, num_harmonics
+from numpyro_svgp._linalg import cholesky_with_jitter
 from numpyro_svgp.kernels import Kernel, Warped, Zonal
 
-__all__ = ["FeatureInducingPoints", "InducingFeatures", "SphericalHarmonicFeatures"]
+__all__ = [
+    "FeatureInducingPoints",
+    "InducingFeatures",
+    "InducingPoints",
+    "SphericalHarmonicFeatures",
+    "as_inducing",
+]
 
 
 class InducingFeatures(eqx.Module):
-    """Abstract inducing features: what ``svgp`` needs instead of inducing inputs ``Z``."""
+    """Abstract inducing variables: :math:`K_{uu}` (factorised) and :math:`K_{xu}`."""
 
     @property
     @abc.abstractmethod
@@ -44,8 +55,13 @@ class InducingFeatures(eqx.Module):
         """:math:`M`, the number of inducing variables."""
 
     @abc.abstractmethod
-    def check_inputs(self, X: Float[Array, "N D"]) -> None:
-        """Raise (at trace time) if ``X`` does not fit these features."""
+    def check_inputs(self, kernel: Kernel, X: Float[Array, "N D"]) -> None:
+        """Raise (at trace time) if ``kernel`` or ``X`` does not fit these inducing variables."""
+
+    def dtype(self, X: Float[Array, "N D"]):
+        """The dtype the conditional is computed in (that of ``X`` unless the
+        inducing variables carry their own inputs)."""
+        return X.dtype
 
     @abc.abstractmethod
     def cholesky(
@@ -56,6 +72,64 @@ class InducingFeatures(eqx.Module):
     @abc.abstractmethod
     def cross_covariance(self, kernel: Kernel, X: Float[Array, "N D"]) -> Float[Array, "N M"]:
         r""":math:`K_{xu}`."""
+
+    def cross_covariance_ux(self, kernel: Kernel, X: Float[Array, "N D"]) -> Float[Array, "M N"]:
+        r""":math:`K_{ux}`, in the ``(M, N)`` layout that the matrix-product form of the
+        Gaussian data term multiplies (its products then need no ``(M, N)`` transpose)."""
+        return self.cross_covariance(kernel, X).T
+
+
+class InducingPoints(InducingFeatures):
+    r"""Inducing points :math:`u_m = f(z_m)` in the input space:
+    :math:`K_{uu} = k(Z, Z)`, :math:`K_{xu} = k(X, Z)`.
+
+    ``svgp`` accepts a raw ``(M, D)`` array for ``Z`` and wraps it in this class.
+
+    :param Z: inducing inputs, shape ``(M, D)``.
+    """
+
+    Z: Float[Array, "M D"]
+
+    def __init__(self, Z):
+        self.Z = _points("Z", Z)
+
+    @property
+    def num_features(self) -> int:
+        return self.Z.shape[0]
+
+    def check_inputs(self, kernel, X):
+        if X.shape[1] != self.Z.shape[1]:
+            raise ValueError(
+                f"X has {X.shape[1]} features but Z has {self.Z.shape[1]}: inducing inputs "
+                "must live in the same input space as the data."
+            )
+
+    def dtype(self, X):
+        return jnp.result_type(X, self.Z)
+
+    def cholesky(self, kernel, dtype, jitter, max_escalations):
+        Z = check_finite("Z", self.Z)
+        return cholesky_with_jitter(kernel(Z, Z), jitter, max_escalations=max_escalations)
+
+    def cross_covariance(self, kernel, X):
+        return kernel(X, self.Z)
+
+    def cross_covariance_ux(self, kernel, X):
+        return kernel(self.Z, X)
+
+
+def _points(name, Z) -> Float[Array, "M D"]:
+    Z = as_float_array(name, Z)
+    check_matrix(name, Z)
+    if Z.shape[0] == 0:
+        raise ValueError(f"{name} is empty: at least one inducing point is needed.")
+    return Z
+
+
+def as_inducing(Z) -> InducingFeatures:
+    """``Z`` as inducing variables: :class:`InducingFeatures` pass through, an array
+    becomes :class:`InducingPoints`."""
+    return Z if isinstance(Z, InducingFeatures) else InducingPoints(Z)
 
 
 class SphericalHarmonicFeatures(InducingFeatures):
@@ -111,7 +185,8 @@ class SphericalHarmonicFeatures(InducingFeatures):
             np.full(num_harmonics(self.dimension, n), n) for n in range(self.max_degree + 1)
         ])
 
-    def check_inputs(self, X):
+    def check_inputs(self, kernel, X):
+        self._zonal(kernel)
         if X.shape[1] != self.input_dim:
             raise ValueError(
                 f"X has {X.shape[1]} features but the SphericalHarmonicFeatures were built "
@@ -176,18 +251,23 @@ class FeatureInducingPoints(InducingFeatures):
     Z: Float[Array, "M F"]
 
     def __init__(self, Z):
-        Z = as_float_array("Z", Z)
-        check_matrix("Z", Z)
-        if Z.shape[0] == 0:
-            raise ValueError("Z is empty: at least one inducing point is needed.")
-        self.Z = Z
+        self.Z = _points("Z", Z)
 
     @property
     def num_features(self) -> int:
         return self.Z.shape[0]
 
-    def check_inputs(self, X):
-        pass  # D is the network's business; F is checked against Z below
+    def check_inputs(self, kernel, X):
+        # D is the network's business; the F it maps to must be Z's
+        num_features = jax.eval_shape(self._warped(kernel).features, X).shape[1]
+        self._check_features(num_features)
+
+    def _check_features(self, num_features):
+        if num_features != self.Z.shape[1]:
+            raise ValueError(
+                f"the warp maps inputs to {num_features} features but Z has {self.Z.shape[1]} "
+                "columns: feature-space inducing points need shape (M, F)."
+            )
 
     def _warped(self, kernel) -> Warped:
         if not isinstance(kernel, Warped):
@@ -198,8 +278,6 @@ class FeatureInducingPoints(InducingFeatures):
         return kernel
 
     def cholesky(self, kernel, dtype, jitter, max_escalations):
-        from numpyro_svgp._conditional import cholesky_with_jitter  # circular at import time
-
         base = self._warped(kernel).kernel
         Z = check_finite("Z", self.Z)
         return cholesky_with_jitter(base(Z, Z), jitter, max_escalations=max_escalations)
@@ -207,9 +285,5 @@ class FeatureInducingPoints(InducingFeatures):
     def cross_covariance(self, kernel, X):
         warped = self._warped(kernel)
         G = warped.features(X)
-        if G.shape[1] != self.Z.shape[1]:
-            raise ValueError(
-                f"the warp maps inputs to {G.shape[1]} features but Z has {self.Z.shape[1]} "
-                "columns: feature-space inducing points need shape (M, F)."
-            )
+        self._check_features(G.shape[1])
         return warped.kernel(G, self.Z)

@@ -12,12 +12,15 @@ reparametrisation slows the early shrinking of :math:`q(v)` so much that the ker
 variance is driven down to 0.31 before :math:`q` catches up (−ELBO −176.9 after 800
 Adam steps against −184.5 with the free diagonal). A diagonal entry may change sign;
 that leaves :math:`S S^\top` unchanged, and the guide hands numpyro the equivalent
-factor with positive diagonal, :math:`S\,\operatorname{diag}(\operatorname{sign} S_{ii})`. Every other continuous
-latent site gets a mean-field Normal in unconstrained space, as
-:class:`numpyro.infer.autoguide.AutoNormal` does. Sites are emitted in model order,
-which :class:`numpyro.infer.TraceMeanField_ELBO` relies on.
+factor with positive diagonal, :math:`S\,\operatorname{diag}(\operatorname{sign} S_{ii})`.
+
+``AutoSVGP`` is numpyro's :class:`~numpyro.infer.autoguide.AutoNormal` with the
+whitened sites taken out of its prototype and guided here: every other continuous
+latent site gets AutoNormal's mean-field Normal in unconstrained space, with its
+handling of plates and of local latent sites under subsampled plates.
 """
 
+from collections import OrderedDict
 from contextlib import ExitStack
 
 import jax
@@ -27,7 +30,7 @@ import numpyro.distributions as dist
 from numpyro.distributions import constraints
 from numpyro.distributions.transforms import biject_to
 from numpyro.handlers import block, seed, trace
-from numpyro.infer.autoguide import AutoGuide
+from numpyro.infer.autoguide import AutoNormal
 from numpyro.infer.initialization import init_to_median
 
 from numpyro_svgp._checks import check_observed_site
@@ -49,7 +52,7 @@ def whitened_scale_tril(raw: jax.Array) -> jax.Array:
     return tril * signs[..., None, :]
 
 
-class AutoSVGP(AutoGuide):
+class AutoSVGP(AutoNormal):
     r"""Automatic guide for models built with :func:`~numpyro_svgp.svgp`.
 
     Usage::
@@ -61,10 +64,10 @@ class AutoSVGP(AutoGuide):
 
     - ``{site}_{prefix}_loc`` (``(M,)``, init 0) and ``{site}_{prefix}_scale_tril``
       (``(M, M)``, init ``init_whitened_scale * I``; its lower triangle is
-      :math:`S`, see :func:`whitened_scale_tril`) for each whitened svgp site;
+      :math:`S`, see :func:`whitened_scale_tril`) for each whitened svgp site (with the
+      batch shape of any plate the site is in);
     - ``{site}_{prefix}_loc`` and ``{site}_{prefix}_scale`` for every other
-      continuous latent site (mean-field Normal in unconstrained space, as in
-      :class:`~numpyro.infer.autoguide.AutoNormal`).
+      continuous latent site, exactly as :class:`~numpyro.infer.autoguide.AutoNormal`.
 
     :param callable model: a NumPyro model.
     :param str prefix: prefix of the parameter names; default ``"auto"``.
@@ -78,8 +81,6 @@ class AutoSVGP(AutoGuide):
     **References**: Hensman, Matthews & Ghahramani (2015), *Scalable variational
     Gaussian process classification*.
     """
-
-    scale_constraint = constraints.softplus_positive
 
     def __init__(
         self,
@@ -96,12 +97,12 @@ class AutoSVGP(AutoGuide):
                 f"init_scale and init_whitened_scale must be positive, got "
                 f"{init_scale} and {init_whitened_scale}."
             )
-        self._init_scale = init_scale
         self._init_whitened_scale = init_whitened_scale
-        self._event_dims = {}
-        self._whitened_sites = frozenset()
+        self._whitened = OrderedDict()
+        self._plates_of_call = None
         super().__init__(
-            model, prefix=prefix, init_loc_fn=init_loc_fn, create_plates=create_plates
+            model, prefix=prefix, init_loc_fn=init_loc_fn, init_scale=init_scale,
+            create_plates=create_plates,
         )
 
     def _setup_prototype(self, *args, **kwargs):
@@ -120,85 +121,82 @@ class AutoSVGP(AutoGuide):
                     "discrete. Marginalise it out (numpyro's enumeration) or use another guide."
                 )
         super()._setup_prototype(*args, **kwargs)
-        whitened = []
-        for name, site in self._latent_sites():
+        whitened = OrderedDict()
+        for name, site in self.prototype_trace.items():
             prior = svgp_site(site)
             if prior is not None:
-                whitened.append(name)
                 # the dtype of the svgp's computation, not of the prototype's draw
                 # (numpyro draws MVN noise in the default float dtype, float64 under x64)
-                dtype = prior.conditional.projection.dtype
-                self._init_locs[name] = jnp.zeros(jnp.shape(site["value"]), dtype)
-                continue
-            self._event_dims[name] = (
-                site["fn"].event_dim + jnp.ndim(self._init_locs[name]) - jnp.ndim(site["value"])
-            )
-        self._whitened_sites = frozenset(whitened)
-
-    def _latent_sites(self):
-        for name, site in self.prototype_trace.items():
-            if site["type"] == "sample" and not site["is_observed"]:
-                yield name, site
+                whitened[name] = (site, jnp.zeros(jnp.shape(site["value"]), prior.conditional.dtype))
+                del self._init_locs[name], self._event_dims[name]
+        self._whitened = whitened
+        # AutoNormal guides what is left in the prototype (deterministic sites, such as
+        # the svgp outputs, are no guide's business: AutoGuideList refuses them)
+        self.prototype_trace = OrderedDict(
+            (name, site) for name, site in self.prototype_trace.items()
+            if name not in whitened and site["type"] != "deterministic"
+        )
 
     def _param_name(self, site_name, what):
         return f"{site_name}_{self.prefix}_{what}"
 
+    def whitened_param_names(self) -> list[tuple[str, str]]:
+        """The ``(loc, scale_tril)`` parameter names of each whitened site's :math:`q(v)`
+        (after the guide has seen the model)."""
+        self._check_setup()
+        return [(self._param_name(n, "loc"), self._param_name(n, "scale_tril")) for n in self._whitened]
+
+    @staticmethod
+    def scale_tril(raw: jax.Array) -> jax.Array:
+        """The Cholesky factor :math:`S` of :math:`q(v)` from the ``scale_tril`` param
+        (:func:`whitened_scale_tril`)."""
+        return whitened_scale_tril(raw)
+
     def __call__(self, *args, **kwargs):
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
-        plates = self._create_plates(*args, **kwargs)
-        result = {}
-        for name, site in self._latent_sites():
-            if name in self._whitened_sites:
-                loc, scale_tril = self._whitened_params(name)
-                result[name] = numpyro.sample(
-                    name, dist.MultivariateNormal(loc, scale_tril=scale_tril)
-                )
-                continue
-            event_dim = self._event_dims[name]
-            init_loc = self._init_locs[name]
+        # one set of plates for AutoNormal's sites and these (a subsampled plate made
+        # twice would draw its indices twice)
+        plates = self._plates_of_call = self._create_plates(*args, **kwargs)
+        try:
+            result = super().__call__(*args, **kwargs)
+        finally:
+            self._plates_of_call = None
+        for name, (site, _) in self._whitened.items():
             with ExitStack() as stack:
                 for frame in site["cond_indep_stack"]:
                     stack.enter_context(plates[frame.name])
-                loc = numpyro.param(self._param_name(name, "loc"), init_loc, event_dim=event_dim)
-                scale = numpyro.param(
-                    self._param_name(name, "scale"),
-                    jnp.full(jnp.shape(init_loc), self._init_scale),
-                    constraint=self.scale_constraint,
-                    event_dim=event_dim,
-                )
-                normal = dist.Normal(loc, scale).to_event(event_dim)
-                support = site["fn"].support
-                if support is constraints.real or (
-                    isinstance(support, constraints.independent)
-                    and support.base_constraint is constraints.real
-                ):
-                    result[name] = numpyro.sample(name, normal)
-                else:
-                    result[name] = numpyro.sample(
-                        name, dist.TransformedDistribution(normal, biject_to(support))
-                    )
+                loc, scale_tril = self._whitened_params(name)
+                result[name] = numpyro.sample(name, dist.MultivariateNormal(loc, scale_tril=scale_tril))
         return result
 
+    def _create_plates(self, *args, **kwargs):
+        if self._plates_of_call is not None:
+            return self._plates_of_call
+        return super()._create_plates(*args, **kwargs)
+
     def _whitened_params(self, name):
-        init_loc = self._init_locs[name]
+        init_loc = self._whitened[name][1]
         num_inducing = init_loc.shape[-1]
-        loc = numpyro.param(self._param_name(name, "loc"), init_loc)
+        loc = numpyro.param(self._param_name(name, "loc"), init_loc, event_dim=1)
+        eye = jnp.eye(num_inducing, dtype=init_loc.dtype)
         raw = numpyro.param(
             self._param_name(name, "scale_tril"),
-            self._init_whitened_scale * jnp.eye(num_inducing, dtype=init_loc.dtype),
+            jnp.broadcast_to(self._init_whitened_scale * eye, init_loc.shape + (num_inducing,)),
+            event_dim=2,
         )
         return loc, whitened_scale_tril(raw)
 
-    def _constrain(self, unconstrained):
+    def _constrain(self, values):
         """Map unconstrained latent values (with any leading sample dims) to the model's supports."""
-        constrained = {}
-        for name, site in self._latent_sites():
-            value = unconstrained[name]
-            if name not in self._whitened_sites:
-                value = biject_to(site["fn"].support)(value)
-            constrained[name] = value
-        return constrained
+        return {
+            name: value if name in self._whitened
+            else biject_to(self._latent_site(name)["fn"].support)(value)
+            for name, value in values.items()
+        }
+
+    def _latent_site(self, name):
+        return self._whitened[name][0] if name in self._whitened else self.prototype_trace[name]
 
     def _check_setup(self):
         if self.prototype_trace is None:
@@ -206,6 +204,11 @@ class AutoSVGP(AutoGuide):
                 "AutoSVGP has not seen the model yet: run SVI (or call the guide with "
                 "the model's arguments) before asking for posterior summaries."
             )
+
+    def _whitened_q(self, params, name):
+        loc = params[self._param_name(name, "loc")]
+        tril = whitened_scale_tril(params[self._param_name(name, "scale_tril")])
+        return loc, tril
 
     def sample_posterior(self, rng_key, params, *args, sample_shape=(), **kwargs):
         """Draw latent values from the fitted guide.
@@ -217,24 +220,19 @@ class AutoSVGP(AutoGuide):
             ``sample_shape + site_shape``.
         """
         self._check_setup()
-        keys = jax.random.split(rng_key, len(self._init_locs))
-        draws = {}
-        for key, (name, _) in zip(keys, self._latent_sites()):
-            loc = params[self._param_name(name, "loc")]
-            if name in self._whitened_sites:
-                tril = whitened_scale_tril(params[self._param_name(name, "scale_tril")])
-                q = dist.MultivariateNormal(loc, scale_tril=tril)
-            else:
-                q = dist.Normal(loc, params[self._param_name(name, "scale")])
-            draws[name] = q.sample(key, sample_shape)
-        return self._constrain(draws)
+        key, *keys = jax.random.split(rng_key, len(self._whitened) + 1)
+        draws = super().sample_posterior(key, params, sample_shape=sample_shape) if self._init_locs else {}
+        for key, name in zip(keys, self._whitened):
+            loc, tril = self._whitened_q(params, name)
+            draws[name] = dist.MultivariateNormal(loc, scale_tril=tril).sample(key, sample_shape)
+        return draws
 
     def median(self, params):
         """Posterior median of each latent site (the Gaussian's mean, mapped to the support)."""
         self._check_setup()
-        return self._constrain(
-            {name: params[self._param_name(name, "loc")] for name, _ in self._latent_sites()}
-        )
+        medians = super().median(params) if self._init_locs else {}
+        medians.update({name: params[self._param_name(name, "loc")] for name in self._whitened})
+        return medians
 
     def quantiles(self, params, quantiles):
         """Marginal posterior quantiles of each latent site.
@@ -244,15 +242,11 @@ class AutoSVGP(AutoGuide):
         :return: a dict from site name to an array of shape ``(len(quantiles),) + site_shape``.
         """
         self._check_setup()
+        result = super().quantiles(params, quantiles) if self._init_locs else {}
         quantiles = jnp.asarray(quantiles)
-        latent = {}
-        for name, _ in self._latent_sites():
-            loc = params[self._param_name(name, "loc")]
-            if name in self._whitened_sites:
-                tril = whitened_scale_tril(params[self._param_name(name, "scale_tril")])
-                scale = jnp.sqrt(jnp.sum(jnp.square(tril), axis=-1))
-            else:
-                scale = params[self._param_name(name, "scale")]
+        for name in self._whitened:
+            loc, tril = self._whitened_q(params, name)
+            scale = jnp.sqrt(jnp.sum(jnp.square(tril), axis=-1))
             q = quantiles.reshape((-1,) + (1,) * jnp.ndim(loc))
-            latent[name] = dist.Normal(loc, scale).icdf(q)
-        return self._constrain(latent)
+            result[name] = dist.Normal(loc, scale).icdf(q)
+        return result

@@ -23,31 +23,23 @@ import jax.numpy as jnp
 import optax
 from jax.scipy.linalg import cho_solve
 
-from numpyro_svgp._guide import whitened_scale_tril
+from numpyro_svgp._guide import AutoSVGP
 
 __all__ = ["natural_gradient"]
 
 
-def _whitened_pairs(params) -> list[tuple[str, str]]:
-    """(loc, scale_tril) parameter names of AutoSVGP's q(v) sites."""
-    suffix = "_scale_tril"
-    return [
-        (name[: -len(suffix)] + "_loc", name)
-        for name in params
-        if name.endswith(suffix) and name[: -len(suffix)] + "_loc" in params
-    ]
-
-
-def _natural_step(m, raw, grad_m, grad_raw, step_size):
+def _natural_step(m, raw, grad_m, grad_raw, step_size, scale_tril):
     """New (m, lower-triangular S) after one natural-gradient ascent step.
 
-    ``grad_m``/``grad_raw`` are gradients of the *loss* (the negative ELBO).
+    ``grad_m``/``grad_raw`` are gradients of the *loss* (the negative ELBO);
+    ``scale_tril`` is the guide's map from its parameter to :math:`S`.
     """
-    S = whitened_scale_tril(raw)
-    signs = jnp.where(jnp.diagonal(raw) < 0, -1.0, 1.0)  # as whitened_scale_tril flips
+    S = scale_tril(raw)
     Sigma = S @ S.T
-    # loss gradient in S (the sign flips of whitened_scale_tril act on columns)
-    grad_S = jnp.tril(grad_raw) * signs[None, :]
+    # The guide's map keeps the lower triangle and flips the sign of some columns: on
+    # the lower triangle its Jacobian J is diagonal with entries +-1, so J^T = J^-1 = J
+    # and the loss gradient in S is J applied to the gradient in the parameter.
+    grad_S = jnp.tril(jax.jvp(scale_tril, (raw,), (grad_raw,))[1])
     grad_Sigma = jax.vjp(jnp.linalg.cholesky, Sigma)[1](grad_S)[0]
     grad_Sigma = 0.5 * (grad_Sigma + grad_Sigma.T)
     # ascent on the ELBO = descent on the loss
@@ -62,26 +54,36 @@ def _natural_step(m, raw, grad_m, grad_raw, step_size):
 
 
 def natural_gradient(
-    optimizer: optax.GradientTransformation, step_size: float | optax.Schedule = 0.1
+    optimizer: optax.GradientTransformation,
+    step_size: float | optax.Schedule = 0.1,
+    *,
+    guide: AutoSVGP,
 ) -> optax.GradientTransformation:
-    r"""Natural-gradient steps on every AutoSVGP :math:`q(v)`, ``optimizer`` on the rest.
+    r"""Natural-gradient steps on every :math:`q(v)` of ``guide``, ``optimizer`` on the rest.
 
     Pass it to SVI like any optax optimizer::
 
-        svi = SVI(model, ns.AutoSVGP(model), ns.natural_gradient(optax.adam(1e-2), 0.1),
+        guide = ns.AutoSVGP(model)
+        svi = SVI(model, guide, ns.natural_gradient(optax.adam(1e-2), 0.1, guide=guide),
                   ns.SVGP_ELBO())
 
-    It recognises the pairs ``{site}_{prefix}_loc`` / ``{site}_{prefix}_scale_tril`` that
-    :class:`~numpyro_svgp.AutoSVGP` creates. It works with mini-batch and Monte-Carlo
+    The ``(loc, scale_tril)`` pairs are the guide's own
+    (:meth:`~numpyro_svgp.AutoSVGP.whitened_param_names`, read when SVI initialises the
+    optimizer); no other parameter is touched. It works with mini-batch and Monte-Carlo
     ELBOs too (then use :math:`\gamma < 1`, e.g. 0.1 as in Salimbeni et al. 2018). A step
     whose new precision is not positive definite gives NaN, which
     :func:`~numpyro_svgp.train` skips.
 
     :param optimizer: the optax transformation for all other parameters.
+    :param guide: the :class:`~numpyro_svgp.AutoSVGP` that SVI fits.
     :param step_size: :math:`\gamma`, a float or an optax schedule of the step count
         (decay it on mini-batches so that the noise settles); 1.0 reaches the optimum
         in one step for a Gaussian likelihood on the full batch.
     """
+    if not isinstance(guide, AutoSVGP):
+        raise TypeError(
+            f"natural_gradient(guide=...) needs the AutoSVGP that SVI fits, got {type(guide).__name__}."
+        )
     schedule = step_size if callable(step_size) else (lambda count: step_size)
 
     def split(tree, pairs):
@@ -89,19 +91,20 @@ def natural_gradient(
         return {k: v for k, v in tree.items() if k not in names}
 
     def init(params):
-        return jnp.zeros((), jnp.int32), optimizer.init(split(params, _whitened_pairs(params)))
+        return jnp.zeros((), jnp.int32), optimizer.init(split(params, guide.whitened_param_names()))
 
     def update(grads, state, params=None):
         if params is None:
             raise ValueError("natural_gradient needs the current params (SVI passes them).")
         count, inner = state
-        pairs = _whitened_pairs(params)
+        pairs = guide.whitened_param_names()
         others, inner = optimizer.update(split(grads, pairs), inner, split(params, pairs))
         updates = dict(others)
         gamma = schedule(count)
         for loc_name, tril_name in pairs:
             new_m, new_S = _natural_step(
-                params[loc_name], params[tril_name], grads[loc_name], grads[tril_name], gamma
+                params[loc_name], params[tril_name], grads[loc_name], grads[tril_name], gamma,
+                guide.scale_tril,
             )
             updates[loc_name] = new_m - params[loc_name]
             updates[tril_name] = new_S - params[tril_name]

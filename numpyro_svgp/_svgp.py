@@ -11,6 +11,14 @@ a draw of :math:`f(X)` whose marginals under :math:`q(v)` are exactly those of t
 SVGP posterior (see :mod:`numpyro_svgp._conditional`). The whitened site's
 prior, a :class:`WhitenedPrior`, carries the conditional, which is what lets
 :class:`~numpyro_svgp.SVGP_ELBO` and :class:`~numpyro_svgp.AutoSVGP` find it.
+
+The draw is made only when the output is asked for. ``svgp`` sends a nameless
+``"svgp_output"`` message through NumPyro's effect stack (as ``numpyro.prng_key``
+does); its default action is the draw above, and :class:`output_values` (which
+:class:`~numpyro_svgp.SVGP_ELBO` installs) answers it instead with values of its
+own: a placeholder, quadrature nodes, or a draw of its own making. Then no
+``(N, M)`` array is formed unless the output is sampled (``Predictive``,
+``TraceMeanField_ELBO``).
 """
 
 import jax
@@ -19,16 +27,19 @@ import numpyro
 import numpyro.distributions as dist
 from jaxtyping import Array, Float
 from numpyro.handlers import block, seed, substitute, trace
+from numpyro.primitives import Messenger, apply_stack
 
 from numpyro_svgp._conditional import (
-    MAX_JITTER_ESCALATIONS,
     Conditional,
+    conditional_variance,
+    projection,
     whitened_conditional,
 )
 from numpyro_svgp._features import InducingFeatures  # noqa: F401 (annotation)
+from numpyro_svgp._linalg import MAX_JITTER_ESCALATIONS, safe_sqrt
 from numpyro_svgp.kernels import Kernel
 
-__all__ = ["WhitenedPrior", "svgp", "svgp_site"]
+__all__ = ["WhitenedPrior", "draw_output", "output_values", "svgp", "svgp_site"]
 
 
 class WhitenedPrior(dist.MultivariateNormal):
@@ -47,10 +58,9 @@ class WhitenedPrior(dist.MultivariateNormal):
     pytree_aux_fields = ("output",)
 
     def __init__(self, conditional: Conditional, output: str):
-        A = conditional.projection
-        num_inducing = A.shape[-1]
+        num_inducing, dtype = conditional.num_inducing, conditional.dtype
         super().__init__(
-            jnp.zeros(num_inducing, A.dtype), scale_tril=jnp.eye(num_inducing, dtype=A.dtype)
+            jnp.zeros(num_inducing, dtype), scale_tril=jnp.eye(num_inducing, dtype=dtype)
         )
         self.conditional = conditional
         self.output = output
@@ -120,8 +130,7 @@ def svgp(
     conditional = whitened_conditional(
         kernel, X, Z, jitter=jitter, max_jitter_escalations=max_jitter_escalations
     )
-    A, variance = conditional.projection, conditional.variance
-    num_inducing = A.shape[1]
+    num_inducing = conditional.num_inducing
     v = numpyro.sample(f"{name}_whitened", WhitenedPrior(conditional, name))
     if jnp.shape(v) != (num_inducing,):
         raise ValueError(
@@ -130,11 +139,55 @@ def svgp(
             "shared by all data points, so call svgp outside `numpyro.plate` and put "
             "only the likelihood inside it."
         )
+    msg = apply_stack({
+        "type": "svgp_output",
+        "output": name,
+        "fn": draw_output,
+        "args": (conditional, v),
+        "kwargs": {},
+        "value": None,
+        "cond_indep_stack": [],
+    })
+    return numpyro.deterministic(name, msg["value"])
+
+
+def draw_output(conditional: Conditional, v: Float[Array, " M"]) -> Float[Array, " N"]:
+    r""":math:`A v + \sqrt{\operatorname{diag}(K_{xx} - A A^\top)}\,\varepsilon`, with
+    :math:`\varepsilon` from ``numpyro.prng_key()`` (left out when there is no key)."""
+    A = projection(conditional)
     f = A @ v.astype(A.dtype)  # numpyro's MVN draws may come in the default float dtype
     key = numpyro.prng_key()
     if key is not None:
-        # The double `where` keeps d sqrt(var) finite where var == 0 (e.g. X = Z).
-        positive = variance > 0
-        std = jnp.where(positive, jnp.sqrt(jnp.where(positive, variance, 1.0)), 0.0)
-        f = f + std * jax.random.normal(key, variance.shape, variance.dtype)
-    return numpyro.deterministic(name, f)
+        variance = conditional_variance(conditional, A)
+        # safe_sqrt keeps d sqrt(var) finite where var == 0 (e.g. X = Z)
+        f = f + safe_sqrt(variance) * jax.random.normal(key, variance.shape, variance.dtype)
+    return f
+
+
+class output_values(Messenger):
+    """Answers the svgp output messages of a model run, instead of drawing.
+
+    :param fn: the model.
+    :param dict values: output name to the value to return for it.
+    :param bool placeholder: return zeros for every output not in ``values``
+        (for a run whose outputs are only integrated, never evaluated).
+
+    After the run, :attr:`outputs` maps each output name to its ``(conditional, v)``.
+    """
+
+    def __init__(self, fn=None, values=None, placeholder=False):
+        self.values = dict(values or {})
+        self.placeholder = placeholder
+        self.outputs = {}
+        super().__init__(fn)
+
+    def process_message(self, msg):
+        if msg["type"] != "svgp_output":
+            return
+        name = msg["output"]
+        conditional, v = msg["args"]
+        self.outputs[name] = (conditional, v)
+        if name in self.values:
+            msg["value"] = self.values[name]
+        elif self.placeholder:
+            msg["value"] = jnp.zeros(conditional.num_points, conditional.dtype)

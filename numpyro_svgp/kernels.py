@@ -209,8 +209,12 @@ class Stationary(Kernel):
     def _matrix(self, X1, X2, symmetric):
         if symmetric:
             # K(Z, Z) must be exactly symmetric with an exact diagonal (it is
-            # factorised), so it keeps the pairwise-difference form; it is small.
-            return self.variance * self.profile(_scaled_sq_dist_pairwise(X1, self.lengthscale))
+            # factorised), so it keeps the pairwise-difference form of `evaluate`; it is
+            # small. Not _scaled_sq_dist_pairwise: under jit on XLA:CPU (jax 0.10.2) that
+            # form, scaled before differencing, was miscompiled for Matern kernels in 1-D
+            # (M = 4 to 30): K(Z, Z) came out O(1) wrong, and the jitter search then
+            # escalated to 1.0 without a word.
+            return super()._matrix(X1, X2, symmetric)
         return self.variance * self.profile(_scaled_sq_dist_matrix(X1, X2, self.lengthscale))
 
     def diag(self, X):

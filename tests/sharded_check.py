@@ -49,9 +49,9 @@ Y_REAL = np.sin(X0[:, 0]) + 0.2 * rng.normal(size=N)
 Y_BIN = (Y_REAL > 0).astype(float)
 
 
-def loss_and_grads(model, X, y):
+def loss_and_grads(model, X, y, elbo):
     guide = ns.AutoSVGP(model)
-    svi = SVI(model, guide, optax.adam(1e-2), ns.SVGP_ELBO())
+    svi = SVI(model, guide, optax.adam(1e-2), elbo)
     state = svi.init(random.PRNGKey(0), X, y)
     params = svi.optim.get_params(state.optim_state)
     # perturb q(v) away from its initial value so that every gradient is non-trivial
@@ -86,16 +86,14 @@ CASES = (
 
 def main():
     out = {"devices": len(jax.devices()), "x64": bool(jax.config.jax_enable_x64)}
-    elbo = ns._elbo
-    chosen_rows, use_matrix_form = elbo.block_rows, elbo.use_matrix_form
     for name, model, y, rows, matrix_form in CASES:
         # N = 400 is one block by default: force blocks to see that they stay split
-        elbo.block_rows = chosen_rows if rows is None else (lambda num_points, num_inducing: rows)
-        elbo.use_matrix_form = use_matrix_form if matrix_form else (lambda *args: False)
+        elbo = ns.SVGP_ELBO(block_rows="auto" if rows is None else rows,
+                            gaussian_form="auto" if matrix_form else "per_point")
         X, yy = jnp.asarray(X0), jnp.asarray(y)
-        single = loss_and_grads(model, X, yy)
+        single = loss_and_grads(model, X, yy, elbo)
         Xs, ys = ns.shard_data(X0, y)
-        sharded = loss_and_grads(model, Xs, ys)
+        sharded = loss_and_grads(model, Xs, ys, elbo)
         per_device = N // len(jax.devices()) if rows is None else rows // len(jax.devices())
         flat = lambda tree: np.concatenate([np.ravel(np.asarray(v)) for v in jax.tree.leaves(tree)])  # noqa: E731
         out[name] = {

@@ -50,7 +50,11 @@ def test_any_shapes_give_the_dense_result(n, m, d, shift, seed):
     X, Z = _points(rng, n, d), _points(rng, m, d) + shift  # Z may lie far outside the data
     kernel = ns.kernels.Matern52(0.9, 0.8)
     # jit: one compilation per shape instead of one per operation
-    A, var, jitter = jax.jit(lambda X, Z: ns.whitened_conditional(kernel, X, Z, jitter=1e-6))(X, Z)[:3]
+    def parts(X, Z):
+        c = ns.whitened_conditional(kernel, X, Z, jitter=1e-6)
+        return c.projection(), c.variance(), c.jitter, c.cholesky
+
+    A, var, jitter, _ = jax.jit(parts)(X, Z)
     assert A.shape == (n, m) and var.shape == (n,)
     K_zz = np.asarray(kernel(Z, Z)) + float(jitter) * np.eye(m)
     K_xz = np.asarray(kernel(X, Z)) if n else np.zeros((0, m))
@@ -68,9 +72,11 @@ def test_real_dtypes_are_accepted_and_integers_promoted(dtype, seed):
     X = rng.integers(-3, 4, size=(6, 2)).astype(dtype)
     Z = np.array([[0, 0], [1, -1], [2, 2]], dtype=dtype)
     kernel = ns.kernels.RBF(1.0, 1.5)
-    A, var = ns.whitened_conditional(kernel, X, Z, jitter=1e-6)[:2]
+    c = ns.whitened_conditional(kernel, X, Z, jitter=1e-6)
+    A, var = c.projection(), c.variance()
     assert jnp.issubdtype(A.dtype, jnp.floating)
-    A64, var64 = ns.whitened_conditional(kernel, X.astype("float64"), Z.astype("float64"), jitter=1e-6)[:2]
+    c64 = ns.whitened_conditional(kernel, X.astype("float64"), Z.astype("float64"), jitter=1e-6)
+    A64, var64 = c64.projection(), c64.variance()
     tol = 1e-5 if dtype == "float32" else 1e-12
     np.testing.assert_allclose(A, A64, atol=tol)
     np.testing.assert_allclose(var, var64, atol=tol)
@@ -99,7 +105,8 @@ def test_nonfinite_inputs_are_refused_naming_argument_and_index(which, bad, n, m
 
 
 def test_empty_arrays():
-    A, var = ns.whitened_conditional(ns.kernels.RBF(), np.zeros((0, 2)), np.ones((3, 2)))[:2]
+    c = ns.whitened_conditional(ns.kernels.RBF(), np.zeros((0, 2)), np.ones((3, 2)))
+    A, var = c.projection(), c.variance()
     assert A.shape == (0, 3) and var.shape == (0,)
     with pytest.raises(ValueError, match="Z is empty"):
         ns.whitened_conditional(ns.kernels.RBF(), np.zeros((4, 2)), np.zeros((0, 2)))

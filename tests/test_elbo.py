@@ -37,8 +37,9 @@ def _with_q(params, m, S):
     return dict(params, f_whitened_auto_loc=jnp.asarray(m), f_whitened_auto_scale_tril=jnp.asarray(S))
 
 
-def _elbo(params, model, guide, X, y, key=0):
-    return -float(ns.SVGP_ELBO().loss(random.PRNGKey(key), params, model, guide, X, y))
+def _elbo(params, model, guide, X, y, key=0, elbo=None):
+    elbo = ns.SVGP_ELBO() if elbo is None else elbo
+    return -float(elbo.loss(random.PRNGKey(key), params, model, guide, X, y))
 
 
 def _optimal_whitened_q(X, y, Z, jitter):
@@ -84,20 +85,23 @@ def _random_q(M, seed):
     return m, S
 
 
-# N = 50: the matrix-product form (M = 7) and the per-point form (M = 30), taken whole
-# or forced into blocks of rows (numpyro_svgp._blocks): 10 blocks of 5, or 12 of 4 and
-# a remainder of 2
-FORMS = [(7, None), (7, 4), (30, None), (30, 5), (30, 4)]
+# N = 50: the matrix-product and the per-point form of the Gaussian data term, with
+# M = 7 and M = 30, taken whole or in blocks of rows (numpyro_svgp._blocks): 10 blocks
+# of 5, or 12 of 4 and a remainder of 2; chosen through SVGP_ELBO's public options
+FORMS = [
+    (7, "matrix", None), (7, "matrix", 4), (7, "per_point", None), (7, "per_point", 5),
+    (30, "per_point", None), (30, "per_point", 5), (30, "per_point", 4),
+    (30, "matrix", None), (30, "matrix", 5),
+]
 
 
-def _force_blocks(monkeypatch, rows):
-    if rows is not None:
-        monkeypatch.setattr(ns._elbo, "block_rows", lambda num_points, num_inducing: rows)
+def _form_elbo(form, rows):
+    return ns.SVGP_ELBO(gaussian_form=form, block_rows=rows)
 
 
-@pytest.mark.parametrize("num_inducing,rows", FORMS)
-def test_svgp_elbo_equals_dense_unwhitened_hensman_elbo(num_inducing, rows, monkeypatch):
-    _force_blocks(monkeypatch, rows)
+@pytest.mark.parametrize("num_inducing,form,rows", FORMS)
+def test_svgp_elbo_equals_dense_unwhitened_hensman_elbo(num_inducing, form, rows):
+    elbo = _form_elbo(form, rows)
     X, y = toy_data(50, seed=3)
     Z = np.random.default_rng(1).uniform(-3, 3, size=(num_inducing, 1))
     jitter = 1e-6
@@ -110,16 +114,16 @@ def test_svgp_elbo_equals_dense_unwhitened_hensman_elbo(num_inducing, rows, monk
     expected = ref.hensman_elbo_unwhitened(
         np.full(len(y), VAR), ref.rbf(X, Z, VAR, LS), K_zz, y, NOISE, mu, Sigma
     )
-    got = _elbo(_with_q(params, m, S), model, guide, X, y)
+    got = _elbo(_with_q(params, m, S), model, guide, X, y, elbo=elbo)
     assert got == pytest.approx(expected, rel=1e-8)
     # zero variance: the key does not matter
-    assert _elbo(_with_q(params, m, S), model, guide, X, y, key=7) == got
+    assert _elbo(_with_q(params, m, S), model, guide, X, y, key=7, elbo=elbo) == got
 
 
-@pytest.mark.parametrize("num_inducing,rows", FORMS)
-def test_heteroscedastic_weighted_likelihood_matches_dense_reference(num_inducing, rows, monkeypatch):
-    """Per-point noise and a likelihood scale (as a mini-batch has) in both forms."""
-    _force_blocks(monkeypatch, rows)
+@pytest.mark.parametrize("num_inducing,form,rows", FORMS)
+def test_heteroscedastic_weighted_likelihood_matches_dense_reference(num_inducing, form, rows):
+    """Per-point noise and a likelihood scale (as a mini-batch has) in every form."""
+    elbo = _form_elbo(form, rows)
     X, y = toy_data(50, seed=5)
     rng = np.random.default_rng(6)
     Z = rng.uniform(-3, 3, size=(num_inducing, 1))
@@ -141,7 +145,7 @@ def test_heteroscedastic_weighted_likelihood_matches_dense_reference(num_inducin
         np.full(len(y), VAR), ref.rbf(X, Z, VAR, LS), K_zz, y, noise_var,
         L @ m, L @ S @ S.T @ L.T,
     )
-    got = _elbo(_with_q(params, m, S), model, guide, X, y)
+    got = _elbo(_with_q(params, m, S), model, guide, X, y, elbo=elbo)
     assert got == pytest.approx(weight * np.sum(ell) - kl, rel=1e-9)
 
 
@@ -216,14 +220,14 @@ def _reference_elbo(theta, X, y, weight, jitter):
     return weight * np.sum(ell) - kl
 
 
-@pytest.mark.parametrize("num_inducing,rows", FORMS[:3] + FORMS[4:])
+@pytest.mark.parametrize("num_inducing,form,rows", FORMS[:3] + FORMS[4:5] + FORMS[6:])
 @pytest.mark.parametrize("per_point_noise", [False, True])
 def test_gradients_equal_finite_differences_of_dense_reference(
-    num_inducing, rows, per_point_noise, monkeypatch
+    num_inducing, form, rows, per_point_noise
 ):
     """Every derivative the optimiser sees (variance, ARD lengthscales, Z, noise,
     m, S) against central differences of the NumPy reference ELBO."""
-    _force_blocks(monkeypatch, rows)
+    form_elbo = _form_elbo(form, rows)
     rng = np.random.default_rng(8)
     # jitter 1e-4 keeps K_zz well enough conditioned for central differences of the
     # reference to be accurate to ~1e-8 of the largest derivative
@@ -252,7 +256,7 @@ def test_gradients_equal_finite_differences_of_dense_reference(
         p = dict(params, variance=th["variance"], lengthscale=th["lengthscale"], Z=th["Z"],
                  noise_var=th["noise_var"])
         p = _with_q(p, th["m"], th["S"])
-        return -ns.SVGP_ELBO().loss(random.PRNGKey(0), p, model, guide, jnp.asarray(X), jnp.asarray(y))
+        return -form_elbo.loss(random.PRNGKey(0), p, model, guide, jnp.asarray(X), jnp.asarray(y))
 
     value, grads = jax.value_and_grad(elbo)(jax.tree.map(jnp.asarray, theta))
     assert float(value) == pytest.approx(_reference_elbo(theta, X, y, weight, jitter), rel=1e-9)
@@ -276,6 +280,23 @@ def test_gradients_equal_finite_differences_of_dense_reference(
         np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7 * scale, err_msg=name)
 
 
+class _LowDiagonal(ns.kernels.Kernel):
+    """An RBF whose diag() is set below a_n^T a_n at every point (a broken kernel, on
+    purpose): the residual variance k_nn - a_n^T a_n is negative everywhere."""
+
+    base: ns.kernels.Kernel
+    low: jax.Array
+
+    def evaluate(self, x1, x2):
+        return self.base.evaluate(x1, x2)
+
+    def _matrix(self, X1, X2, symmetric):
+        return self.base._matrix(X1, X2, symmetric)
+
+    def diag(self, X):
+        return self.low
+
+
 def test_matrix_form_clamps_a_negative_residual_variance_like_the_per_point_form():
     # sum_n (k_nn - a_n^T a_n) >= 0, but the matrix-product form computes it as a
     # difference of two sums, and round-off made it negative in float64 with a kernel
@@ -283,11 +304,17 @@ def test_matrix_form_clamps_a_negative_residual_variance_like_the_per_point_form
     # gain. Here every point's prior variance is set below a_n^T a_n: the per-point
     # form clamps each term at 0, and the matrix form must give the same bound.
     X, y = toy_data(40, seed=4)
-    conditional = ns.whitened_conditional(ns.kernels.RBF(VAR, LS), X, X[::5], jitter=1e-6)
-    low = 0.5 * jnp.sum(jnp.square(conditional.projection), axis=1)
-    conditional = conditional._replace(prior_variance=low, variance=jnp.zeros_like(low))
+    base = ns.kernels.RBF(VAR, LS)
+    A = ns.whitened_conditional(base, X, X[::5], jitter=1e-6).projection()
+    low = 0.5 * jnp.sum(jnp.square(A), axis=1)
+    conditional = ns.whitened_conditional(_LowDiagonal(base, low), X, X[::5], jitter=1e-6)
     m, S = _random_q(8, seed=3)
-    matrix_form = ns.gaussian_expected_log_likelihood(conditional, m, S, jnp.asarray(y), NOISE)
-    mean, var = ns.predictive_moments(conditional, m, S)
+    matrix_form = ns.gaussian_expected_log_likelihood(
+        conditional, m, S, jnp.asarray(y), NOISE, form="matrix")
+    mean = conditional.projection() @ m
+    var = jnp.sum(jnp.square(conditional.projection() @ S), axis=1)  # residual clamped at 0
     per_point = jnp.sum(ns.expected_log_likelihood(jnp.asarray(y), mean, var, NOISE))
     assert float(matrix_form) == pytest.approx(float(per_point), rel=1e-10)
+    assert float(ns.gaussian_expected_log_likelihood(
+        conditional, m, S, jnp.asarray(y), NOISE, form="per_point")) == pytest.approx(
+        float(per_point), rel=1e-10)

@@ -29,7 +29,7 @@ def test_one_natural_step_of_size_one_reaches_the_optimal_q(start):
     model = gaussian_model(Z0, VAR, LS, NOISE, jitter=1e-6)
     guide = ns.AutoSVGP(model)
     # the other params must not move: set_to_zero
-    svi = SVI(model, guide, ns.natural_gradient(optax.set_to_zero(), step_size=1.0), ns.SVGP_ELBO())
+    svi = SVI(model, guide, ns.natural_gradient(optax.set_to_zero(), step_size=1.0, guide=guide), ns.SVGP_ELBO())
     state = svi.init(random.PRNGKey(0), X, Y)
     if start == "random":
         rng = np.random.default_rng(1)
@@ -59,7 +59,8 @@ def test_natural_gradient_with_adam_on_minibatches_fits():
     guide = ns.AutoSVGP(in_model)
     # decayed step sizes let the mini-batch noise settle
     optimizer = ns.natural_gradient(optax.adam(optax.cosine_decay_schedule(1e-2, 2000, 0.05)),
-                                    step_size=optax.cosine_decay_schedule(0.1, 2000, 0.05))
+                                    step_size=optax.cosine_decay_schedule(0.1, 2000, 0.05),
+                                    guide=guide)
     svi = SVI(in_model, guide, optimizer, ns.SVGP_ELBO())
     result = ns.train(svi, random.PRNGKey(0), 2000, Xm, Ym, batch_size=B, progress_bar=False)
     assert result.num_skipped == 0

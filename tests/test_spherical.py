@@ -170,7 +170,7 @@ def test_truncated_kernel_svgp_at_optimal_q_is_the_exact_gp(D):
             numpyro.sample("y", dist.Normal(f, math.sqrt(noise_var)), obs=y)
 
     guide = ns.AutoSVGP(model)
-    svi = SVI(model, guide, ns.natural_gradient(optax.sgd(0.0), 1.0), ns.SVGP_ELBO())
+    svi = SVI(model, guide, ns.natural_gradient(optax.sgd(0.0), 1.0, guide=guide), ns.SVGP_ELBO())
     state = svi.init(random.PRNGKey(0), X, y)
     state, _ = svi.update(state, X, y)  # one natural step of size 1: the optimal q(v)
     elbo = -float(ns.SVGP_ELBO().loss(random.PRNGKey(1), svi.get_params(state), model, guide, X, y))

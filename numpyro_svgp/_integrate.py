@@ -1,0 +1,395 @@
+r"""Integration of every model site that depends on svgp outputs.
+
+The ELBO needs :math:`\mathbb E_{q(f)}[\log p(y \mid f, \dots)]` for every site whose
+density depends on an svgp output :math:`f`. :func:`plan_model` runs the model once with
+the outputs left out (a zero placeholder; nothing of size ``(N, M)`` is formed), traces
+the same run again as a function of the outputs, and reads from that jaxpr how each
+site's log density depends on them (:mod:`numpyro_svgp._dependence`). Each site then
+gets, in this order of preference:
+
+- **closed form**: a ``Normal`` whose ``loc`` is one output moved by shape-only
+  operations plus an offset that does not depend on it (a mean function, ``f + a[g]``,
+  ``f[:, None]``, a dtype cast), and whose scale does not depend on any output:
+  :math:`\mathbb E[\log \mathcal N(y \mid f + c, s^2)] = \log \mathcal N(y \mid \mu + c, s^2)
+  - \sigma^2 / (2 s^2)`. With ``loc`` of shape ``(N,)`` this is the data-term engine
+  of :mod:`numpyro_svgp._gaussian` (matrix or per-point form, whole or in blocks);
+- **Gauss–Hermite quadrature**: a log density that is a sum of terms each depending on
+  one point of each output (any NumPyro likelihood of ``f`` at each point; two outputs,
+  as in ``Normal(f, exp(g))``, by a product rule over both), exact for the Gaussian
+  marginals :math:`q(f_n) = \mathcal N(\mu_n, \sigma^2_n)` up to the rule's error;
+- **Monte Carlo**: one draw of the outputs from :math:`q` per particle, where none of
+  the above can be established (with the reason).
+
+The choice is structural, made while tracing; :func:`~numpyro_svgp.integration_report`
+shows it.
+"""
+
+from typing import NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend.core import jaxpr_as_fun
+from numpy.polynomial.hermite_e import hermegauss
+from numpyro.distributions import (
+    ExpandedDistribution,
+    Independent,
+    MaskedDistribution,
+    MultivariateNormal,
+    Normal,
+)
+from numpyro.handlers import replay, seed, substitute, trace
+
+from numpyro_svgp._checks import check_observed_site
+from numpyro_svgp._conditional import conditional_variance, predictive_moments, projection
+from numpyro_svgp._dependence import CONST, analyse, pointwise, prune
+from numpyro_svgp._gaussian import gaussian_expected_log_likelihood
+from numpyro_svgp._linalg import safe_sqrt
+from numpyro_svgp._svgp import output_values, svgp_site
+
+__all__ = ["Integration", "ModelPlan", "plan_model", "site_log_prob"]
+
+MAX_QUADRATURE_OUTPUTS = 2
+"""Most svgp outputs one site may depend on for quadrature (a product rule of K^d nodes)."""
+
+
+class Integration(NamedTuple):
+    """How one site's expected log density is computed."""
+
+    method: str
+    """``"closed form"``, ``"quadrature"``, ``"Monte Carlo"`` or ``"exact"`` (the site
+    does not depend on any svgp output)."""
+    outputs: tuple = ()
+    """The svgp outputs the site depends on."""
+    points: int = 0
+    """Quadrature points per output."""
+    reason: str = ""
+    """Why Monte Carlo."""
+
+    def describe(self) -> str:
+        if self.method == "quadrature":
+            return f"quadrature ({' x '.join([str(self.points)] * len(self.outputs))} points)"
+        return self.method
+
+
+def site_log_prob(site) -> jax.Array:
+    """``sum(scale * log p(value))`` of a sample site."""
+    log_prob = site["fn"].log_prob(site["value"])
+    if site["scale"] is not None:
+        log_prob = site["scale"] * log_prob
+    return jnp.sum(log_prob)
+
+
+def _peel(fn):
+    wrappers = []
+    while isinstance(fn, (Independent, ExpandedDistribution, MaskedDistribution)):
+        wrappers.append(fn)
+        fn = fn.base_dist
+    return wrappers, fn
+
+
+def _rewrap(wrappers, base):
+    for wrapper in reversed(wrappers):
+        if isinstance(wrapper, Independent):
+            base = Independent(base, wrapper.reinterpreted_batch_ndims)
+        elif isinstance(wrapper, MaskedDistribution):
+            base = MaskedDistribution(base, wrapper._mask)
+        else:
+            base = ExpandedDistribution(base, wrapper.batch_shape)
+    return base
+
+
+class _ExpectedNormal(Normal):
+    r""":math:`\mathbb E_{f \sim \mathcal N(\mu, \sigma^2)} \log \mathcal N(y \mid f, s^2)` as a
+    ``log_prob``, so that the site's own wrappers (plates, masks, ``to_event``) apply."""
+
+    def __init__(self, loc, scale, spread):
+        self.spread = spread
+        super().__init__(loc, scale)
+
+    def log_prob(self, value):
+        return super().log_prob(value) - 0.5 * self.spread / jnp.square(self.scale)
+
+
+class _Options(NamedTuple):
+    quadrature_points: int = 20
+    gaussian_form: str = "auto"
+    block_rows: "int | str | None" = "auto"
+    strict: bool = False
+
+
+class ModelPlan:
+    """The model run with svgp outputs integrated out: its trace, how each site
+    depending on an output is integrated, and the terms themselves
+    (:meth:`log_density`). Built by :func:`plan_model`."""
+
+    def __init__(self, model_trace, outputs, integrations, evaluate):
+        self.model_trace = model_trace
+        self.outputs = outputs
+        self.integrations = integrations
+        self._evaluate = evaluate
+
+    def log_density(self, name: str) -> jax.Array:
+        r"""The site's :math:`\mathbb E_{q(f)}[\sum \text{scale} \cdot \log p]` (its plain
+        log density where it does not depend on any svgp output)."""
+        integration = self.integrations.get(name)
+        if integration is None or integration.method == "exact":
+            return site_log_prob(self.model_trace[name])
+        return self._evaluate(name, integration)
+
+
+def _run(model, model_key, guide_trace, param_map, args, kwargs, handler):
+    conditioned = substitute(replay(seed(model, model_key), guide_trace), data=param_map)
+    return trace(handler(conditioned)).get_trace(*args, **kwargs)
+
+
+def plan_model(model, model_key, guide_trace, param_map, args, kwargs, options: _Options):
+    """Run ``model`` against ``guide_trace`` and decide how each site depending on an
+    svgp output is integrated (see the module docstring)."""
+    placeholders = output_values(placeholder=True)
+    model_trace = _run(model, model_key, guide_trace, param_map, args, kwargs, placeholders)
+    outputs = placeholders.outputs  # name -> (conditional, v), in model order
+    sites = [
+        name for name, site in model_trace.items()
+        if site["type"] == "sample" and svgp_site(site) is None
+    ]
+    for name in sites:
+        if model_trace[name]["is_observed"]:
+            check_observed_site(name, model_trace[name])
+    if not outputs:
+        return ModelPlan(model_trace, outputs, {}, None)
+    names = list(outputs)
+    zeros = tuple(jnp.zeros(c.num_points, c.dtype) for c, _ in outputs.values())
+
+    def rerun(*values):
+        handler = output_values(values=dict(zip(names, values)))
+        tr = _run(model, model_key, guide_trace, param_map, args, kwargs, handler)
+        terms, normals = {}, {}
+        for name in sites:
+            site = tr[name]
+            if site["is_observed"]:
+                check_observed_site(name, site)  # its NaN check stays with the value used
+            terms[name] = site_log_prob(site)
+            wrappers, base = _peel(site["fn"])
+            if site["is_observed"] and type(base) is Normal:
+                masks = [w._mask for w in wrappers if isinstance(w, MaskedDistribution)]
+                normals[name] = (base.loc, (base.scale, site["value"], site["scale"], masks))
+        inputs = {
+            o: [leaf for leaf in jax.tree.leaves((c.kernel, c.inducing, c.inputs)) if eqx.is_array(leaf)]
+            for o, (c, _) in handler.outputs.items()
+        }
+        return terms, normals, inputs
+
+    closed, shapes = jax.make_jaxpr(rerun, return_shape=True)(*zeros)
+    index = jax.tree.unflatten(jax.tree.structure(shapes), range(len(jax.tree.leaves(shapes))))
+    tags = {}
+    for position, name in enumerate(names):
+        in_tags = [CONST] * len(names)
+        in_tags[position] = pointwise(range(zeros[position].ndim), shifted=True)
+        tags[name] = analyse(closed.jaxpr, in_tags)
+
+    def tags_of(indices):
+        """output name -> tags of the jaxpr outputs at ``indices``."""
+        return {o: [tags[o][i] for i in jax.tree.leaves(indices)] for o in names}
+
+    # An svgp whose inputs are computed from another output (a deep GP) needs that
+    # output's values, not its marginals: then every site is estimated by Monte Carlo.
+    for target, indices in index[2].items():
+        feeding = [o for o, ts in tags_of(indices).items() if any(t.kind != "const" for t in ts)]
+        if feeding:
+            reason = f"svgp '{target}' takes its inputs from svgp output '{feeding[0]}'"
+            return _monte_carlo_plan(
+                model, model_key, guide_trace, param_map, args, kwargs, sites, reason, options
+            )
+
+    integrations = {}
+    for name in sites:
+        term = tags_of(index[0][name])
+        deps = tuple(o for o in names if term[o][0].kind != "const")
+        if not deps:
+            integrations[name] = Integration("exact")
+            continue
+        lost = [(o, term[o][0]) for o in deps if term[o][0].kind == "any"]
+        if lost:
+            o, tag = lost[0]
+            reason = (
+                f"its log density depends on svgp output '{o}' through `{tag.reason}`, "
+                "not point by point"
+            )
+            integrations[name] = _monte_carlo(name, deps, reason, options)
+        elif len(deps) == 1 and name in index[1] and _is_shifted_normal(
+            tags_of(index[1][name]), deps[0]
+        ):
+            integrations[name] = Integration("closed form", deps)
+        elif len(deps) <= MAX_QUADRATURE_OUTPUTS:
+            integrations[name] = Integration("quadrature", deps, options.quadrature_points)
+        else:
+            reason = (
+                f"it depends on {len(deps)} svgp outputs ({', '.join(deps)}); quadrature "
+                f"covers at most {MAX_QUADRATURE_OUTPUTS}"
+            )
+            integrations[name] = _monte_carlo(name, deps, reason, options)
+
+    evaluate = _Evaluator(closed, index, tags, names, outputs, guide_trace, model_trace,
+                          model_key, options)
+    return ModelPlan(model_trace, outputs, integrations, evaluate)
+
+
+def _is_shifted_normal(normal_tags, output) -> bool:
+    loc, *rest = normal_tags[output]
+    others = [t for o, ts in normal_tags.items() if o != output for t in ts]
+    return (
+        loc.kind == "pointwise"
+        and loc.shifted
+        and all(t.kind == "const" for t in rest + others)
+    )
+
+
+def _monte_carlo(name, deps, reason, options) -> Integration:
+    if options.strict:
+        raise ValueError(
+            f"SVGP_ELBO(strict=True): site '{name}' cannot be integrated exactly: {reason}. "
+            "Make the site's density a function of the svgp output at each point (e.g. "
+            "Normal(f, s), Bernoulli(logits=f)), or use strict=False to accept a "
+            "Monte-Carlo estimate for it."
+        )
+    return Integration("Monte Carlo", deps, reason=reason)
+
+
+def _monte_carlo_plan(model, model_key, guide_trace, param_map, args, kwargs, sites, reason, options):
+    if options.strict:
+        raise ValueError(
+            f"SVGP_ELBO(strict=True): the model cannot be integrated exactly: {reason}. "
+            "Use strict=False to accept a Monte-Carlo estimate."
+        )
+    model_trace = _run(model, model_key, guide_trace, param_map, args, kwargs, lambda fn: fn)
+    integrations = {}
+    for name in sites:
+        if model_trace[name]["is_observed"]:
+            check_observed_site(name, model_trace[name])
+        integrations[name] = Integration("Monte Carlo", reason=reason)
+
+    def evaluate(name, integration):
+        return site_log_prob(model_trace[name])
+
+    return ModelPlan(model_trace, {}, integrations, evaluate)
+
+
+class _Evaluator:
+    """Computes the integrated terms of one plan, sharing each output's marginals."""
+
+    def __init__(self, closed, index, tags, names, outputs, guide_trace, model_trace, model_key,
+                 options):
+        self.closed, self.index, self.tags, self.names = closed, index, tags, names
+        self.outputs, self.guide_trace, self.model_trace = outputs, guide_trace, model_trace
+        self.model_key, self.options = model_key, options
+        self._moments, self._draws = {}, {}
+        self.zeros = tuple(jnp.zeros(c.num_points, c.dtype) for c, _ in outputs.values())
+
+    def _q(self, output):
+        """(loc, scale_tril) of q(v) for an output; a sampled v (S = 0) if q is not Gaussian."""
+        conditional, v = self.outputs[output]
+        for name, site in self.model_trace.items():
+            prior = svgp_site(site)
+            if prior is not None and prior.output == output:
+                q = self.guide_trace[name]["fn"] if name in self.guide_trace else None
+                if isinstance(q, MultivariateNormal):
+                    return q.loc, q.scale_tril
+        M = conditional.num_inducing
+        return v, jnp.zeros((M, M), conditional.dtype)
+
+    def moments(self, output):
+        if output not in self._moments:
+            conditional, _ = self.outputs[output]
+            self._moments[output] = predictive_moments(conditional, *self._q(output))
+        return self._moments[output]
+
+    def draw(self, output):
+        """One draw of the output from q: A v + sqrt(diag(K - A A^T)) eps, v from the guide."""
+        if output not in self._draws:
+            conditional, v = self.outputs[output]
+            A = projection(conditional)
+            variance = conditional_variance(conditional, A)
+            key = jax.random.fold_in(self.model_key, self.names.index(output))
+            eps = jax.random.normal(key, variance.shape, variance.dtype)
+            self._draws[output] = A @ v.astype(A.dtype) + safe_sqrt(variance) * eps
+        return self._draws[output]
+
+    def function(self, indices):
+        """The jaxpr's outputs at ``indices`` as a function of the svgp outputs."""
+        fn = jaxpr_as_fun(prune(self.closed, list(indices)))
+        return lambda *values: fn(*values)
+
+    def _with(self, replacements):
+        return tuple(replacements.get(o, z) for o, z in zip(self.names, self.zeros))
+
+    def __call__(self, name, integration):
+        if integration.method == "Monte Carlo":
+            term = self.function([self.index[0][name]])
+            values = self._with({o: self.draw(o) for o in integration.outputs})
+            return term(*values)[0]
+        if integration.method == "closed form":
+            return self._closed_form(name, integration.outputs[0])
+        return self._quadrature(name, integration)
+
+    def _closed_form(self, name, output):
+        site = self.model_trace[name]
+        wrappers, base = _peel(site["fn"])
+        loc_fn = self.function([self.index[1][name][0]])
+        conditional, _ = self.outputs[output]
+        N = conditional.num_points
+        value, weight = site["value"], site["scale"]
+        fast = (
+            jnp.shape(base.loc) == (N,)
+            and jnp.shape(value) == (N,)
+            and tuple(site["fn"].batch_shape) + tuple(site["fn"].event_shape) == (N,)
+            and not any(isinstance(w, MaskedDistribution) for w in wrappers)
+            and jnp.shape(base.scale) in ((), (1,), (N,))
+            and (weight is None or jnp.shape(weight) in ((), (N,)))
+            and self._identity(name, output)
+        )
+        if fast:
+            offset = loc_fn(*self.zeros)[0]
+            loc, scale_tril = self._q(output)
+            return gaussian_expected_log_likelihood(
+                conditional, loc, scale_tril, (value - offset).astype(conditional.dtype),
+                jnp.square(base.scale), weight,
+                form=self.options.gaussian_form, block_rows=self.options.block_rows,
+            )
+        mean, variance = self.moments(output)
+        position = self.names.index(output)
+
+        def loc_of(f):
+            values = list(self.zeros)
+            values[position] = f
+            return loc_fn(*values)[0]
+
+        loc, spread = jax.jvp(loc_of, (mean,), (variance,))
+        expected = _rewrap(wrappers, _ExpectedNormal(loc, base.scale, spread))
+        log_prob = expected.log_prob(value)
+        return jnp.sum(log_prob if weight is None else weight * log_prob)
+
+    def _identity(self, name, output) -> bool:
+        """Whether the site's loc is the output itself along its one axis (plus an offset)."""
+        return self.tags[output][self.index[1][name][0]] == pointwise((0,), shifted=True)
+
+    def _quadrature(self, name, integration):
+        term = self.function([self.index[0][name]])
+        outputs = integration.outputs
+        dtype = self.zeros[self.names.index(outputs[0])].dtype
+        x, w = hermegauss(integration.points)
+        x, w = jnp.asarray(x, dtype), jnp.asarray(w / np.sum(w), dtype)
+        grids = jnp.meshgrid(*[jnp.arange(len(x))] * len(outputs), indexing="ij")
+        grids = [g.reshape(-1) for g in grids]
+        weights = jnp.prod(jnp.stack([w[g] for g in grids]), axis=0)
+        nodes = {}
+        for output, g in zip(outputs, grids):
+            mean, variance = self.moments(output)
+            nodes[output] = mean + safe_sqrt(variance) * x[g][:, None]  # (K^d, N)
+
+        def at(node_values):
+            return term(*self._with(node_values))[0]
+
+        return jnp.sum(weights * jax.vmap(at)(nodes))
+

@@ -1,0 +1,174 @@
+r"""The bottom layer: Cholesky factors with jitter, and triangular inverses.
+
+Nothing here knows about kernels, inducing variables or NumPyro; every module above
+imports from here and this module imports none of them.
+
+:func:`cholesky_with_jitter` factorises :math:`K + \epsilon I` and, only when that factor
+is not finite, retries with tenfold larger jitter inside ``jit``. Its derivative is
+written out (Murray 2016) so that the search never enters the backward pass.
+
+**Reference**: Murray (2016), *Differentiation of the Cholesky decomposition*,
+arXiv:1602.07527.
+"""
+
+import functools
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jaxtyping import Array, Float
+
+__all__ = [
+    "MAX_JITTER_ESCALATIONS",
+    "cholesky_with_jitter",
+    "default_jitter",
+    "jittered_cholesky",
+    "lower_inverse",
+    "safe_sqrt",
+]
+
+
+def default_jitter(dtype) -> float:
+    """The jitter added to :math:`K_{zz}` when none is given: ``1e-6`` in float64,
+    ``1e-4`` in float32 (whose machine epsilon is about ``1.2e-7``) and ``1e-2``
+    for 16-bit floats."""
+    eps = float(jnp.finfo(dtype).eps)
+    if eps < 1e-10:
+        return 1e-6
+    if eps < 1e-5:
+        return 1e-4
+    return 1e-2
+
+
+MAX_JITTER_ESCALATIONS = 6
+"""Default number of tenfold jitter increases tried when a Cholesky factor is not finite."""
+
+
+def _symmetric(A: jax.Array) -> jax.Array:
+    return 0.5 * (A + A.T)  # as jnp.linalg.cholesky symmetrises its input
+
+
+def _all_finite(A: jax.Array) -> jax.Array:
+    return jnp.all(jnp.isfinite(A))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3))
+def _escalating_cholesky(
+    K: Float[Array, "M M"], jitter: float, limit: int, message: str
+) -> tuple[Float[Array, "M M"], Float[Array, ""]]:
+    """``(chol(K + used I), used)``, ``used`` the first of ``jitter * 10**k``,
+    ``k = 0..limit``, whose factor is finite (the last one tried if none is; then the
+    factor is NaN). See :func:`cholesky_with_jitter`."""
+    K = _symmetric(K)
+    eye = jnp.eye(K.shape[-1], dtype=K.dtype)
+    L = lax.linalg.cholesky(K + jitter * eye, symmetrize_input=False)
+    used = jnp.asarray(jitter, K.dtype)
+    if limit == 0:
+        return eqx.error_if(L, ~_all_finite(L), message), used
+
+    def escalate(K):
+        def factor(k):
+            return lax.linalg.cholesky(K + jitter * 10.0**k * eye, symmetrize_input=False)
+
+        def keep_going(state):
+            k, L_k = state
+            return ~_all_finite(L_k) & (k < limit)
+
+        def next_try(state):
+            k = state[0] + 1
+            return k, factor(k)
+
+        k, L_k = lax.while_loop(keep_going, next_try, (1, factor(1)))
+        L_k = eqx.error_if(L_k, ~_all_finite(L_k), message)
+        return L_k, jnp.asarray(jitter, K.dtype) * jnp.asarray(10.0, K.dtype) ** k
+
+    return lax.cond(_all_finite(L), lambda K: (L, used), escalate, K)
+
+
+@_escalating_cholesky.defjvp
+def _escalating_cholesky_jvp(jitter, limit, message, primals, tangents):
+    # The jitter used is piecewise constant in K, so the derivative is that of the
+    # factor that was returned: JAX's own Cholesky rule (Murray 2016,
+    # arXiv:1602.07527), L_dot = L Phi(L^-1 sym(K_dot) L^-T). Written here so that
+    # the search above stays out of the derivative: a lax.cond that carries tangents
+    # also carries, and copies, the residuals of both branches at every step.
+    (K,), (K_dot,) = primals, tangents
+    L, used = _escalating_cholesky(K, jitter, limit, message)
+    eye = jnp.eye(K.shape[-1], dtype=K.dtype)
+    tmp = lax.linalg.triangular_solve(
+        L, _symmetric(K_dot), left_side=False, transpose_a=True, conjugate_a=True, lower=True
+    )
+    inner = lax.linalg.triangular_solve(L, tmp, left_side=True, transpose_a=False, lower=True)
+    L_dot = lax.dot(L, jnp.tril(inner) / (1.0 + eye), precision=lax.Precision.HIGHEST)
+    return (L, used), (L_dot, jnp.zeros_like(used))
+
+
+def cholesky_with_jitter(
+    K: Float[Array, "M M"],
+    jitter: float,
+    *,
+    name: str = "K_zz",
+    max_escalations: int = MAX_JITTER_ESCALATIONS,
+) -> tuple[Float[Array, "M M"], Float[Array, ""]]:
+    r"""Lower Cholesky factor of :math:`K + \epsilon I` that raises the jitter when it must.
+
+    The factor with :math:`\epsilon` = ``jitter`` is tried first. Only if it is not
+    finite are :math:`10\epsilon, 100\epsilon, \dots, 10^{E}\epsilon` tried in turn
+    (:math:`E` = ``max_escalations``), inside ``jit``, in a ``lax.while_loop`` in the
+    failure branch of a ``lax.cond``: in the common case that is one factorisation.
+    The jitter used is piecewise constant in :math:`K`, so the derivative is that of
+    :math:`\operatorname{chol}(K + \epsilon_{\text{used}} I)`; it is written out
+    (Murray 2016) so that the search never enters the backward pass. A jitter of 0
+    is never escalated.
+
+    :param K: a symmetric positive semi-definite matrix.
+    :param jitter: the base :math:`\epsilon \ge 0` added to the diagonal.
+    :param name: what to call the matrix in the error message.
+    :param max_escalations: how many tenfold increases to try; 0 disables escalation.
+    :return: ``(L, jitter_used)``.
+    :raises: (when the compiled program runs) an error naming the matrix, its size
+        and dtype, the largest jitter tried and the likely causes, if no factor is finite.
+
+    **Reference**: Murray (2016), *Differentiation of the Cholesky decomposition*,
+    arXiv:1602.07527.
+    """
+    jitter = float(jitter)
+    M = K.shape[-1]
+    limit = max_escalations if jitter > 0 else 0
+    largest = jitter * 10.0**limit
+    tried = f"{jitter:g} I" if limit == 0 else f"up to {largest:g} I"
+    message = (
+        f"Cholesky factorisation of {name} + jitter ({M}x{M}, {K.dtype}, jitter tried "
+        f"{tried}) failed: the matrix is not numerically positive definite. Likely "
+        "causes: duplicate or near-duplicate inducing inputs Z, a lengthscale that "
+        "collapsed or grew huge, a very large kernel variance, or float32 with many "
+        "inducing points. Remedies: a larger `jitter`, float64 "
+        "(jax.config.update('jax_enable_x64', True)), or re-initialising Z."
+    )
+    return _escalating_cholesky(K, jitter, limit, message)
+
+
+def jittered_cholesky(
+    K: Float[Array, "M M"], jitter: float, name: str = "K_zz"
+) -> Float[Array, "M M"]:
+    r"""Lower Cholesky factor of :math:`K + \epsilon I` with a fixed jitter and a clear
+    error when it fails (:func:`cholesky_with_jitter` without escalation)."""
+    return cholesky_with_jitter(K, jitter, name=name, max_escalations=0)[0]
+
+
+def lower_inverse(L: Float[Array, "M M"]) -> Float[Array, "M M"]:
+    r"""The explicit :math:`L^{-1}` of a lower-triangular :math:`L` (O(M³), once per step)."""
+    return lax.linalg.triangular_solve(
+        L, jnp.eye(L.shape[0], dtype=L.dtype), left_side=True, lower=True
+    )
+
+
+def safe_sqrt(x: jax.Array) -> jax.Array:
+    r""":math:`\sqrt{x}` for :math:`x \ge 0` with a finite derivative (0) where :math:`x = 0`.
+
+    The inner select keeps :math:`d\sqrt{x}/dx` from being evaluated at 0 (an infinite
+    derivative times a zero cotangent is NaN).
+    """
+    positive = x > 0
+    return lax.select(positive, jnp.sqrt(lax.select(positive, x, jnp.ones_like(x))), jnp.zeros_like(x))
