@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import numpyro_svgp as ns
 from numpyro_svgp import kernels as K
 
 rng = np.random.default_rng(0)
@@ -173,3 +174,24 @@ def test_input_shape_errors():
         K.RBF()(np.ones(4))
     with pytest.raises(TypeError, match="multiplied by a kernel or a positive scalar"):
         "a" * K.RBF()
+
+
+@pytest.mark.parametrize("name", ["Matern32", "Matern52"])
+def test_k_zz_under_jit_equals_the_dense_matrix_and_needs_no_extra_jitter(name):
+    # XLA:CPU (jax 0.10.2) miscompiled K(Z, Z) of 1-D Matern kernels under jit when
+    # it was formed by scaled pairwise differences and then factorised: the matrix came
+    # out O(1) wrong and the jitter search silently escalated to 1.0
+    kernel = getattr(K, name)(0.9, 0.8)
+    for m in (4, 18, 24):
+        Z = np.random.default_rng(0).uniform(-3, 3, size=(m, 1))
+        r = np.abs(Z - Z.T) / 0.8
+        s = np.sqrt(3.0 if name == "Matern32" else 5.0) * r
+        dense = 0.9 * ((1 + s) * np.exp(-s) if name == "Matern32" else (1 + s + s**2 / 3) * np.exp(-s))
+
+        def factor(Z):
+            K_zz = kernel(Z, Z)
+            return K_zz, ns.cholesky_with_jitter(K_zz, 1e-6)[1]
+
+        K_zz, jitter = jax.jit(factor)(Z)
+        np.testing.assert_allclose(K_zz, dense, rtol=1e-12, atol=1e-14)
+        assert float(jitter) == 1e-6
