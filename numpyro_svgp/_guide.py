@@ -27,7 +27,6 @@ import jax
 import jax.numpy as jnp
 import numpyro
 import numpyro.distributions as dist
-from numpyro.distributions import constraints
 from numpyro.distributions.transforms import biject_to
 from numpyro.handlers import block, seed, trace
 from numpyro.infer.autoguide import AutoNormal

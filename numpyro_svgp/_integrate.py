@@ -124,9 +124,8 @@ class ModelPlan:
     depending on an output is integrated, and the terms themselves
     (:meth:`log_density`). Built by :func:`plan_model`."""
 
-    def __init__(self, model_trace, outputs, integrations, evaluate):
+    def __init__(self, model_trace, integrations, evaluate):
         self.model_trace = model_trace
-        self.outputs = outputs
         self.integrations = integrations
         self._evaluate = evaluate
 
@@ -158,7 +157,7 @@ def plan_model(model, model_key, guide_trace, param_map, args, kwargs, options: 
         if model_trace[name]["is_observed"]:
             check_observed_site(name, model_trace[name])
     if not outputs:
-        return ModelPlan(model_trace, outputs, {}, None)
+        return ModelPlan(model_trace, {}, None)
     names = list(outputs)
     zeros = tuple(jnp.zeros(c.num_points, c.dtype) for c, _ in outputs.values())
 
@@ -231,9 +230,9 @@ def plan_model(model, model_key, guide_trace, param_map, args, kwargs, options: 
             )
             integrations[name] = _monte_carlo(name, deps, reason, options)
 
-    evaluate = _Evaluator(closed, index, tags, names, outputs, guide_trace, model_trace,
+    evaluate = _Evaluator(closed, index, tags, names, zeros, outputs, guide_trace, model_trace,
                           model_key, options)
-    return ModelPlan(model_trace, outputs, integrations, evaluate)
+    return ModelPlan(model_trace, integrations, evaluate)
 
 
 def _is_shifted_normal(normal_tags, output) -> bool:
@@ -273,19 +272,18 @@ def _monte_carlo_plan(model, model_key, guide_trace, param_map, args, kwargs, si
     def evaluate(name, integration):
         return site_log_prob(model_trace[name])
 
-    return ModelPlan(model_trace, {}, integrations, evaluate)
+    return ModelPlan(model_trace, integrations, evaluate)
 
 
 class _Evaluator:
     """Computes the integrated terms of one plan, sharing each output's marginals."""
 
-    def __init__(self, closed, index, tags, names, outputs, guide_trace, model_trace, model_key,
-                 options):
-        self.closed, self.index, self.tags, self.names = closed, index, tags, names
+    def __init__(self, closed, index, tags, names, zeros, outputs, guide_trace, model_trace,
+                 model_key, options):
+        self.closed, self.index, self.tags, self.names, self.zeros = closed, index, tags, names, zeros
         self.outputs, self.guide_trace, self.model_trace = outputs, guide_trace, model_trace
         self.model_key, self.options = model_key, options
         self._moments, self._draws = {}, {}
-        self.zeros = tuple(jnp.zeros(c.num_points, c.dtype) for c, _ in outputs.values())
 
     def _q(self, output):
         """(loc, scale_tril) of q(v) for an output; a sampled v (S = 0) if q is not Gaussian."""
@@ -318,8 +316,7 @@ class _Evaluator:
 
     def function(self, indices):
         """The jaxpr's outputs at ``indices`` as a function of the svgp outputs."""
-        fn = jaxpr_as_fun(prune(self.closed, list(indices)))
-        return lambda *values: fn(*values)
+        return jaxpr_as_fun(prune(self.closed, list(indices)))
 
     def _with(self, replacements):
         return tuple(replacements.get(o, z) for o, z in zip(self.names, self.zeros))
