@@ -52,7 +52,8 @@ def integration_report(model, guide, params, *args, elbo: SVGP_ELBO | None = Non
     :param elbo: the :class:`~numpyro_svgp.SVGP_ELBO` whose options apply; default ``SVGP_ELBO()``.
     :return: site name to ``{"integration": "closed form" | "quadrature (K points)" |
         "quadrature (K x K points)" | "Monte Carlo", "outputs": (svgp output names,),
-        "reason": why Monte Carlo, else ""}``, for every sample site that depends on an
+        "reason": why Monte Carlo, or what is sampled (a
+        non-Gaussian q(v)), else ""}``, for every sample site that depends on an
         svgp output, in model order.
     """
     elbo = SVGP_ELBO() if elbo is None else elbo

@@ -15,14 +15,13 @@ where each site's expectation over the svgp outputs :math:`f` is taken as exactl
 import jax
 import jax.numpy as jnp
 from jax import random
-from numpyro.distributions import MultivariateNormal
 from numpyro.distributions.kl import kl_divergence
 from numpyro.handlers import seed, substitute, trace
 from numpyro.infer.elbo import ELBO
 from numpyro.util import check_model_guide_match
 
 from numpyro_svgp._gaussian import FORMS, resolve_block_rows
-from numpyro_svgp._integrate import _Options, plan_model, site_log_prob
+from numpyro_svgp._integrate import _Options, gaussian_q, plan_model, site_log_prob
 from numpyro_svgp._svgp import svgp_site
 
 __all__ = ["kl", "SVGP_ELBO"]
@@ -47,9 +46,9 @@ class SVGP_ELBO(ELBO):
 
     Every term is taken as exactly as it can be:
 
-    - the KL of each whitened svgp site whose guide is a
-      :class:`~numpyro.distributions.MultivariateNormal` (as :class:`~numpyro_svgp.AutoSVGP`
-      makes) is :func:`kl`; other latent sites use numpyro's analytic
+    - the KL of each whitened svgp site whose guide is Gaussian (the full-rank
+      :class:`~numpyro.distributions.MultivariateNormal` of :class:`~numpyro_svgp.AutoSVGP`,
+      a low-rank one, or a diagonal ``Normal(...).to_event(1)``) is :func:`kl`; other latent sites use numpyro's analytic
       ``kl_divergence`` where one is registered, else a Monte-Carlo estimate;
     - every site whose density depends on svgp outputs is integrated over
       :math:`q(f)`: in **closed form** for a Gaussian whose ``loc`` is an output up to
@@ -58,7 +57,9 @@ class SVGP_ELBO(ELBO):
       outputs point by point (Bernoulli, Poisson, Student-t, ``Normal(f, exp(g))``, ...;
       Hensman, Matthews & Ghahramani 2015), and by **Monte Carlo** only where neither
       can be established. :func:`~numpyro_svgp.integration_report` lists the choice
-      for each site, with the reason for any Monte Carlo.
+      for each site, with the reason for any Monte Carlo;
+    - where the guide's :math:`q(v)` is not Gaussian (nor a point mass), :math:`f` given
+      :math:`v` is integrated as above at one draw of :math:`v`, and the report says so.
 
     The estimate is unbiased in all cases; for a model whose only latent sites are svgp
     sites and whose sites are all closed form or quadrature, it does not depend on the
@@ -142,8 +143,9 @@ def elbo_terms(model, guide, args, kwargs, param_map, rng_key, options) -> jax.A
             continue
         q_site = guide_trace[name]
         q, scale = q_site["fn"], q_site["scale"]
-        if svgp_site(site) is not None and isinstance(q, MultivariateNormal):
-            kl_qp = kl(q.loc, q.scale_tril)
+        gaussian = gaussian_q(q)
+        if svgp_site(site) is not None and gaussian is not None:
+            kl_qp = kl(*gaussian)
             elbo = elbo - (kl_qp if scale is None else scale * kl_qp)
             continue
         if name not in plan.integrations or plan.integrations[name].method == "exact":

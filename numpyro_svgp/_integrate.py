@@ -33,8 +33,10 @@ import numpy as np
 from jax.extend.core import jaxpr_as_fun
 from numpy.polynomial.hermite_e import hermegauss
 from numpyro.distributions import (
+    Delta,
     ExpandedDistribution,
     Independent,
+    LowRankMultivariateNormal,
     MaskedDistribution,
     MultivariateNormal,
     Normal,
@@ -65,7 +67,7 @@ class Integration(NamedTuple):
     points: int = 0
     """Quadrature points per output."""
     reason: str = ""
-    """Why Monte Carlo."""
+    """Why Monte Carlo, or what else is estimated by sampling (a non-Gaussian q(v))."""
 
     def describe(self) -> str:
         if self.method == "quadrature":
@@ -230,6 +232,23 @@ def plan_model(model, model_key, guide_trace, param_map, args, kwargs, options: 
             )
             integrations[name] = _monte_carlo(name, deps, reason, options)
 
+    for output in names:
+        q, why = whitened_q(output, outputs, model_trace, guide_trace)
+        if q is not None:
+            continue
+        # f given v is still integrated exactly; v itself is one draw from q
+        reason = f"{why}: exact over f given v, at one draw of v"
+        for name, integration in integrations.items():
+            if integration.method in ("closed form", "quadrature") and output in integration.outputs:
+                if options.strict:
+                    raise ValueError(
+                        f"SVGP_ELBO(strict=True): site '{name}' cannot be integrated exactly: "
+                        f"{reason}. Use a Gaussian guide for it (AutoSVGP gives a full-rank "
+                        "MultivariateNormal), or strict=False to accept the estimate."
+                    )
+                note = reason if not integration.reason else f"{integration.reason}; {reason}"
+                integrations[name] = integration._replace(reason=note)
+
     evaluate = _Evaluator(closed, index, tags, names, zeros, outputs, guide_trace, model_trace,
                           model_key, options)
     return ModelPlan(model_trace, integrations, evaluate)
@@ -275,6 +294,57 @@ def _monte_carlo_plan(model, model_key, guide_trace, param_map, args, kwargs, si
     return ModelPlan(model_trace, integrations, evaluate)
 
 
+def gaussian_q(q):
+    r"""``(loc, scale_tril)`` of a guide distribution :math:`q(v)` that is Gaussian, else ``None``.
+
+    Full-rank and low-rank ``MultivariateNormal`` and a diagonal
+    ``Normal(...).to_event(1)`` give their mean and a Cholesky factor of their covariance.
+    """
+    if isinstance(q, (MultivariateNormal, LowRankMultivariateNormal)):
+        return q.loc, q.scale_tril
+    if (
+        isinstance(q, Independent)
+        and type(q.base_dist) is Normal
+        and q.reinterpreted_batch_ndims == 1
+        and len(q.event_shape) == 1
+    ):
+        loc, scale = (jnp.broadcast_to(a, q.event_shape) for a in (q.base_dist.loc, q.base_dist.scale))
+        return loc, jnp.diag(scale)
+    return None
+
+
+def whitened_q(output, outputs, model_trace, guide_trace):
+    r"""The guide's :math:`q(v)` for an svgp output, as ``((loc, scale_tril), "")`` when
+    the expectation over it can be taken exactly, else ``(None, why)``.
+
+    A point mass (``AutoDelta``, or a whitened site the guide does not cover) gives the
+    point and a zero factor. A ``Delta`` computed from the guide's own auxiliary sites
+    (``AutoMultivariateNormal`` and the other ``AutoContinuous`` guides unpack one joint
+    draw that way) is a draw, not a point mass: its q(v) is not known site by site.
+    """
+    conditional, v = outputs[output]
+    M = conditional.num_inducing
+    for name, site in model_trace.items():
+        prior = svgp_site(site)
+        if prior is None or prior.output != output:
+            continue
+        if name not in guide_trace:
+            return (v, jnp.zeros((M, M), conditional.dtype)), ""
+        q = guide_trace[name]["fn"]
+        gaussian = gaussian_q(q)
+        if gaussian is not None:
+            return gaussian, ""
+        point = q.base_dist if isinstance(q, Independent) else q
+        if isinstance(point, Delta):
+            auxiliary = [n for n, s in guide_trace.items()
+                         if s["type"] == "sample" and not s["is_observed"] and n not in model_trace]
+            if not auxiliary:
+                return (jnp.broadcast_to(point.v, q.shape()), jnp.zeros((M, M), conditional.dtype)), ""
+            return None, f"v of svgp output '{output}' is drawn through the guide's site '{auxiliary[0]}'"
+        return None, f"q(v) of svgp output '{output}' is a {type(q).__name__}, not Gaussian"
+    return (v, jnp.zeros((M, M), conditional.dtype)), ""
+
+
 class _Evaluator:
     """Computes the integrated terms of one plan, sharing each output's marginals."""
 
@@ -286,16 +356,12 @@ class _Evaluator:
         self._moments, self._draws = {}, {}
 
     def _q(self, output):
-        """(loc, scale_tril) of q(v) for an output; a sampled v (S = 0) if q is not Gaussian."""
-        conditional, v = self.outputs[output]
-        for name, site in self.model_trace.items():
-            prior = svgp_site(site)
-            if prior is not None and prior.output == output:
-                q = self.guide_trace[name]["fn"] if name in self.guide_trace else None
-                if isinstance(q, MultivariateNormal):
-                    return q.loc, q.scale_tril
-        M = conditional.num_inducing
-        return v, jnp.zeros((M, M), conditional.dtype)
+        """(loc, scale_tril) of q(v) for an output; the drawn v (S = 0) if q is not known."""
+        q, _ = whitened_q(output, self.outputs, self.model_trace, self.guide_trace)
+        if q is None:
+            conditional, v = self.outputs[output]
+            return v, jnp.zeros((conditional.num_inducing,) * 2, conditional.dtype)
+        return q
 
     def moments(self, output):
         if output not in self._moments:

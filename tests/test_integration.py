@@ -18,7 +18,13 @@ import pytest
 from jax import random
 from numpyro.handlers import block
 from numpyro.infer import SVI, TraceMeanField_ELBO
-from numpyro.infer.autoguide import AutoGuideList, AutoMultivariateNormal, AutoNormal
+from numpyro.infer.autoguide import (
+    AutoDelta,
+    AutoGuideList,
+    AutoLowRankMultivariateNormal,
+    AutoMultivariateNormal,
+    AutoNormal,
+)
 from scipy import integrate, special, stats
 
 import numpyro_svgp as ns
@@ -527,3 +533,79 @@ def test_package_has_no_import_cycle():
     for module in graph:
         visit(module, [])
     assert "_conditional" not in graph["_linalg"] and not graph["_linalg"]
+
+
+def _dense_gaussian_kl(m, C):
+    return 0.5 * (np.trace(C) + m @ m - M - np.linalg.slogdet(C)[1])
+
+
+@pytest.mark.parametrize("guide_name", ["diagonal", "point_mass", "low_rank"])
+def test_other_guides_of_v(guide_name):
+    """AutoNormal and AutoDelta on the whitened site: the closed form with their mean
+    and covariance (for the point mass, zero covariance and log p(v) in place of the
+    KL), deterministic in the key. AutoLowRankMultivariateNormal draws v through its
+    joint site: the report says so, and the loss averages to the closed form."""
+    rng, X, Z = _inputs(11)
+    y = np.sin(2 * X[:, 0]) + 0.2 * rng.normal(size=N)
+    model = _one_gp_model(lambda f, y: numpyro.sample("y", dist.Normal(f, 0.3), obs=y), Z)
+    m = rng.normal(size=M)
+    if guide_name == "diagonal":
+        guide = AutoNormal(model)
+        scale = rng.uniform(0.3, 0.9, size=M)
+        values, C = {"f_whitened_auto_loc": m, "f_whitened_auto_scale": scale}, np.diag(scale**2)
+    elif guide_name == "low_rank":
+        guide = AutoLowRankMultivariateNormal(model, rank=2)
+        W, scale = 0.4 * rng.normal(size=(M, 2)), rng.uniform(0.3, 0.9, size=M)
+        values = {"auto_loc": m, "auto_cov_factor": W, "auto_scale": scale}
+        # numpyro scales the factor by the diagonal: cov = diag(s) (W W^T + I) diag(s)
+        C = scale[:, None] * (W @ W.T + np.eye(M)) * scale[None, :]
+    else:
+        guide = AutoDelta(model)
+        values, C = {"f_whitened_auto_loc": m}, np.zeros((M, M))
+    svi = SVI(model, guide, optax.adam(1e-2), ns.SVGP_ELBO())
+    params = svi.get_params(svi.init(random.PRNGKey(0), X, y))
+    assert set(params) == set(values)
+    params = {k: jnp.asarray(v) for k, v in values.items()}
+    S = np.linalg.cholesky(C) if guide_name != "point_mass" else C
+    mean, var = _dense_marginals(X, Z, m, S)
+    ell = np.sum(-0.5 * np.log(2 * np.pi * 0.09) - ((y - mean) ** 2 + var) / (2 * 0.09))
+    if guide_name == "point_mass":
+        expected = ell + np.sum(stats.norm.logpdf(m))
+    else:
+        expected = ell - _dense_gaussian_kl(m, C)
+    report = ns.integration_report(model, guide, params, X, y)["y"]
+    assert report["integration"] == "closed form"
+    loss = jax.jit(jax.vmap(lambda k: ns.SVGP_ELBO().loss(k, params, model, guide, X, y)))
+    if guide_name != "low_rank":
+        assert report["reason"] == ""
+        losses = loss(random.split(random.PRNGKey(0), 2))
+        assert losses[0] == losses[1]
+        assert -float(losses[0]) == pytest.approx(expected, rel=1e-10)
+        return
+    assert report["reason"] == (
+        "v of svgp output 'f' is drawn through the guide's site '_auto_latent': "
+        "exact over f given v, at one draw of v"
+    )
+    draws = -np.asarray(loss(random.split(random.PRNGKey(0), 4000)))
+    assert draws.std() > 0
+    assert abs(draws.mean() - expected) < 4 * draws.std() / np.sqrt(len(draws))
+
+
+def test_a_non_gaussian_q_of_v_is_reported_and_refused_under_strict():
+    rng, X, Z = _inputs(12)
+    y = (rng.uniform(size=N) < 0.5).astype(float)
+    model = _one_gp_model(lambda f, y: numpyro.sample("y", dist.Bernoulli(logits=f), obs=y), Z)
+
+    def guide(X, y=None):
+        loc = numpyro.param("loc", jnp.zeros(M))
+        numpyro.sample("f_whitened", dist.StudentT(5.0, loc, 0.5).to_event(1))
+
+    report = ns.integration_report(model, guide, {"loc": jnp.zeros(M)}, X, y)
+    assert report["y"]["integration"] == "quadrature (20 points)"
+    assert "q(v) of svgp output 'f' is a Independent, not Gaussian" in report["y"]["reason"]
+    with pytest.raises(ValueError, match=r"strict=True.*site 'y'.*not Gaussian"):
+        ns.SVGP_ELBO(strict=True).loss(random.PRNGKey(0), {"loc": jnp.zeros(M)}, model, guide, X, y)
+    # still an unbiased estimate: quadrature over f given the drawn v
+    losses = {float(ns.SVGP_ELBO().loss(random.PRNGKey(k), {"loc": jnp.zeros(M)}, model, guide, X, y))
+              for k in range(3)}
+    assert len(losses) == 3
