@@ -8,7 +8,6 @@ site of the same shape (the likelihood over the same points), so ``f`` and ``y``
 line up on one ``data`` axis.
 """
 
-import arviz as az
 import jax.numpy as jnp
 import numpy as np
 from numpyro.handlers import seed, trace
@@ -52,7 +51,7 @@ def to_inference_data(
     model_kwargs: dict | None = None,
     coords: dict | None = None,
     dims: dict | None = None,
-) -> az.InferenceData:
+) -> "arviz.InferenceData":
     """Package SVI results as an :class:`arviz.InferenceData`.
 
     Example::
@@ -101,6 +100,9 @@ def to_inference_data(
     }
     present = {group: data for group, data in groups.items() if data is not None}
     used = {name for data in present.values() for name in data}
+    # arviz (with xarray, pandas and matplotlib) takes seconds to import: only on use
+    import arviz as az
+
     return az.from_dict(
         **present,
         coords=coords,

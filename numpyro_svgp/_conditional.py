@@ -30,8 +30,11 @@ exactly that of Hensman et al. (2013) for the jittered :math:`K_{uu}`.
 3. Hensman, Matthews & Ghahramani (2015), *Scalable variational Gaussian process classification*.
 """
 
+import functools
 from typing import NamedTuple
 
+import equinox as eqx
+import jax
 import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Float
@@ -43,6 +46,7 @@ from numpyro_svgp.kernels import Kernel
 
 __all__ = [
     "Conditional",
+    "compiled",
     "conditional_variance",
     "predictive_moments",
     "projection",
@@ -88,6 +92,35 @@ class Conditional(NamedTuple):
         return conditional_variance(self)
 
 
+_NEEDS_CONCRETE_VALUES = (
+    jax.errors.ConcretizationTypeError,
+    jax.errors.TracerArrayConversionError,
+    jax.errors.TracerBoolConversionError,
+    jax.errors.TracerIntegerConversionError,
+)
+
+
+def compiled(fn):
+    """``fn`` run as one compiled program (``equinox.filter_jit``).
+
+    Outside ``jit`` (numpyro's initialisation, ``Predictive``) the model runs
+    primitive by primitive, and each primitive of a new shape is compiled on its
+    own; one program per call compiles far faster. A user's kernel that computes on
+    concrete values (NumPy on its fields) cannot be traced: then ``fn`` runs as it is,
+    exactly as without this wrapper.
+    """
+    jitted = eqx.filter_jit(fn)
+
+    @functools.wraps(fn)
+    def call(*args):
+        try:
+            return jitted(*args)
+        except _NEEDS_CONCRETE_VALUES:
+            return fn(*args)
+
+    return call
+
+
 def _checked_jitter(jitter, dtype) -> float:
     if jitter is None:
         return default_jitter(dtype)
@@ -124,8 +157,13 @@ def whitened_conditional(
     X = check_finite("X", X)
     dtype = inducing.dtype(X)
     jitter = _checked_jitter(jitter, dtype)
-    L, jitter_used = inducing.cholesky(kernel, dtype, jitter, max_jitter_escalations)
+    L, jitter_used = _factorise(inducing, kernel, dtype, jitter, max_jitter_escalations)
     return Conditional(kernel, inducing, X, L, jitter_used)
+
+
+@compiled
+def _factorise(inducing, kernel, dtype, jitter, max_jitter_escalations):
+    return inducing.cholesky(kernel, dtype, jitter, max_jitter_escalations)
 
 
 def residual_variance(

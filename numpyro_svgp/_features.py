@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-from numpyro_svgp._checks import as_float_array, check_finite, check_matrix
+from numpyro_svgp._checks import as_float_array, check_finite, check_matrix, is_traced
 from numpyro_svgp._harmonics import fundamental_system, gegenbauer, num_harmonics
 from numpyro_svgp._linalg import cholesky_with_jitter
 from numpyro_svgp.kernels import Kernel, Warped, Zonal
@@ -103,6 +103,9 @@ class InducingPoints(InducingFeatures):
                 f"X has {X.shape[1]} features but Z has {self.Z.shape[1]}: inducing inputs "
                 "must live in the same input space as the data."
             )
+        if not is_traced(self.Z):
+            # concrete Z: refuse it here, with the index, before the compiled factorisation
+            check_finite("Z", self.Z)
 
     def dtype(self, X):
         return jnp.result_type(X, self.Z)

@@ -25,6 +25,7 @@ from contextlib import ExitStack
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import numpyro
 import numpyro.distributions as dist
 from numpyro.distributions.transforms import biject_to
@@ -36,6 +37,32 @@ from numpyro_svgp._checks import check_observed_site
 from numpyro_svgp._svgp import svgp_site
 
 __all__ = ["AutoSVGP", "whitened_scale_tril"]
+
+
+def _call_signature(args, kwargs):
+    """What fixes the sizes of the model's plates in a call: the structure of the
+    arguments, the shapes of the arrays and the other values."""
+    leaves, treedef = jax.tree.flatten((args, kwargs))
+    return treedef, [
+        ("array", jnp.shape(x)) if isinstance(x, (jax.Array, np.ndarray)) else ("value", x)
+        for x in leaves
+    ]
+
+
+def _same_signature(a, b) -> bool:
+    if a is None or b is None or a[0] != b[0] or len(a[1]) != len(b[1]):
+        return False
+    for (kind_a, x), (kind_b, y) in zip(a[1], b[1]):
+        if kind_a != kind_b:
+            return False
+        if x is y:
+            continue
+        try:
+            if not bool(x == y):
+                return False
+        except Exception:  # values without a plain equality: assume they differ
+            return False
+    return True
 
 
 def whitened_scale_tril(raw: jax.Array) -> jax.Array:
@@ -99,6 +126,7 @@ class AutoSVGP(AutoNormal):
         self._init_whitened_scale = init_whitened_scale
         self._whitened = OrderedDict()
         self._plates_of_call = None
+        self._checked_call = None
         super().__init__(
             model, prefix=prefix, init_loc_fn=init_loc_fn, init_scale=init_scale,
             create_plates=create_plates,
@@ -152,8 +180,12 @@ class AutoSVGP(AutoNormal):
         return whitened_scale_tril(raw)
 
     def __call__(self, *args, **kwargs):
+        signature = _call_signature(args, kwargs)
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
+        elif not _same_signature(signature, self._checked_call):
+            self._check_plate_sizes(args, kwargs)
+        self._checked_call = signature
         # one set of plates for AutoNormal's sites and these (a subsampled plate made
         # twice would draw its indices twice)
         plates = self._plates_of_call = self._create_plates(*args, **kwargs)
@@ -168,6 +200,27 @@ class AutoSVGP(AutoNormal):
                 loc, scale_tril = self._whitened_params(name)
                 result[name] = numpyro.sample(name, dist.MultivariateNormal(loc, scale_tril=scale_tril))
         return result
+
+    def _check_plate_sizes(self, args, kwargs):
+        """Refuse a call whose plates over guided latent sites differ in size from the
+        fitted ones: the params hold one value per member of the fitted plate, and
+        indexing past them would silently hand a new member another's value."""
+        with block():
+            model_trace = trace(seed(self.model, 0)).get_trace(*args, **kwargs)
+        for name, site in model_trace.items():
+            if site["type"] != "plate" or name not in self._prototype_frames:
+                continue
+            size, fitted = site["args"][0], self._prototype_frame_full_sizes[name]
+            if size != fitted:
+                raise ValueError(
+                    f"AutoSVGP: the model's plate '{name}' has size {size} in this call, "
+                    f"but the guide was fitted with size {fitted}: its params hold one "
+                    f"value per member of the fitted plate. Keep '{name}' at size "
+                    f"{fitted} and draw the latents of new members in a separate plate "
+                    "and site that the guide does not hold (Predictive then samples them "
+                    "from their prior), e.g. a_new = numpyro.sample('a_new', ...) "
+                    "under numpyro.plate('new_group', num_new)."
+                )
 
     def _create_plates(self, *args, **kwargs):
         if self._plates_of_call is not None:

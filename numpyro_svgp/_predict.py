@@ -10,6 +10,8 @@ At new inputs :math:`X_*` the fitted SVGP gives the Gaussian marginals
 ``numpyro.infer.Predictive`` samples of the same site converge to.
 """
 
+import traceback
+
 import jax
 import jax.numpy as jnp
 from jax.scipy.special import logsumexp
@@ -20,6 +22,45 @@ from numpyro_svgp._conditional import predictive_moments
 from numpyro_svgp._svgp import fitted_model_trace, svgp_site
 
 __all__ = ["predict_f", "held_out_log_likelihood"]
+
+
+def _check_params(params, caller: str) -> None:
+    """Refuse what is not a fitted params dict before it reaches the model."""
+    if not isinstance(params, dict):
+        raise TypeError(
+            f"{caller} needs the fitted params as a dict (svi.get_params(state), "
+            f"svi_result.params or ns.train(...).params), got {type(params).__name__}."
+        )
+    if not params:
+        raise ValueError(
+            f"{caller} got empty params: pass the fitted params (svi.get_params(state), "
+            "svi_result.params or ns.train(...).params)."
+        )
+
+
+def _check_all_params_given(trace_, params, what: str, caller: str) -> None:
+    missing = [name for name, site in trace_.items()
+               if site["type"] == "param" and name not in params]
+    if missing:
+        raise ValueError(
+            f"{caller}: the {what} has params that are not in the given params: "
+            f"{missing}. Without them it would silently use their initial values; pass "
+            "the params fitted with this model and guide."
+        )
+
+
+def _explain_plate_size(error: Exception, caller: str) -> None:
+    """A plate of size None fails inside numpyro with a bare TypeError; name the cause."""
+    frames = traceback.extract_tb(error.__traceback__)
+    if isinstance(error, TypeError) and "NoneType" in str(error) and any(
+        frame.name == "__init__" and frame.filename.endswith("primitives.py") for frame in frames
+    ):
+        raise ValueError(
+            f"{caller}: a numpyro.plate in the model got size None, typically a "
+            "num_data=None keyword of a mini-batch model. Pass it (num_data=N), or write "
+            "the plate as numpyro.plate('data', num_data or X.shape[0], "
+            "subsample_size=X.shape[0]) so the model also runs on new inputs alone."
+        ) from error
 
 
 def predict_f(model, guide, params, *args, name: str = "f", rng_seed: int = 0, **kwargs):
@@ -41,8 +82,18 @@ def predict_f(model, guide, params, *args, name: str = "f", rng_seed: int = 0, *
     :return: ``(mean, variance)``, each of the output's shape ``(N,)``; the variance
         excludes the likelihood's noise.
     """
+    _check_params(params, "predict_f")
     whitened = f"{name}_whitened"
-    guide_trace = trace(seed(substitute(guide, data=params), rng_seed)).get_trace(*args, **kwargs)
+    try:
+        guide_trace = trace(seed(substitute(guide, data=params), rng_seed)).get_trace(
+            *args, **kwargs
+        )
+        _check_all_params_given(guide_trace, params, "guide", "predict_f")
+        model_trace = fitted_model_trace(model, guide, params, args, kwargs, rng_seed)
+    except TypeError as error:
+        _explain_plate_size(error, "predict_f")
+        raise
+    _check_all_params_given(model_trace, params, "model", "predict_f")
     if whitened not in guide_trace:
         raise KeyError(
             f"the guide has no site '{whitened}': is '{name}' the name given to ns.svgp?"
@@ -53,7 +104,6 @@ def predict_f(model, guide, params, *args, name: str = "f", rng_seed: int = 0, *
             f"predict_f needs a MultivariateNormal q({whitened}), as AutoSVGP makes; "
             f"the guide gave {type(q).__name__}."
         )
-    model_trace = fitted_model_trace(model, guide, params, args, kwargs, rng_seed)
     info = svgp_site(model_trace[whitened])
     return predictive_moments(info.conditional, q.loc, q.scale_tril)
 
@@ -81,8 +131,14 @@ def held_out_log_likelihood(
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
+    _check_params(params, "held_out_log_likelihood")
     draw_key, model_key = jax.random.split(rng_key)
-    draws = guide.sample_posterior(draw_key, params, *args, sample_shape=(num_samples,), **kwargs)
+    try:
+        draws = guide.sample_posterior(draw_key, params, *args, sample_shape=(num_samples,),
+                                       **kwargs)
+    except TypeError as error:
+        _explain_plate_size(error, "held_out_log_likelihood")
+        raise
 
     def log_density(draw, key):
         with block():
@@ -95,5 +151,9 @@ def held_out_log_likelihood(
             raise ValueError("the model has no observed site: pass the held-out observations.")
         return jnp.concatenate(terms)
 
-    log_p = jax.vmap(log_density)(draws, jax.random.split(model_key, num_samples))
+    try:
+        log_p = jax.vmap(log_density)(draws, jax.random.split(model_key, num_samples))
+    except TypeError as error:
+        _explain_plate_size(error, "held_out_log_likelihood")
+        raise
     return jnp.mean(logsumexp(log_p, axis=0) - jnp.log(num_samples))

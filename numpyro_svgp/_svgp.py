@@ -31,6 +31,7 @@ from numpyro.primitives import Messenger, apply_stack
 
 from numpyro_svgp._conditional import (
     Conditional,
+    compiled,
     conditional_variance,
     projection,
     whitened_conditional,
@@ -154,9 +155,13 @@ def svgp(
 def draw_output(conditional: Conditional, v: Float[Array, " M"]) -> Float[Array, " N"]:
     r""":math:`A v + \sqrt{\operatorname{diag}(K_{xx} - A A^\top)}\,\varepsilon`, with
     :math:`\varepsilon` from ``numpyro.prng_key()`` (left out when there is no key)."""
+    return _draw(conditional, v, numpyro.prng_key())
+
+
+@compiled
+def _draw(conditional, v, key):
     A = projection(conditional)
     f = A @ v.astype(A.dtype)  # numpyro's MVN draws may come in the default float dtype
-    key = numpyro.prng_key()
     if key is not None:
         variance = conditional_variance(conditional, A)
         # safe_sqrt keeps d sqrt(var) finite where var == 0 (e.g. X = Z)

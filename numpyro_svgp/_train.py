@@ -1,13 +1,21 @@
-"""``train``: SVI with guards against non-finite steps, checkpoints and a progress bar.
+"""One training loop: SVI steps in compiled chunks, guarded against non-finite steps.
 
-Steps run in compiled chunks (``lax.scan``). A step whose loss or new optimizer
-state is not finite is skipped, meaning the parameters and optimizer state stay as
-they were while the random key moves on, and is counted. After
-``max_nonfinite_in_a_row`` such steps in a row training stops with
-:class:`TrainingStopped`, which carries everything up to the last good step.
+:func:`train` feeds every step the same arguments (the data on the device, or a
+model that subsamples itself); :func:`train_epochs` feeds shuffled mini-batches of
+host arrays. Both run the same loop: steps run in compiled chunks (``lax.scan``);
+a step whose loss or new optimizer state is not finite is skipped, meaning the
+parameters and optimizer state stay as they were while the random key moves on,
+and is counted. After ``max_nonfinite_in_a_row`` such steps in a row training stops
+with :class:`TrainingStopped`, which carries everything up to the last good step.
+
+The compiled chunk is a module-level ``jax.jit`` whose static arguments are the
+``SVI`` object, the chunk length and the non-array model arguments, so a second call
+with the same ``svi`` and shapes reuses the compiled code instead of compiling again.
 """
 
+import functools
 import os
+import sys
 from typing import NamedTuple
 
 import jax
@@ -22,18 +30,33 @@ from numpyro_svgp._predict import held_out_log_likelihood
 
 __all__ = ["EpochsResult", "TrainResult", "TrainingStopped", "train", "train_epochs"]
 
+_NO_EVALUATIONS = np.zeros((0, 2))
+_NO_EVALUATIONS.setflags(write=False)
+
 
 class TrainResult(NamedTuple):
-    """What :func:`train` returns."""
+    """What :func:`train` and :func:`train_epochs` return."""
 
     params: dict
-    """The constrained params (as ``svi.get_params``)."""
+    """The constrained params (as ``svi.get_params``): with held-out evaluations,
+    those of the best one, else the last."""
     state: SVIState
-    """The final SVI state: pass it to ``svi.update`` to go on by hand."""
+    """The SVI state those params come from: pass it as ``init_state`` to go on."""
     losses: np.ndarray
-    """The loss of every step; skipped steps hold their non-finite loss."""
+    """The loss of every step taken; skipped steps hold their non-finite loss."""
     num_skipped: int
     """How many steps were skipped for a non-finite loss or gradient."""
+    held_out: np.ndarray = _NO_EVALUATIONS
+    """``(epoch, mean held-out log-likelihood)`` rows, one per evaluation
+    (:func:`train_epochs` with ``held_out``)."""
+    best_epoch: int | None = None
+    """The epoch whose params are returned, counted from 1 (:func:`train_epochs`)."""
+    stopped_early: bool = False
+    """Whether ``patience`` ran out before ``num_epochs``."""
+
+
+EpochsResult = TrainResult
+"""The result of :func:`train_epochs`: the same type as :class:`TrainResult`."""
 
 
 class TrainingStopped(RuntimeError):
@@ -45,44 +68,180 @@ class TrainingStopped(RuntimeError):
         self.result = result
 
 
+# --- arguments: arrays are traced, everything else is a compile-time constant --------
+
+
+class _Traced:
+    """Marks a traced leaf in the static description of the model's arguments."""
+
+    def __repr__(self):
+        return "<traced>"
+
+
+_TRACED = _Traced()
+
+
+class _ByIdentity:
+    """An unhashable constant argument, compared by identity: the same object reuses
+    the compiled chunk, another one compiles anew."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __hash__(self):
+        return id(self.value)
+
+    def __eq__(self, other):
+        return isinstance(other, _ByIdentity) and other.value is self.value
+
+
+def _is_array(x) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray))
+
+
+def _split_arguments(args: tuple, kwargs: dict):
+    """``(traced leaves, static description)`` of the model's arguments: array leaves
+    are traced, other leaves (a Python int, a flag, a name) are fixed at compile time,
+    as ``svi.run`` fixes them."""
+    leaves, treedef = jax.tree.flatten((args, kwargs))
+    traced = [x if _is_array(x) else None for x in leaves]
+    static = []
+    for x in leaves:
+        if _is_array(x):
+            static.append(_TRACED)
+            continue
+        try:
+            hash(x)
+        except TypeError:
+            x = _ByIdentity(x)
+        static.append(x)
+    return traced, (treedef, tuple(static))
+
+
+def _join_arguments(traced, spec):
+    treedef, static = spec
+    leaves = [t if s is _TRACED else (s.value if isinstance(s, _ByIdentity) else s)
+              for t, s in zip(traced, static)]
+    return jax.tree.unflatten(treedef, leaves)
+
+
+def _check_finite(array, what: str) -> None:
+    """Refuse a floating array with NaN or inf, naming the first bad row."""
+    array = np.asarray(array)
+    if not np.issubdtype(array.dtype, np.inexact) or np.all(np.isfinite(array)):
+        return
+    bad = ~np.isfinite(array.reshape(array.shape[0], -1) if array.ndim else array[None])
+    row = int(np.flatnonzero(bad.any(axis=1))[0])
+    count = int(bad.any(axis=1).sum())
+    raise ValueError(
+        f"{what} has a non-finite value (NaN or inf) at row {row}"
+        + (f" ({count} rows in all)" if count > 1 else "")
+        + ": drop or impute those rows before training."
+    )
+
+
 def _all_finite(tree) -> jax.Array:
     leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
               if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
 
-def _chunk_runner(svi, max_in_a_row: int, length: int, static_kwargs: dict):
-    """A compiled function running ``length`` guarded steps; ``static_kwargs`` (sizes,
-    flags) are fixed at compile time, array arguments are traced. With ``batches``
-    (arrays with a leading axis of ``length``), step ``i`` gets ``batches[j][i]`` as
-    its positional arguments instead of ``args``."""
+@functools.partial(jax.jit, static_argnames=("svi", "max_in_a_row", "length", "spec"))
+def _run_chunk(state, in_a_row, skipped, traced, batches, *, svi, max_in_a_row, length, spec):
+    """``length`` guarded steps. With ``batches`` (arrays with a leading axis of
+    ``length``), step ``i`` gets ``batches[j][i]`` as the model's positional arguments
+    in front of the fixed ones."""
+    args, kwargs = _join_arguments(traced, spec)
 
-    @jax.jit
-    def run(state, in_a_row, skipped, args, kwargs, batches=None):
-        kwargs = {**kwargs, **static_kwargs}
+    def step(carry, batch):
+        state, in_a_row, skipped = carry
+        stopped = in_a_row >= max_in_a_row
+        step_args = args if batch is None else (*batch, *args)
+        new_state, loss = svi.update(state, *step_args, **kwargs)
+        ok = jnp.isfinite(loss) & _all_finite(new_state.optim_state) & ~stopped
 
-        def step(carry, batch):
-            state, in_a_row, skipped = carry
-            stopped = in_a_row >= max_in_a_row
-            step_args = args if batch is None else batch
-            new_state, loss = svi.update(state, *step_args, **kwargs)
-            ok = jnp.isfinite(loss) & _all_finite(new_state.optim_state) & ~stopped
+        def keep(new, old):
+            return jnp.where(ok, new, old)
 
-            def keep(new, old):
-                return jnp.where(ok, new, old)
+        optim_state = jax.tree.map(keep, new_state.optim_state, state.optim_state)
+        mutable = jax.tree.map(keep, new_state.mutable_state, state.mutable_state)
+        # the key moves on after a skipped step, so a Monte-Carlo loss is redrawn
+        rng_key = jnp.where(stopped, state.rng_key, new_state.rng_key)
+        in_a_row = jnp.where(stopped, in_a_row, jnp.where(ok, 0, in_a_row + 1))
+        skipped = skipped + (~ok & ~stopped)
+        carry = (SVIState(optim_state, mutable, rng_key), in_a_row, skipped)
+        return carry, (loss, stopped)
 
-            optim_state = jax.tree.map(keep, new_state.optim_state, state.optim_state)
-            mutable = jax.tree.map(keep, new_state.mutable_state, state.mutable_state)
-            # the key moves on after a skipped step, so a Monte-Carlo loss is redrawn
-            rng_key = jnp.where(stopped, state.rng_key, new_state.rng_key)
-            in_a_row = jnp.where(stopped, in_a_row, jnp.where(ok, 0, in_a_row + 1))
-            skipped = skipped + (~ok & ~stopped)
-            carry = (SVIState(optim_state, mutable, rng_key), in_a_row, skipped)
-            return carry, (loss, stopped)
+    return lax.scan(step, (state, in_a_row, skipped), batches, length=length)
 
-        return lax.scan(step, (state, in_a_row, skipped), batches, length=length)
 
-    return run
+class _Loop:
+    """One training run: the SVI state, the guard counters and the loss history."""
+
+    def __init__(self, svi, state, max_in_a_row: int, args: tuple, kwargs: dict, losses=()):
+        self.svi, self.state, self.max_in_a_row = svi, state, max_in_a_row
+        self.traced, self.spec = _split_arguments(args, kwargs)
+        self.losses = [np.asarray(x) for x in losses]
+        previous = np.concatenate(self.losses) if self.losses else np.zeros(0)
+        self.in_a_row = jnp.asarray(0)
+        self.skipped = jnp.asarray(int(np.sum(~np.isfinite(previous))))
+        self.step = previous.size
+
+    def run(self, length: int, batches=None) -> np.ndarray:
+        """Run ``length`` steps (one compiled chunk); return the losses of those taken."""
+        (self.state, self.in_a_row, self.skipped), (losses, stopped) = _run_chunk(
+            self.state, self.in_a_row, self.skipped, self.traced, batches,
+            svi=self.svi, max_in_a_row=self.max_in_a_row, length=length, spec=self.spec,
+        )
+        losses = np.asarray(losses)[~np.asarray(stopped)]
+        self.losses.append(losses)
+        self.step += losses.size
+        return losses
+
+    def history(self) -> np.ndarray:
+        return np.concatenate(self.losses) if self.losses else np.zeros(0)
+
+    def result(self, state=None, **extra) -> TrainResult:
+        state = self.state if state is None else state
+        return TrainResult(self.svi.get_params(state), state, self.history(),
+                           int(self.skipped), **extra)
+
+    def raise_if_stopped(self, where: str = "", **extra) -> None:
+        # a step is only ever stopped once in_a_row has reached the limit
+        if int(self.in_a_row) >= self.max_in_a_row:
+            raise TrainingStopped(
+                f"training stopped at step {self.step}{where}: {self.max_in_a_row} steps in a "
+                f"row gave a non-finite loss or gradient ({int(self.skipped)} skipped in all). "
+                "The state is the last good one (TrainingStopped.result). Look for a "
+                "noise variance or lengthscale collapsing towards 0, inducing inputs "
+                "piling up, or float32 with a badly conditioned K_zz.",
+                self.result(**extra),
+            )
+
+    def show(self, bar, losses, **postfix) -> None:
+        bar.update(losses.size)
+        finite = losses[np.isfinite(losses)]
+        if finite.size:
+            bar.set_postfix(loss=f"{finite.mean():.4g}", skipped=int(self.skipped), **postfix)
+
+
+def _initial_state(svi, rng_key, init_state, args, kwargs) -> SVIState:
+    if init_state is None:
+        return svi.init(rng_key, *args, **kwargs)
+    if isinstance(init_state, TrainResult):
+        return init_state.state
+    if not isinstance(init_state, SVIState):
+        raise TypeError(
+            f"init_state must be an SVIState (e.g. result.state) or a TrainResult, "
+            f"got {type(init_state).__name__}."
+        )
+    return init_state
+
+
+def _check_counts(**counts) -> None:
+    for name, (value, least) in counts.items():
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < least:
+            raise ValueError(f"{name} must be an integer >= {least}, got {value!r}.")
 
 
 def train(
@@ -90,6 +249,7 @@ def train(
     rng_key,
     num_steps: int,
     *args,
+    init_state: SVIState | TrainResult | None = None,
     max_nonfinite_in_a_row: int = 20,
     steps_per_call: int = 100,
     checkpoint: str | os.PathLike | None = None,
@@ -106,11 +266,18 @@ def train(
         result = ns.train(svi, key, 5000, X, y, checkpoint="fit.ckpt", checkpoint_every=500)
         # after a crash, the same call with resume=True continues from fit.ckpt and
         # reproduces the uninterrupted run bit for bit
+        more = ns.train(svi, key, 1000, X, y, init_state=result)   # 1000 steps more
+
+    A second call with the same ``svi`` and argument shapes reuses the compiled steps.
 
     :param svi: a :class:`numpyro.infer.SVI`.
-    :param rng_key: the random key (as for ``svi.run``).
-    :param int num_steps: total number of steps (including those of a resumed checkpoint).
-    :param args: the model's arguments.
+    :param rng_key: the random key (as for ``svi.run``); unused with ``init_state``.
+    :param int num_steps: number of steps; with ``resume``, the total including those
+        of the checkpoint.
+    :param args: the model's arguments; arrays are traced, anything else (a Python
+        int, a flag) is a compile-time constant, as in ``svi.run``.
+    :param init_state: go on from this state (an ``SVIState``, or the
+        :class:`TrainResult` of an earlier call) instead of ``svi.init``.
     :param int max_nonfinite_in_a_row: stop after this many consecutive skipped steps.
     :param int steps_per_call: steps compiled into one call (progress-bar granularity).
     :param checkpoint: a file to save the full state (params, optimizer state, step,
@@ -119,89 +286,47 @@ def train(
         only at the end.
     :param bool resume: continue from ``checkpoint`` if the file exists.
     :param bool progress_bar: show a tqdm bar with the running loss.
-    :param kwargs: the model's keyword arguments; arrays are traced, anything else
-        (a batch size, a flag) is a compile-time constant.
+    :param kwargs: the model's keyword arguments, split as ``args`` are.
     :return: a :class:`TrainResult`.
     :raises TrainingStopped: after ``max_nonfinite_in_a_row`` skipped steps in a row.
     """
-    if num_steps < 0 or steps_per_call < 1 or max_nonfinite_in_a_row < 1:
-        raise ValueError(
-            "num_steps must be >= 0, steps_per_call >= 1 and max_nonfinite_in_a_row >= 1."
-        )
+    _check_counts(num_steps=(num_steps, 0), steps_per_call=(steps_per_call, 1),
+                  max_nonfinite_in_a_row=(max_nonfinite_in_a_row, 1))
     if checkpoint_every is not None and (checkpoint is None or checkpoint_every < 1):
         raise ValueError("checkpoint_every needs a checkpoint path and must be >= 1.")
     if resume and checkpoint is None:
         raise ValueError("resume=True needs a checkpoint path.")
+    if resume and init_state is not None:
+        raise ValueError("give init_state or resume=True, not both.")
+    for i, a in enumerate(args):
+        if _is_array(a) and np.ndim(a):
+            _check_finite(a, f"positional argument {i} of the model")
+    for k, a in kwargs.items():
+        if _is_array(a) and np.ndim(a):
+            _check_finite(a, f"keyword argument {k!r} of the model")
 
-    state = svi.init(rng_key, *args, **kwargs)
-    losses, step = [], 0
+    state = _initial_state(svi, rng_key, init_state, args, kwargs)
+    losses = []
     if resume and os.path.exists(checkpoint):
         state, step, previous = load_checkpoint(checkpoint, like=state)
-        losses = [previous]
         if step > num_steps:
             raise ValueError(f"the checkpoint is at step {step}, past num_steps={num_steps}.")
-    arrays = {k: v for k, v in kwargs.items() if isinstance(v, (jax.Array, np.ndarray))}
-    static_kwargs = {k: v for k, v in kwargs.items() if k not in arrays}
-    in_a_row = jnp.asarray(0)
-    skipped = jnp.asarray(int(np.sum(~np.isfinite(np.concatenate(losses))) if losses else 0))
-    runners = {}
+        print(f"resuming from {os.fspath(checkpoint)!r} at step {step} of {num_steps}",
+              file=sys.stderr)
+        losses = [previous]
+    loop = _Loop(svi, state, max_nonfinite_in_a_row, args, kwargs, losses)
     every = checkpoint_every or num_steps or 1
 
-    def result():
-        history = np.concatenate(losses) if losses else np.zeros(0)
-        return TrainResult(svi.get_params(state), state, history, int(skipped))
-
-    with tqdm(total=num_steps, initial=step, disable=not progress_bar, desc="SVI") as bar:
-        while step < num_steps:
+    with tqdm(total=num_steps, initial=loop.step, disable=not progress_bar, desc="SVI") as bar:
+        while loop.step < num_steps:
+            step = loop.step
             boundary = min((step // steps_per_call + 1) * steps_per_call,
                            (step // every + 1) * every, num_steps)
-            length = boundary - step
-            if length not in runners:
-                runners[length] = _chunk_runner(svi, max_nonfinite_in_a_row, length, static_kwargs)
-            (state, in_a_row, skipped), (chunk_losses, stopped) = runners[length](
-                state, in_a_row, skipped, args, arrays
-            )
-            chunk_losses, stopped = np.asarray(chunk_losses), np.asarray(stopped)
-            taken = int(np.sum(~stopped))
-            losses.append(chunk_losses[:taken])
-            step += taken
-            bar.update(taken)
-            finite = chunk_losses[:taken][np.isfinite(chunk_losses[:taken])]
-            if finite.size:
-                bar.set_postfix(loss=f"{finite.mean():.4g}", skipped=int(skipped))
-            # a step is only ever stopped once in_a_row has reached the limit
-            if int(in_a_row) >= max_nonfinite_in_a_row:
-                raise TrainingStopped(
-                    f"training stopped at step {step}: {max_nonfinite_in_a_row} steps in a "
-                    f"row gave a non-finite loss or gradient ({int(skipped)} skipped in all). "
-                    "The state is the last good one (TrainingStopped.result). Look for a "
-                    "noise variance or lengthscale collapsing towards 0, inducing inputs "
-                    "piling up, or float32 with a badly conditioned K_zz.",
-                    result(),
-                )
-            if checkpoint is not None and (step % every == 0 or step == num_steps):
-                save_checkpoint(checkpoint, state, step, np.concatenate(losses))
-    return result()
-
-
-class EpochsResult(NamedTuple):
-    """What :func:`train_epochs` returns."""
-
-    params: dict
-    """The constrained params: those of the best held-out evaluation when
-    ``held_out`` is given, else the last."""
-    state: SVIState
-    """The SVI state those params come from."""
-    losses: np.ndarray
-    """The loss of every step taken."""
-    num_skipped: int
-    """Steps skipped for a non-finite loss or gradient."""
-    held_out: np.ndarray
-    """``(epoch, mean held-out log-likelihood)`` rows, one per evaluation."""
-    best_epoch: int
-    """The epoch whose params are returned (counted from 1)."""
-    stopped_early: bool
-    """Whether ``patience`` ran out before ``num_epochs``."""
+            loop.show(bar, loop.run(boundary - step))
+            loop.raise_if_stopped()
+            if checkpoint is not None and (loop.step % every == 0 or loop.step == num_steps):
+                save_checkpoint(checkpoint, loop.state, loop.step, loop.history())
+    return loop.result()
 
 
 def _seed_from_key(rng_key) -> int:
@@ -214,6 +339,7 @@ def train_epochs(
     num_epochs: int,
     *data,
     batch_size: int,
+    init_state: SVIState | TrainResult | None = None,
     held_out: tuple | None = None,
     eval_every: int = 1,
     patience: int | None = None,
@@ -223,7 +349,7 @@ def train_epochs(
     steps_per_call: int = 50,
     progress_bar: bool = True,
     **kwargs,
-) -> EpochsResult:
+) -> TrainResult:
     """SVI over shuffled epochs of host data, with optional early stopping.
 
     Each epoch draws a new permutation of the ``N`` rows on the host and feeds
@@ -237,25 +363,28 @@ def train_epochs(
         def model(X, y=None, num_data=None):
             ...
             f = ns.svgp("f", kernel, X, Z)
-            with numpyro.plate("data", num_data, subsample_size=X.shape[0]):
+            with numpyro.plate("data", num_data or X.shape[0], subsample_size=X.shape[0]):
                 numpyro.sample("y", dist.Normal(f, noise), obs=y)
 
         result = ns.train_epochs(svi, key, 20, X, y, batch_size=1024, num_data=len(X),
                                  held_out=(X_val, y_val), patience=3)
 
-    Steps have the guards of :func:`train` (non-finite steps skipped, at most
+    Steps run in the loop of :func:`train` (non-finite steps skipped, at most
     ``max_nonfinite_in_a_row`` in a row). With ``held_out``, every ``eval_every``
     epochs the :func:`~numpyro_svgp.held_out_log_likelihood` of those arguments is
     computed (same key every time, so evaluations are comparable); the params of the
     best evaluation are returned, and with ``patience`` training stops after that
     many evaluations without improvement.
 
-    :param svi: a :class:`numpyro.infer.SVI` whose guide is an :class:`~numpyro_svgp.AutoSVGP`
-        (held-out evaluation samples from it).
+    :param svi: a :class:`numpyro.infer.SVI` whose guide can ``sample_posterior``
+        (e.g. an :class:`~numpyro_svgp.AutoSVGP`) when ``held_out`` is given.
     :param rng_key: random key for initialisation, the steps and the shuffling.
     :param int num_epochs: passes over the data.
-    :param data: host arrays (NumPy) with the same leading length ``N``.
+    :param data: host arrays (NumPy) with the same leading length ``N``; checked once
+        for NaN and inf.
     :param int batch_size: rows per step.
+    :param init_state: go on from this state (an ``SVIState``, or an earlier
+        :class:`TrainResult`) instead of ``svi.init``.
     :param tuple held_out: positional model arguments of held-out data, e.g. ``(X_val, y_val)``.
     :param int eval_every: evaluate every this many epochs.
     :param int patience: stop after this many evaluations without improvement.
@@ -268,89 +397,75 @@ def train_epochs(
     :param bool progress_bar: a tqdm bar with the running loss and held-out score.
     :param kwargs: keyword arguments of the model, for training and evaluation;
         arrays are traced, anything else is a compile-time constant.
+    :return: a :class:`TrainResult` with ``held_out``, ``best_epoch`` and ``stopped_early``.
     :raises TrainingStopped: after ``max_nonfinite_in_a_row`` skipped steps in a row.
     """
     if not data:
         raise ValueError("train_epochs needs the data arrays, e.g. train_epochs(svi, key, 10, X, y, ...).")
     data = tuple(np.asarray(d) for d in data)
+    for i, d in enumerate(data):
+        if d.ndim == 0:
+            raise ValueError(f"data[{i}] must have a leading axis of rows, got a scalar.")
     num_data = data[0].shape[0]
     lengths = [d.shape[0] for d in data]
     if len(set(lengths)) != 1:
         raise ValueError(f"the data arrays must share their leading length, got {lengths}.")
-    if not 1 <= batch_size <= num_data:
+    _check_counts(num_epochs=(num_epochs, 0), eval_every=(eval_every, 1),
+                  steps_per_call=(steps_per_call, 1),
+                  max_nonfinite_in_a_row=(max_nonfinite_in_a_row, 1))
+    if not isinstance(batch_size, (int, np.integer)) or not 1 <= batch_size <= num_data:
         raise ValueError(f"batch_size must be in [1, N = {num_data}], got {batch_size}.")
-    if num_epochs < 0 or eval_every < 1 or steps_per_call < 1 or max_nonfinite_in_a_row < 1:
-        raise ValueError(
-            "num_epochs must be >= 0; eval_every, steps_per_call and max_nonfinite_in_a_row >= 1."
-        )
     if patience is not None and (held_out is None or patience < 1):
         raise ValueError("patience needs held_out data and must be >= 1.")
+    for i, d in enumerate(data):
+        _check_finite(d, f"data[{i}]")
+    for i, d in enumerate(held_out or ()):
+        if _is_array(d) and np.ndim(d):
+            _check_finite(d, f"held_out[{i}]")
 
     init_key, eval_key, shuffle_key = jax.random.split(rng_key, 3)
     shuffle = np.random.default_rng(_seed_from_key(shuffle_key))
-    state = svi.init(init_key, *(jnp.asarray(d[:batch_size]) for d in data), **kwargs)
-    arrays = {k: v for k, v in kwargs.items() if isinstance(v, (jax.Array, np.ndarray))}
-    static_kwargs = {k: v for k, v in kwargs.items() if k not in arrays}
+    first = tuple(jnp.asarray(d[:batch_size]) for d in data)
+    loop = _Loop(svi, _initial_state(svi, init_key, init_state, first, kwargs),
+                 max_nonfinite_in_a_row, (), kwargs)
     full, rest = divmod(num_data, batch_size)
     steps_per_epoch = full + (0 if drop_last or rest == 0 else 1)
-    in_a_row, skipped = jnp.asarray(0), jnp.asarray(0)
-    runners, losses, evaluations = {}, [], []
-    best = (-np.inf, 0, state)
+    evaluations = []
+    best = (-np.inf, 0, loop.state)
     stopped_early = False
 
-    def run(rows):
-        nonlocal state, in_a_row, skipped
-        length = rows.shape[0]
-        if length not in runners:
-            runners[length] = _chunk_runner(svi, max_nonfinite_in_a_row, length, static_kwargs)
+    def run(rows, epoch):
         # gather on the host, then send only these batches to the device
-        batches = tuple(jnp.asarray(d[rows]) for d in data)
-        (state, in_a_row, skipped), (chunk_losses, stopped) = runners[length](
-            state, in_a_row, skipped, (), arrays, batches
-        )
-        chunk_losses = np.asarray(chunk_losses)[~np.asarray(stopped)]
-        losses.append(chunk_losses)
-        if int(in_a_row) >= max_nonfinite_in_a_row:
-            raise TrainingStopped(
-                f"training stopped in epoch {epoch}: {max_nonfinite_in_a_row} steps in a row "
-                f"gave a non-finite loss or gradient ({int(skipped)} skipped in all).",
-                EpochsResult(svi.get_params(state), state, np.concatenate(losses),
-                             int(skipped), np.asarray(evaluations).reshape(-1, 2), epoch, False),
-            )
-        return chunk_losses
+        losses = loop.run(rows.shape[0], tuple(jnp.asarray(d[rows]) for d in data))
+        loop.raise_if_stopped(f" (epoch {epoch})", best_epoch=epoch,
+                              held_out=np.asarray(evaluations, dtype=float).reshape(-1, 2))
+        return losses
 
-    total = num_epochs * steps_per_epoch
-    with tqdm(total=total, disable=not progress_bar, desc="SVI epochs") as bar:
+    with tqdm(total=num_epochs * steps_per_epoch, disable=not progress_bar,
+              desc="SVI epochs") as bar:
         for epoch in range(1, num_epochs + 1):
             order = shuffle.permutation(num_data)
             batched = order[: full * batch_size].reshape(full, batch_size)
+            postfix = {"epoch": epoch, **({"held_out": f"{best[0]:.4g}"} if evaluations else {})}
             for start in range(0, full, steps_per_call):
-                chunk = run(batched[start : start + steps_per_call])
-                bar.update(len(chunk))
-                finite = chunk[np.isfinite(chunk)]
-                if finite.size:
-                    bar.set_postfix(epoch=epoch, loss=f"{finite.mean():.4g}",
-                                    **({"held_out": f"{best[0]:.4g}"} if evaluations else {}))
+                loop.show(bar, run(batched[start : start + steps_per_call], epoch), **postfix)
             if steps_per_epoch > full:
-                bar.update(len(run(order[full * batch_size :][None])))
+                loop.show(bar, run(order[full * batch_size :][None], epoch), **postfix)
             if held_out is not None and (epoch % eval_every == 0 or epoch == num_epochs):
-                params = svi.get_params(state)
                 score = float(held_out_log_likelihood(
-                    svi.model, svi.guide, params, *held_out, rng_key=eval_key,
-                    num_samples=num_eval_samples, **kwargs,
+                    svi.model, svi.guide, svi.get_params(loop.state), *held_out,
+                    rng_key=eval_key, num_samples=num_eval_samples, **kwargs,
                 ))
                 evaluations.append((epoch, score))
                 if score > best[0]:
-                    best = (score, epoch, state)
+                    best = (score, epoch, loop.state)
                 elif patience is not None and epoch - best[1] >= patience * eval_every:
                     stopped_early = True
                     break
 
-    history = np.concatenate(losses) if losses else np.zeros(0)
     evaluations = np.asarray(evaluations, dtype=float).reshape(-1, 2)
     if held_out is None or not evaluations.size:
-        return EpochsResult(svi.get_params(state), state, history, int(skipped),
-                            evaluations, num_epochs, False)
+        return loop.result(held_out=evaluations, best_epoch=num_epochs)
     _, best_epoch, best_state = best
-    return EpochsResult(svi.get_params(best_state), best_state, history, int(skipped),
-                        evaluations, best_epoch, stopped_early)
+    return loop.result(best_state, held_out=evaluations, best_epoch=best_epoch,
+                       stopped_early=stopped_early)

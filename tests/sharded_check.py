@@ -11,9 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
+import optax
 from jax import random
 from numpyro.infer import SVI
-import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpyro_svgp as ns  # noqa: E402

@@ -17,6 +17,7 @@ import numpyro_svgp as ns  # noqa: E402
 from .helpers import toy_data  # noqa: E402
 
 
+@pytest.mark.slow
 def test_to_inference_data_with_dims_summary_and_hdi():
     X, y = toy_data(80, seed=8)
     Z_init = np.linspace(-3, 3, 6)[:, None]

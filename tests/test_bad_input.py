@@ -45,6 +45,7 @@ def _points(rng, n, d, low=-3.0, high=3.0):
 @SETTINGS
 @given(n=st.integers(0, 25), m=st.integers(1, 30), d=st.integers(1, 3),
        shift=st.sampled_from([0.0, 10.0, -100.0]), seed=st.integers(0, 2**16))
+@pytest.mark.slow
 def test_any_shapes_give_the_dense_result(n, m, d, shift, seed):
     rng = np.random.default_rng(seed)
     X, Z = _points(rng, n, d), _points(rng, m, d) + shift  # Z may lie far outside the data
@@ -158,6 +159,7 @@ def _elbo_loss(X, y):
 
 @settings(max_examples=8, deadline=None)
 @given(n=st.integers(2, 40), extra=st.sampled_from([(1,), (2,), (1, 1)]))
+@pytest.mark.slow
 def test_y_with_a_trailing_dimension_is_refused(n, extra):
     y = np.zeros((n,) + extra)
     with pytest.raises(ValueError, match=rf"observed site 'y' has shape \({n}, "):
@@ -166,6 +168,7 @@ def test_y_with_a_trailing_dimension_is_refused(n, extra):
 
 @settings(max_examples=10, deadline=None)
 @given(batch_x=st.integers(1, 40), batch_y=st.integers(1, 40))
+@pytest.mark.slow
 def test_minibatches_of_different_sizes_are_refused(batch_x, batch_y):
     X, y = X_FULL[:batch_x], Y_FULL[:batch_y]
     if batch_x == batch_y:

@@ -143,6 +143,7 @@ def _spherical_model(dtype, num_inducing=None):
     # float64 takes the matrix-product form for M = 20 and 25, the per-point one for 40
     [(_warped_model, 40), (_warped_model, 20), (_spherical_model, 25)],
 )
+@pytest.mark.slow
 def test_blocked_elbo_equals_the_whole_one_for_inducing_features(make_model, num_inducing, dtype):
     """The ELBO and every gradient (kernel, network weights, Z) are the same whether
     the data term is taken whole or in blocks (55 points: 6 blocks of 9 and 1 more)."""

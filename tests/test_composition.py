@@ -7,6 +7,7 @@ import numpy as np
 import numpyro
 import numpyro.distributions as dist
 import optax
+import pytest
 from jax import random
 from numpyro.infer import SVI, Predictive
 
@@ -25,6 +26,7 @@ def _fit(model, steps, lr, *args):
     return guide, result
 
 
+@pytest.mark.slow
 def test_hyperparameters_as_latent_sites_with_priors():
     X, y = toy_data(200, seed=3)
     Z_init = jnp.linspace(-3, 3, 15)[:, None]
@@ -54,6 +56,7 @@ def test_hyperparameters_as_latent_sites_with_priors():
     assert samples["y"].shape == (50, 7) and samples["f"].shape == (50, 7)
 
 
+@pytest.mark.slow
 def test_banana_bernoulli_classification():
     X = np.loadtxt(os.path.join(DATA, "banana_X_train"), delimiter=",")
     y = np.loadtxt(os.path.join(DATA, "banana_Y_train"))
@@ -81,6 +84,7 @@ def test_banana_bernoulli_classification():
     assert np.mean((np.asarray(probs) > 0.5) == (y == 1)) >= 0.9
 
 
+@pytest.mark.slow
 def test_svgp_with_group_random_intercepts():
     rng = np.random.default_rng(4)
     num_groups, n = 6, 300

@@ -60,6 +60,7 @@ def _model(net0, Z0):
     return model
 
 
+@pytest.mark.slow
 def test_gradients_reach_the_network_and_it_trains_on_minibatches_with_predictive():
     X, y = toy_data(200, seed=2)
     net0 = eqx.nn.MLP(1, 2, 16, 2, activation=jnp.tanh, key=random.PRNGKey(0))
@@ -133,6 +134,7 @@ SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_deep_kernel_trains_without_nans_in_float32():
     run = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True,
                          timeout=600, cwd=ROOT, env={**os.environ, "JAX_ENABLE_X64": "0"})

@@ -49,6 +49,7 @@ def _optimal_whitened_q(X, y, Z, jitter):
     return ref.whiten(mu, Sigma, K_zz), (K_xz, K_zz, mu, Sigma)
 
 
+@pytest.mark.slow
 def test_z_equals_x_gives_exact_log_marginal_likelihood():
     X, y = toy_data(40, seed=1)
     jitter = 1e-10
@@ -59,6 +60,7 @@ def test_z_equals_x_gives_exact_log_marginal_likelihood():
     assert elbo == pytest.approx(exact, rel=1e-6)
 
 
+@pytest.mark.slow
 def test_optimal_q_gives_titsias_bound_and_other_q_less():
     X, y = toy_data(80, seed=2)
     Z = np.linspace(-2.5, 2.5, 9)[:, None]
@@ -95,11 +97,17 @@ FORMS = [
 ]
 
 
+# the quick run (no --run-slow) takes each form whole; the blocked variants are slow
+FORMS_QUICK_WHOLE = [
+    form if form[2] is None else pytest.param(*form, marks=pytest.mark.slow) for form in FORMS
+]
+
+
 def _form_elbo(form, rows):
     return ns.SVGP_ELBO(gaussian_form=form, block_rows=rows)
 
 
-@pytest.mark.parametrize("num_inducing,form,rows", FORMS)
+@pytest.mark.parametrize("num_inducing,form,rows", FORMS_QUICK_WHOLE)
 def test_svgp_elbo_equals_dense_unwhitened_hensman_elbo(num_inducing, form, rows):
     elbo = _form_elbo(form, rows)
     X, y = toy_data(50, seed=3)
@@ -120,7 +128,7 @@ def test_svgp_elbo_equals_dense_unwhitened_hensman_elbo(num_inducing, form, rows
     assert _elbo(_with_q(params, m, S), model, guide, X, y, key=7, elbo=elbo) == got
 
 
-@pytest.mark.parametrize("num_inducing,form,rows", FORMS)
+@pytest.mark.parametrize("num_inducing,form,rows", FORMS_QUICK_WHOLE)
 def test_heteroscedastic_weighted_likelihood_matches_dense_reference(num_inducing, form, rows):
     """Per-point noise and a likelihood scale (as a mini-batch has) in every form."""
     elbo = _form_elbo(form, rows)
@@ -149,6 +157,7 @@ def test_heteroscedastic_weighted_likelihood_matches_dense_reference(num_inducin
     assert got == pytest.approx(weight * np.sum(ell) - kl, rel=1e-9)
 
 
+@pytest.mark.slow
 def test_trace_mean_field_estimate_averages_to_svgp_elbo():
     X, y = toy_data(50, seed=5)
     Z = np.linspace(-3, 3, 6)[:, None]
@@ -221,7 +230,7 @@ def _reference_elbo(theta, X, y, weight, jitter):
 
 
 @pytest.mark.parametrize("num_inducing,form,rows", FORMS[:3] + FORMS[4:5] + FORMS[6:])
-@pytest.mark.parametrize("per_point_noise", [False, True])
+@pytest.mark.parametrize("per_point_noise", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_gradients_equal_finite_differences_of_dense_reference(
     num_inducing, form, rows, per_point_noise
 ):

@@ -11,6 +11,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_standard_svgp_example_tiny(tmp_path):
     out = tmp_path / "figs"
     run = subprocess.run(
@@ -36,6 +37,7 @@ def test_standard_svgp_example_tiny(tmp_path):
     ("spherical_harmonic_svgp.py", ("spherical_toy.png", "spherical.txt")),
     ("deep_kernel_svgp.py", ("deep_kernel.png", "deep_kernel.txt")),
 ])
+@pytest.mark.slow
 def test_feature_examples_tiny(tmp_path, script, outputs):
     # --data elsewhere: the UCI and mcycle parts are skipped, the toy parts run
     out = tmp_path / "figs"
@@ -49,3 +51,15 @@ def test_feature_examples_tiny(tmp_path, script, outputs):
     assert len(table) == 4 and all(row.startswith("|") and row.endswith("|") for row in table)
     for name in outputs:
         assert (out / name).stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_readme_golden_path_runs_as_pasted(tmp_path):
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    section = readme[readme.index("## The golden path"):]
+    code = section[section.index("```python\n") + len("```python\n"):]
+    code = code[: code.index("```")]
+    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=600, env={**os.environ, "TQDM_DISABLE": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert re.search(r"^y\s+closed form", run.stdout, re.MULTILINE), run.stdout

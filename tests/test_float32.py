@@ -5,6 +5,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from . import problems
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,12 +46,14 @@ SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_float32_training_smoke():
     run = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "float32 ok" in run.stdout
 
 
+@pytest.mark.slow
 def test_float32_training_is_within_one_percent_of_float64(tmp_path):
     """The toy problem, banana classification and an M = 512 regression."""
     data = tmp_path / "toy.npz"

@@ -418,6 +418,7 @@ def test_inducing_points_are_the_raw_array():
     assert isinstance(conditional.inducing, ns.InducingPoints)
 
 
+@pytest.mark.slow
 def test_autosvgp_is_an_autonormal_with_its_subsample_handling():
     """A local latent under a subsampled plate gets a full-size parameter, as AutoNormal gives it."""
     rng, X, Z = _inputs(11)
@@ -445,6 +446,7 @@ def test_autosvgp_is_an_autonormal_with_its_subsample_handling():
     assert set(guide.median(params)) == {"a", "f_whitened"}
 
 
+@pytest.mark.slow
 def test_natural_gradient_touches_only_the_guides_own_pairs():
     rng, X, Z = _inputs(12)
     y = np.sin(2 * X[:, 0]) + 0.1 * rng.normal(size=N)
@@ -484,6 +486,7 @@ def test_options_are_checked():
         ns.SVGP_ELBO(quadrature_points=0)
 
 
+@pytest.mark.slow
 def test_quadrature_in_float32_is_close_to_float64():
     rng, X, Z = _inputs(13)
     m, S = _random_q(rng)

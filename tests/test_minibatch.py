@@ -67,6 +67,7 @@ def _check_unbiased(batch_losses, full):
     assert abs(draws.mean() - full) < 4 * se, (draws.mean(), full, se)
 
 
+@pytest.mark.slow
 def test_in_model_subsampling_is_unbiased_and_exact_at_full_batch():
     guide = ns.AutoSVGP(in_model)
     params = _params(in_model, guide, X, Y, batch_size=B)
@@ -79,6 +80,7 @@ def test_in_model_subsampling_is_unbiased_and_exact_at_full_batch():
     _check_unbiased(losses, full)
 
 
+@pytest.mark.slow
 def test_host_side_batches_are_unbiased_and_exact_at_full_batch():
     guide = ns.AutoSVGP(host_batches)
     params = _params(host_batches, guide, X[:B], Y[:B], num_data=N)
@@ -92,6 +94,7 @@ def test_host_side_batches_are_unbiased_and_exact_at_full_batch():
 
 
 @pytest.mark.parametrize("model, kwargs", [(in_model, {"batch_size": B}), (host_batches, {"num_data": N})])
+@pytest.mark.slow
 def test_minibatch_training_reaches_the_full_batch_fit(model, kwargs):
     import optax
     from numpyro.infer import SVI

@@ -31,6 +31,7 @@ def _traces(model, guide, params, *args):
     return model_trace, guide_trace
 
 
+@pytest.mark.slow
 def test_sites_names_shapes_and_analytic_kl():
     model = gaussian_model(Z0)
     guide = ns.AutoSVGP(model)
@@ -58,6 +59,7 @@ def test_sites_names_shapes_and_analytic_kl():
     assert float(kl_divergence(q, prior)) == pytest.approx(float(expected), rel=1e-12)
 
 
+@pytest.mark.slow
 def test_guide_emits_every_latent_site_and_summaries():
     def model(X, y=None):
         ls = numpyro.sample("lengthscale", dist.LogNormal(0.0, 0.5))

@@ -25,6 +25,7 @@ def _optimum(jitter):
 
 
 @pytest.mark.parametrize("start", ["prior", "random"])
+@pytest.mark.slow
 def test_one_natural_step_of_size_one_reaches_the_optimal_q(start):
     model = gaussian_model(Z0, VAR, LS, NOISE, jitter=1e-6)
     guide = ns.AutoSVGP(model)
@@ -52,6 +53,7 @@ def test_one_natural_step_of_size_one_reaches_the_optimal_q(start):
     assert -float(ns.SVGP_ELBO().loss(random.PRNGKey(0), params, model, guide, X, Y)) == pytest.approx(bound, rel=1e-8)
 
 
+@pytest.mark.slow
 def test_natural_gradient_with_adam_on_minibatches_fits():
     import jax
 

@@ -26,6 +26,7 @@ def _fitted_at_optimum(X, y, Z, jitter):
     return model, guide, params
 
 
+@pytest.mark.slow
 def test_z_equals_x_predictions_equal_exact_gp_posterior():
     # An even grid keeps cond(K_xx) near 3e8; clustered random inputs reach 1e13+ and
     # then round-off, not the method, decides the last digits.
@@ -41,6 +42,7 @@ def test_z_equals_x_predictions_equal_exact_gp_posterior():
     np.testing.assert_allclose(var, exact_var, rtol=1e-5, atol=1e-8)
 
 
+@pytest.mark.slow
 def test_predictive_sample_moments_match_analytic_moments():
     X, y = toy_data(60, seed=12)
     Z = np.linspace(-3, 3, 8)[:, None]

@@ -86,6 +86,7 @@ def test_cholesky_error_after_bounded_escalation_names_everything():
         ns.cholesky_with_jitter(K, 1e-6, max_escalations=2)
 
 
+@pytest.mark.slow
 def test_svgp_with_duplicate_inducing_inputs_trains_and_reports_its_jitter():
     # Z[0] appears three times more: K_zz is singular, and with a base jitter below
     # round-off the first factorisation fails; escalation must rescue it and say so
@@ -117,6 +118,7 @@ def _flaky_model(probability):
     return model
 
 
+@pytest.mark.slow
 def test_nonfinite_steps_are_skipped_and_counted():
     model = _flaky_model(0.1)
     result = ns.train(_svi(model), random.PRNGKey(1), 400, X, Y, progress_bar=False)
@@ -138,6 +140,7 @@ def _nan_updates_from(step):
     return optax.GradientTransformation(lambda params: jnp.zeros((), jnp.int32), update)
 
 
+@pytest.mark.slow
 def test_training_stops_after_too_many_nonfinite_steps_in_a_row():
     model = gaussian_model(Z0)
     optimizer = optax.chain(optax.adam(5e-2), _nan_updates_from(3))
@@ -157,6 +160,7 @@ def test_training_stops_after_too_many_nonfinite_steps_in_a_row():
 # --- checkpoints ----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_resume_from_checkpoint_is_bit_identical(tmp_path):
     model = gaussian_model(Z0)
     svi = _svi(model)
@@ -239,6 +243,7 @@ REPRO = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_same_seed_gives_bit_identical_losses_in_process_and_across_processes():
     model = gaussian_model(Z0)
     for elbo in (ns.SVGP_ELBO(), numpyro.infer.TraceMeanField_ELBO()):
@@ -271,6 +276,7 @@ def test_train_validates_its_arguments():
         ns.train(svi, random.PRNGKey(0), 10, X, Y, resume=True)
 
 
+@pytest.mark.slow
 def test_train_shows_a_progress_bar_with_the_running_loss(capsys):
     ns.train(_svi(gaussian_model(Z0)), random.PRNGKey(0), 20, X, Y, steps_per_call=10)
     err = capsys.readouterr().err

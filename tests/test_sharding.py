@@ -28,6 +28,7 @@ def report():
 @pytest.mark.parametrize(
     "likelihood", ["gaussian", "bernoulli", "gaussian_blocked", "gaussian_blocked_per_point"]
 )
+@pytest.mark.slow
 def test_sharded_loss_gradients_and_step_equal_single_device(report, likelihood):
     assert report["devices"] == 4 and report["x64"]
     r = report[likelihood]
@@ -42,6 +43,7 @@ def test_sharded_loss_gradients_and_step_equal_single_device(report, likelihood)
 @pytest.mark.parametrize(
     "likelihood", ["gaussian", "bernoulli", "gaussian_blocked", "gaussian_blocked_per_point"]
 )
+@pytest.mark.slow
 def test_data_term_is_split_along_n(report, likelihood):
     r = report[likelihood]
     assert r["per_device_rows"]  # K_xz or K_zx in blocks of N/4 points
@@ -49,6 +51,7 @@ def test_data_term_is_split_along_n(report, likelihood):
     assert r["all_reduce"]  # sums over N meet the replicated O(M^3) part
 
 
+@pytest.mark.slow
 def test_shard_data_refuses_uneven_splits_and_mismatched_arrays(report):
     import jax
 

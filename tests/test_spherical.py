@@ -152,6 +152,7 @@ def _sphere_inputs(D, n, seed):
 
 
 @pytest.mark.parametrize("D", [1, 2])
+@pytest.mark.slow
 def test_truncated_kernel_svgp_at_optimal_q_is_the_exact_gp(D):
     degree, noise_var = 4, 0.05
     d = D + 1
@@ -182,6 +183,7 @@ def test_truncated_kernel_svgp_at_optimal_q_is_the_exact_gp(D):
 @pytest.mark.parametrize("D, kernel", [(1, ns.kernels.ArcCosine(1, 1.0, 0.5)),
                                        (3, ns.kernels.SphericalMatern(1.5, 1.0, 0.8, 1.0))],
                          ids=["1d-arccos", "3d-matern"])
+@pytest.mark.slow
 def test_elbo_rises_monotonically_with_the_degree(D, kernel):
     X, y = _sphere_inputs(D, 200, seed=10 + D)
     bounds = [float(ns.titsias_bound(kernel, X, y, ns.SphericalHarmonicFeatures(L, D), 0.01))
@@ -196,6 +198,7 @@ def test_elbo_rises_monotonically_with_the_degree(D, kernel):
     assert bounds[-1] <= float(ns.exact_log_marginal_likelihood(kernel, X, y, 0.01))
 
 
+@pytest.mark.slow
 def test_features_train_predict_and_refuse_wrong_kernels():
     X, y = _sphere_inputs(2, 120, seed=3)
     features = ns.SphericalHarmonicFeatures(5, 2)

@@ -59,6 +59,7 @@ def test_every_row_is_visited_once_per_epoch_in_a_new_order():
     assert len(full.losses) == 8
 
 
+@pytest.mark.slow
 def test_epochs_on_host_batches_reach_the_collapsed_bound():
     X, y = toy_data(400, seed=41)
     svi = SVI(host_model, ns.AutoSVGP(host_model),
@@ -73,6 +74,7 @@ def test_epochs_on_host_batches_reach_the_collapsed_bound():
     assert bound - 1.0 < full <= bound + 1e-6
 
 
+@pytest.mark.slow
 def test_held_out_log_likelihood_matches_the_gaussian_predictive_density():
     X, y = toy_data(120, seed=42)
     X_test, y_test = toy_data(50, seed=43)
@@ -87,6 +89,7 @@ def test_held_out_log_likelihood_matches_the_gaussian_predictive_density():
     assert estimate == pytest.approx(exact, abs=5e-3)
 
 
+@pytest.mark.slow
 def test_early_stopping_returns_the_best_epoch():
     # held-out targets of opposite sign: the better the fit, the worse the held-out score
     X, y = toy_data(200, seed=44)
