@@ -155,7 +155,11 @@ def svgp(
 def draw_output(conditional: Conditional, v: Float[Array, " M"]) -> Float[Array, " N"]:
     r""":math:`A v + \sqrt{\operatorname{diag}(K_{xx} - A A^\top)}\,\varepsilon`, with
     :math:`\varepsilon` from ``numpyro.prng_key()`` (left out when there is no key)."""
-    return _draw(conditional, v, numpyro.prng_key())
+    key = numpyro.prng_key()
+    if key is not None and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        # one compiled draw for numpyro's typed and raw keys alike
+        key = jax.random.key_data(key)
+    return _draw(conditional, v, key)
 
 
 @compiled
