@@ -612,3 +612,11 @@ def test_a_non_gaussian_q_of_v_is_reported_and_refused_under_strict():
     losses = {float(ns.SVGP_ELBO().loss(random.PRNGKey(k), {"loc": jnp.zeros(M)}, model, guide, X, y))
               for k in range(3)}
     assert len(losses) == 3
+
+
+def test_version_lives_in_one_place_and_the_package_is_typed():
+    import importlib.metadata
+    import pathlib
+
+    assert importlib.metadata.version("numpyro_svgp") == ns.__version__
+    assert (pathlib.Path(ns.__file__).parent / "py.typed").is_file()
