@@ -39,8 +39,9 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Float
 
-from numpyro_svgp._checks import as_float_array, check_finite, check_matrix
-from numpyro_svgp._features import InducingFeatures, as_inducing
+from numpyro_svgp._checks import as_float_array, check_finite, check_matrix, is_traced
+from numpyro_svgp._family import ONE_GP, Family, family_map, family_shape, split_inputs, split_kernel
+from numpyro_svgp._features import InducingFeatures, InducingPoints, as_inducing
 from numpyro_svgp._linalg import MAX_JITTER_ESCALATIONS, default_jitter, lower_inverse
 from numpyro_svgp.kernels import Kernel
 
@@ -68,6 +69,9 @@ class Conditional(NamedTuple):
     r""":math:`L = \operatorname{chol}(K_{uu} + \epsilon I)`."""
     jitter: Float[Array, ""]
     r"""The jitter :math:`\epsilon` that the factorisation of :math:`K_{uu}` needed."""
+    family: Family = ONE_GP
+    """For ``svgp`` inside plates, the family of GPs (see :mod:`numpyro_svgp._family`):
+    then every field above has one entry per GP on a leading axis, or is shared."""
 
     @property
     def num_inducing(self) -> int:
@@ -77,7 +81,12 @@ class Conditional(NamedTuple):
     @property
     def num_points(self) -> int:
         """:math:`N`."""
-        return self.inputs.shape[0]
+        return self.inputs.shape[-2]
+
+    @property
+    def output_shape(self) -> tuple:
+        """The shape of :math:`f(X)`: the family shape, then ``(N,)``."""
+        return self.family.shape + (self.num_points,)
 
     @property
     def dtype(self):
@@ -136,10 +145,15 @@ def whitened_conditional(
     *,
     jitter: float | None = None,
     max_jitter_escalations: int = MAX_JITTER_ESCALATIONS,
+    batch_shape: tuple = (),
+    where: str = "svgp",
 ) -> Conditional:
     r"""The whitened conditional of :math:`f(X)`: checks the inputs and factorises
     :math:`K_{uu} + \epsilon I`. Nothing of size ``(N, M)`` is formed here; see
     :func:`projection` and :func:`conditional_variance`.
+
+    With a ``batch_shape`` (the plates around an ``svgp`` call) it is the conditional of
+    a family of GPs (:mod:`numpyro_svgp._family`), factorised for all of them at once.
 
     :param kernel: the covariance function.
     :param X: inputs, shape ``(N, D)``.
@@ -148,9 +162,14 @@ def whitened_conditional(
     :param jitter: :math:`\epsilon`; defaults to :func:`~numpyro_svgp.default_jitter` of the dtype.
     :param max_jitter_escalations: tenfold jitter increases allowed when the factor
         of :math:`K_{uu}` is not finite (see :func:`~numpyro_svgp.cholesky_with_jitter`).
-    :return: a :class:`Conditional` ``(kernel, inducing, inputs, cholesky, jitter)``.
+    :param batch_shape: the batch shape of the plates around the call.
+    :param where: what to call the caller in error messages.
+    :return: a :class:`Conditional` ``(kernel, inducing, inputs, cholesky, jitter, family)``.
     """
     X = as_float_array("X", X)
+    if batch_shape:
+        return _family_conditional(kernel, X, Z, jitter, max_jitter_escalations,
+                                   tuple(batch_shape), where)
     check_matrix("X", X)
     inducing = as_inducing(Z)
     inducing.check_inputs(kernel, X)
@@ -164,6 +183,49 @@ def whitened_conditional(
 @compiled
 def _factorise(inducing, kernel, dtype, jitter, max_jitter_escalations):
     return inducing.cholesky(kernel, dtype, jitter, max_jitter_escalations)
+
+
+def _family_conditional(kernel, X, Z, jitter, max_jitter_escalations, batch_shape, where):
+    shape = family_shape(batch_shape)
+    if X.ndim < 2:
+        check_matrix("X", X)
+    kernel, kernel_axes = split_kernel(kernel, batch_shape, X.shape[-1], where)
+    X, x_axis = split_inputs("X", X, shape, where)
+    if isinstance(Z, InducingFeatures):
+        inducing, z_axis = Z, None
+    else:
+        Z, z_axis = split_inputs("Z", as_float_array("Z", Z), shape, where)
+        inducing = InducingPoints(Z if z_axis is None else Z[0])
+        if z_axis is not None:
+            inducing = eqx.tree_at(lambda i: i.Z, inducing, Z)
+            if not is_traced(Z):
+                check_finite("Z", Z)
+    one_X = X if x_axis is None else X[0]
+    check_matrix("X", one_X)
+    (inducing if z_axis is None else InducingPoints(inducing.Z[0])).check_inputs(kernel, one_X)
+    X = check_finite("X", X)
+    inducing_axes = jax.tree.map(lambda _: False, inducing)
+    if z_axis is not None:
+        inducing_axes = eqx.tree_at(lambda i: i.Z, inducing_axes, True)
+    axes = tuple(0 if batched else None
+                 for batched in jax.tree.leaves((kernel_axes, inducing_axes, x_axis is not None)))
+    family = Family(shape, axes)
+    dtype = inducing.dtype(X)
+    jitter = _checked_jitter(jitter, dtype)
+    unfactorised = Conditional(kernel, inducing, X, None, None, family)
+    L, jitter_used = _factorise_family(unfactorised, dtype, jitter, max_jitter_escalations)
+    return unfactorised._replace(cholesky=L, jitter=jitter_used)
+
+
+@compiled
+def _factorise_family(conditional, dtype, jitter, max_jitter_escalations):
+    def one(c):
+        return c.inducing.cholesky(c.kernel, dtype, jitter, max_jitter_escalations)
+
+    family = conditional.family
+    # stored as the other per-GP leaves are: one leading axis of G
+    return jax.tree.map(lambda x: x.reshape((family.size,) + x.shape[len(family.shape):]),
+                        family_map(one, family, conditional))
 
 
 def residual_variance(
@@ -212,7 +274,15 @@ def predictive_moments(
     :param loc: :math:`m`, shape ``(M,)``.
     :param scale_tril: lower-triangular :math:`S`, shape ``(M, M)``.
     :return: ``(mean, variance)``, each of shape ``(N,)``.
+
+    For a family of GPs, ``loc`` and ``scale_tril`` carry the plates' batch axes first
+    and the moments have the family shape first.
     """
+    return family_map(_moments, conditional.family, conditional, loc, scale_tril,
+                      event_ndims=(1, 2))
+
+
+def _moments(conditional, loc, scale_tril):
     A = projection(conditional)
     mean = A @ loc
     variance = conditional_variance(conditional, A)

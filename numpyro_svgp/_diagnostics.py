@@ -2,6 +2,7 @@
 integrates each site."""
 
 import jax
+import numpy as np
 from numpyro.handlers import block
 
 from numpyro_svgp._elbo import SVGP_ELBO, guide_and_plan
@@ -17,7 +18,8 @@ def svgp_diagnostics(model, guide, params, *args, rng_seed: int = 0, **kwargs) -
     the guide's median) and reports, for every svgp output name, a dict with
 
     - ``"jitter"``: the jitter actually added to :math:`K_{zz}` (larger than the base
-      jitter if :func:`~numpyro_svgp.cholesky_with_jitter` had to escalate);
+      jitter if :func:`~numpyro_svgp.cholesky_with_jitter` had to escalate); for a
+      family of GPs (svgp inside plates), an array of the family's shape, one per GP;
     - ``"num_inducing"``: :math:`M`.
 
     :param model: the NumPyro model.
@@ -30,8 +32,10 @@ def svgp_diagnostics(model, guide, params, *args, rng_seed: int = 0, **kwargs) -
     for site in model_trace.values():
         prior = svgp_site(site)
         if prior is not None:
+            conditional = prior.conditional
+            jitter = np.asarray(conditional.jitter).reshape(conditional.family.shape)
             report[prior.output] = {
-                "jitter": float(prior.conditional.jitter),
+                "jitter": float(jitter) if jitter.ndim == 0 else jitter,
                 "num_inducing": int(prior.conditional.num_inducing),
             }
     return report

@@ -34,11 +34,13 @@ def kl(loc: jax.Array, scale_tril: jax.Array) -> jax.Array:
 
     :param loc: :math:`m`, shape ``(M,)``.
     :param scale_tril: lower-triangular :math:`S`, shape ``(M, M)``.
+
+    With leading batch axes (a family of GPs), the sum of the KLs.
     """
-    num_inducing = loc.shape[-1]
+    size = jnp.size(loc)
     return 0.5 * (
-        jnp.sum(jnp.square(scale_tril)) + jnp.sum(jnp.square(loc)) - num_inducing
-    ) - jnp.sum(jnp.log(jnp.abs(jnp.diagonal(scale_tril))))
+        jnp.sum(jnp.square(scale_tril)) + jnp.sum(jnp.square(loc)) - size
+    ) - jnp.sum(jnp.log(jnp.abs(jnp.diagonal(scale_tril, axis1=-2, axis2=-1))))
 
 
 class SVGP_ELBO(ELBO):

@@ -154,7 +154,12 @@ class AutoSVGP(AutoNormal):
             if prior is not None:
                 # the dtype of the svgp's computation, not of the prototype's draw
                 # (numpyro draws MVN noise in the default float dtype, float64 under x64)
-                whitened[name] = (site, jnp.zeros(jnp.shape(site["value"]), prior.conditional.dtype))
+                # one q(v) per member of a plate around the svgp (a family), at the
+                # plate's full size when it is subsampled
+                shape = list(jnp.shape(site["value"]))
+                for frame in site["cond_indep_stack"]:
+                    shape[frame.dim - 1] = self._prototype_frame_full_sizes[frame.name]
+                whitened[name] = (site, jnp.zeros(tuple(shape), prior.conditional.dtype))
                 del self._init_locs[name], self._event_dims[name]
         self._whitened = whitened
         # AutoNormal guides what is left in the prototype (deterministic sites, such as

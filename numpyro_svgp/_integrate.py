@@ -44,11 +44,11 @@ from numpyro.distributions import (
 from numpyro.handlers import replay, seed, substitute, trace
 
 from numpyro_svgp._checks import check_observed_site
-from numpyro_svgp._conditional import conditional_variance, predictive_moments, projection
+from numpyro_svgp._conditional import predictive_moments
 from numpyro_svgp._dependence import CONST, analyse, pointwise, prune
 from numpyro_svgp._gaussian import gaussian_expected_log_likelihood
 from numpyro_svgp._linalg import safe_sqrt
-from numpyro_svgp._svgp import output_values, svgp_site
+from numpyro_svgp._svgp import draw_with_key, output_values, svgp_site
 
 __all__ = ["Integration", "ModelPlan", "plan_model", "site_log_prob"]
 
@@ -161,7 +161,7 @@ def plan_model(model, model_key, guide_trace, param_map, args, kwargs, options: 
     if not outputs:
         return ModelPlan(model_trace, {}, None)
     names = list(outputs)
-    zeros = tuple(jnp.zeros(c.num_points, c.dtype) for c, _ in outputs.values())
+    zeros = tuple(jnp.zeros(c.output_shape, c.dtype) for c, _ in outputs.values())
 
     def rerun(*values):
         handler = output_values(values=dict(zip(names, values)))
@@ -308,8 +308,9 @@ def gaussian_q(q):
         and q.reinterpreted_batch_ndims == 1
         and len(q.event_shape) == 1
     ):
-        loc, scale = (jnp.broadcast_to(a, q.event_shape) for a in (q.base_dist.loc, q.base_dist.scale))
-        return loc, jnp.diag(scale)
+        shape = q.batch_shape + q.event_shape
+        loc, scale = (jnp.broadcast_to(a, shape) for a in (q.base_dist.loc, q.base_dist.scale))
+        return loc, scale[..., None] * jnp.eye(shape[-1], dtype=scale.dtype)
     return None
 
 
@@ -329,7 +330,7 @@ def whitened_q(output, outputs, model_trace, guide_trace):
         if prior is None or prior.output != output:
             continue
         if name not in guide_trace:
-            return (v, jnp.zeros((M, M), conditional.dtype)), ""
+            return (v, jnp.zeros(jnp.shape(v) + (M,), conditional.dtype)), ""
         q = guide_trace[name]["fn"]
         gaussian = gaussian_q(q)
         if gaussian is not None:
@@ -339,10 +340,11 @@ def whitened_q(output, outputs, model_trace, guide_trace):
             auxiliary = [n for n, s in guide_trace.items()
                          if s["type"] == "sample" and not s["is_observed"] and n not in model_trace]
             if not auxiliary:
-                return (jnp.broadcast_to(point.v, q.shape()), jnp.zeros((M, M), conditional.dtype)), ""
+                return (jnp.broadcast_to(point.v, q.shape()),
+                        jnp.zeros(tuple(q.shape()) + (M,), conditional.dtype)), ""
             return None, f"v of svgp output '{output}' is drawn through the guide's site '{auxiliary[0]}'"
         return None, f"q(v) of svgp output '{output}' is a {type(q).__name__}, not Gaussian"
-    return (v, jnp.zeros((M, M), conditional.dtype)), ""
+    return (v, jnp.zeros(jnp.shape(v) + (M,), conditional.dtype)), ""
 
 
 class _Evaluator:
@@ -360,7 +362,7 @@ class _Evaluator:
         q, _ = whitened_q(output, self.outputs, self.model_trace, self.guide_trace)
         if q is None:
             conditional, v = self.outputs[output]
-            return v, jnp.zeros((conditional.num_inducing,) * 2, conditional.dtype)
+            return v, jnp.zeros(jnp.shape(v) + (conditional.num_inducing,), conditional.dtype)
         return q
 
     def moments(self, output):
@@ -373,11 +375,8 @@ class _Evaluator:
         """One draw of the output from q: A v + sqrt(diag(K - A A^T)) eps, v from the guide."""
         if output not in self._draws:
             conditional, v = self.outputs[output]
-            A = projection(conditional)
-            variance = conditional_variance(conditional, A)
             key = jax.random.fold_in(self.model_key, self.names.index(output))
-            eps = jax.random.normal(key, variance.shape, variance.dtype)
-            self._draws[output] = A @ v.astype(A.dtype) + safe_sqrt(variance) * eps
+            self._draws[output] = draw_with_key(conditional, v, key)
         return self._draws[output]
 
     def function(self, indices):
@@ -404,7 +403,8 @@ class _Evaluator:
         N = conditional.num_points
         value, weight = site["value"], site["scale"]
         fast = (
-            jnp.shape(base.loc) == (N,)
+            not conditional.family.shape
+            and jnp.shape(base.loc) == (N,)
             and jnp.shape(value) == (N,)
             and tuple(site["fn"].batch_shape) + tuple(site["fn"].event_shape) == (N,)
             and not any(isinstance(w, MaskedDistribution) for w in wrappers)
@@ -449,7 +449,8 @@ class _Evaluator:
         nodes = {}
         for output, g in zip(outputs, grids):
             mean, variance = self.moments(output)
-            nodes[output] = mean + safe_sqrt(variance) * x[g][:, None]  # (K^d, N)
+            # (K^d,) + the output's shape
+            nodes[output] = mean + safe_sqrt(variance) * x[g].reshape((-1,) + (1,) * mean.ndim)
 
         def at(node_values):
             return term(*self._with(node_values))[0]

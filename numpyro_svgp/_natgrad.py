@@ -53,6 +53,17 @@ def _natural_step(m, raw, grad_m, grad_raw, step_size, scale_tril):
     return new_m, jnp.linalg.cholesky(0.5 * (new_Sigma + new_Sigma.T))
 
 
+def _batched_natural_step(m, raw, grad_m, grad_raw, step_size, scale_tril):
+    """:func:`_natural_step` for each GP of a family (leading batch axes on every array)."""
+    batch = m.shape[:-1]
+    if not batch:
+        return _natural_step(m, raw, grad_m, grad_raw, step_size, scale_tril)
+    M = m.shape[-1]
+    flat = [a.reshape((-1,) + a.shape[len(batch):]) for a in (m, raw, grad_m, grad_raw)]
+    new_m, new_S = jax.vmap(lambda *a: _natural_step(*a, step_size, scale_tril))(*flat)
+    return new_m.reshape(batch + (M,)), new_S.reshape(batch + (M, M))
+
+
 def natural_gradient(
     optimizer: optax.GradientTransformation,
     step_size: float | optax.Schedule = 0.1,
@@ -102,7 +113,7 @@ def natural_gradient(
         updates = dict(others)
         gamma = schedule(count)
         for loc_name, tril_name in pairs:
-            new_m, new_S = _natural_step(
+            new_m, new_S = _batched_natural_step(
                 params[loc_name], params[tril_name], grads[loc_name], grads[tril_name], gamma,
                 guide.scale_tril,
             )

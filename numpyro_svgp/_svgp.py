@@ -36,11 +36,12 @@ from numpyro_svgp._conditional import (
     projection,
     whitened_conditional,
 )
+from numpyro_svgp._family import family_map, plate_batch_shape
 from numpyro_svgp._features import InducingFeatures  # noqa: F401 (annotation)
 from numpyro_svgp._linalg import MAX_JITTER_ESCALATIONS, safe_sqrt
 from numpyro_svgp.kernels import Kernel
 
-__all__ = ["WhitenedPrior", "draw_output", "output_values", "svgp", "svgp_site"]
+__all__ = ["WhitenedPrior", "draw_output", "draw_with_key", "output_values", "svgp", "svgp_site"]
 
 
 class WhitenedPrior(dist.MultivariateNormal):
@@ -58,10 +59,12 @@ class WhitenedPrior(dist.MultivariateNormal):
     pytree_data_fields = ("conditional",)
     pytree_aux_fields = ("output",)
 
-    def __init__(self, conditional: Conditional, output: str):
+    def __init__(self, conditional: Conditional, output: str, batch_shape: tuple = ()):
         num_inducing, dtype = conditional.num_inducing, conditional.dtype
         super().__init__(
-            jnp.zeros(num_inducing, dtype), scale_tril=jnp.eye(num_inducing, dtype=dtype)
+            jnp.zeros(tuple(batch_shape) + (num_inducing,), dtype),
+            scale_tril=jnp.broadcast_to(jnp.eye(num_inducing, dtype=dtype),
+                                        tuple(batch_shape) + (num_inducing, num_inducing)),
         )
         self.conditional = conditional
         self.output = output
@@ -109,17 +112,32 @@ def svgp(
     points. ``X`` may differ between fitting and prediction; ``Z`` and the kernel
     are typically ``numpyro.param``/``numpyro.sample`` values.
 
+    **A GP per group.** Inside other plates, ``svgp`` places one independent GP per
+    plate member (a family; see :mod:`numpyro_svgp._family`). Put the group plate at
+    ``dim=-2`` so that the data plate keeps ``dim=-1``::
+
+        with numpyro.plate("group", G, dim=-2):
+            lengthscale = numpyro.sample("lengthscale", dist.LogNormal(mu, tau))  # (G, 1)
+            f = ns.svgp("f", ns.kernels.RBF(1.0, lengthscale), X, Z)              # (G, N)
+            with numpyro.plate("data", N, dim=-1):
+                numpyro.sample("y", dist.Normal(f, noise), obs=Y)                 # (G, N)
+
+    Kernel hyperparameters carry the plates' axes first (one value per GP) or none
+    (shared); ``X`` is ``(N, D)`` or ``(G, N, D)``, ``Z`` is ``(M, D)`` or ``(G, M, D)``.
+    The whitened site then has batch shape ``(G, 1)`` and event shape ``(M,)``, and
+    :math:`f` has shape ``(G, N)``. Nested plates work the same way.
+
     :param name: name of the output site; the whitened site is ``f"{name}_whitened"``.
     :param kernel: a :class:`~numpyro_svgp.kernels.Kernel`.
-    :param X: inputs, shape ``(N, D)``.
-    :param Z: inducing inputs, shape ``(M, D)``, or inducing features such as
+    :param X: inputs, shape ``(N, D)`` (or one set per GP of a family).
+    :param Z: inducing inputs, shape ``(M, D)`` (or one set per GP), or inducing features such as
         :class:`~numpyro_svgp.SphericalHarmonicFeatures` (same model, guide and ELBO).
     :param jitter: added to the diagonal of :math:`K_{zz}`; defaults to
         :func:`~numpyro_svgp.default_jitter` of the dtype.
     :param max_jitter_escalations: if :math:`K_{zz}` + jitter cannot be factorised,
         the jitter is raised tenfold up to this many times inside ``jit``; the jitter
         used is reported by :func:`~numpyro_svgp.svgp_diagnostics`. 0 disables it.
-    :return: :math:`f(X)`, shape ``(N,)``.
+    :return: :math:`f(X)`, shape ``(N,)`` (a family's shape first, inside plates).
 
     **References**: Titsias (2009); Hensman, Fusi & Lawrence (2013);
     Hensman, Matthews & Ghahramani (2015).
@@ -128,17 +146,18 @@ def svgp(
         raise TypeError(
             f"svgp('{name}', ...) needs a numpyro_svgp.kernels.Kernel, got {type(kernel).__name__}."
         )
+    batch_shape, plates = plate_batch_shape()
+    _refuse_data_plate(name, X, plates)
     conditional = whitened_conditional(
-        kernel, X, Z, jitter=jitter, max_jitter_escalations=max_jitter_escalations
+        kernel, X, Z, jitter=jitter, max_jitter_escalations=max_jitter_escalations,
+        batch_shape=batch_shape, where=f"svgp('{name}', ...)",
     )
     num_inducing = conditional.num_inducing
-    v = numpyro.sample(f"{name}_whitened", WhitenedPrior(conditional, name))
-    if jnp.shape(v) != (num_inducing,):
+    v = numpyro.sample(f"{name}_whitened", WhitenedPrior(conditional, name, batch_shape))
+    if jnp.shape(v) != batch_shape + (num_inducing,):
         raise ValueError(
             f"svgp('{name}', ...) drew inducing values of shape {jnp.shape(v)}, expected "
-            f"({num_inducing},): it was called inside a plate. The inducing values are "
-            "shared by all data points, so call svgp outside `numpyro.plate` and put "
-            "only the likelihood inside it."
+            f"{batch_shape + (num_inducing,)} (the plates' batch shape, then M)."
         )
     msg = apply_stack({
         "type": "svgp_output",
@@ -152,6 +171,21 @@ def svgp(
     return numpyro.deterministic(name, msg["value"])
 
 
+def _refuse_data_plate(name, X, plates) -> None:
+    """svgp inside the data plate is the common mistake a family would hide: a plate at
+    dim -1 as large as the number of inputs would make one GP per data point."""
+    num_points = jnp.shape(X)[-2] if jnp.ndim(X) >= 2 else None
+    for p in plates:
+        if p.dim == -1 and num_points is not None and p.size == num_points:
+            raise ValueError(
+                f"svgp('{name}', ...) was called inside a plate ('{p.name}', size "
+                f"{p.size}, dim=-1) as large as X: the inducing values are shared by all "
+                "data points, so call svgp outside the data plate and put only the "
+                "likelihood inside it. For one GP per member of a group plate, put that "
+                "plate at dim=-2 (numpyro.plate('group', G, dim=-2))."
+            )
+
+
 def draw_output(conditional: Conditional, v: Float[Array, " M"]) -> Float[Array, " N"]:
     r""":math:`A v + \sqrt{\operatorname{diag}(K_{xx} - A A^\top)}\,\varepsilon`, with
     :math:`\varepsilon` from ``numpyro.prng_key()`` (left out when there is no key)."""
@@ -162,15 +196,26 @@ def draw_output(conditional: Conditional, v: Float[Array, " M"]) -> Float[Array,
     return _draw(conditional, v, key)
 
 
+def draw_with_key(conditional: Conditional, v, key) -> jax.Array:
+    """:func:`draw_output` with an explicit key (``None``: the mean :math:`A v`)."""
+    return _draw(conditional, v, key)
+
+
 @compiled
 def _draw(conditional, v, key):
-    A = projection(conditional)
-    f = A @ v.astype(A.dtype)  # numpyro's MVN draws may come in the default float dtype
+    f, variance = family_map(_mean_and_variance, conditional.family, conditional, v,
+                             event_ndims=(1,))
     if key is not None:
-        variance = conditional_variance(conditional, A)
         # safe_sqrt keeps d sqrt(var) finite where var == 0 (e.g. X = Z)
         f = f + safe_sqrt(variance) * jax.random.normal(key, variance.shape, variance.dtype)
     return f
+
+
+def _mean_and_variance(conditional, v):
+    r""":math:`A v` and :math:`\operatorname{diag}(K_{xx} - A A^\top)` of one GP."""
+    A = projection(conditional)
+    # numpyro's MVN draws may come in the default float dtype
+    return A @ v.astype(A.dtype), conditional_variance(conditional, A)
 
 
 class output_values(Messenger):
@@ -199,4 +244,4 @@ class output_values(Messenger):
         if name in self.values:
             msg["value"] = self.values[name]
         elif self.placeholder:
-            msg["value"] = jnp.zeros(conditional.num_points, conditional.dtype)
+            msg["value"] = jnp.zeros(conditional.output_shape, conditional.dtype)

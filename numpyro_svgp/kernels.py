@@ -26,6 +26,8 @@ Machine Learning*, chapter 4.
 """
 
 import abc
+import dataclasses
+from typing import ClassVar
 
 import equinox as eqx
 import jax
@@ -59,7 +61,15 @@ class Kernel(eqx.Module):
 
     Subclasses implement :meth:`evaluate` for one pair of points and nothing
     else; all broadcasting lives here.
+
+    ``hyperparameters`` names the fields that may differ between the GPs of a family
+    (``svgp`` inside ``numpyro.plate``), each with the number of trailing axes it has
+    for one GP: 0 for a scalar, 1 for one that may be a ``(D,)`` vector. Their leading
+    axes, if any, are the plates' (see :func:`~numpyro_svgp.svgp`). A kernel called
+    directly takes one GP's hyperparameters.
     """
+
+    hyperparameters: ClassVar[dict[str, int]] = {}
 
     @abc.abstractmethod
     def evaluate(self, x1: Float[Array, " D"], x2: Float[Array, " D"]) -> Float[Array, ""]:
@@ -73,6 +83,7 @@ class Kernel(eqx.Module):
         :param X1: inputs, shape ``(N1, D)``.
         :param X2: inputs, shape ``(N2, D)``; defaults to ``X1``.
         """
+        _check_one_gp(self)
         X1 = _as_inputs("X1", X1)
         X2 = X1 if X2 is None else _as_inputs("X2", X2)
         if X1.shape[1] != X2.shape[1]:
@@ -93,9 +104,14 @@ class Kernel(eqx.Module):
     def diag(self, X: Float[Array, "N D"]) -> Float[Array, " N"]:
         """The variances :math:`k(x_n, x_n)` without forming the full matrix.
 
-        The default broadcasts :meth:`evaluate`; stationary kernels (a constant) and the
-        compositions (from their parts' diagonals) override it with a closed form.
+        Subclasses with a closed form override :meth:`_diag` (stationary kernels: a
+        constant; the compositions: from their parts' diagonals).
         """
+        _check_one_gp(self)
+        return self._diag(X)
+
+    def _diag(self, X: jax.Array) -> jax.Array:
+        """:meth:`diag` without the hyperparameter check; the default broadcasts :meth:`evaluate`."""
         X = _as_inputs("X", X)
         return jax.vmap(lambda x: self.evaluate(x, x))(X)
 
@@ -120,11 +136,29 @@ def _as_inputs(name: str, X) -> jax.Array:
 
 
 def _hyperparameter(name: str, value, *, allow_vector: bool) -> jax.Array:
-    value = check_positive(name, value)
-    if value.ndim > (1 if allow_vector else 0):
-        kind = "a scalar or a (D,) vector" if allow_vector else "a scalar"
-        raise ValueError(f"{name} must be {kind}, got shape {value.shape}.")
-    return value
+    # leading axes beyond one GP's are a family's (svgp inside plates); _check_one_gp
+    # refuses them where a kernel is evaluated directly
+    del allow_vector
+    return check_positive(name, value)
+
+
+def _check_one_gp(kernel: Kernel) -> None:
+    """Refuse, by name, hyperparameters with more axes than one GP's (a family's kernel
+    evaluated directly would broadcast them against the inputs)."""
+    for field in dataclasses.fields(kernel):
+        value = getattr(kernel, field.name, None)
+        if isinstance(value, Kernel):
+            _check_one_gp(value)
+        elif field.name in type(kernel).hyperparameters:
+            event = type(kernel).hyperparameters[field.name]
+            if jnp.ndim(value) > event:
+                kind = "a scalar or a (D,) vector" if event else "a scalar"
+                raise ValueError(
+                    f"{type(kernel).__name__}.{field.name} has shape {jnp.shape(value)}, but a "
+                    f"kernel evaluated directly takes one GP's {field.name}: {kind}. Leading "
+                    "axes (one value per GP) are for ns.svgp called inside numpyro.plate, "
+                    "which evaluates the kernel for each GP of the family."
+                )
 
 
 def _per_feature(name: str, value: jax.Array, num_features: int) -> None:
@@ -192,6 +226,7 @@ class Stationary(Kernel):
     :param lengthscale: :math:`\ell > 0`, scalar or ``(D,)`` (ARD).
     """
 
+    hyperparameters: ClassVar[dict[str, int]] = {"variance": 0, "lengthscale": 1}
     variance: Float[Array, ""]
     lengthscale: Float[Array, "*D"]
 
@@ -217,7 +252,7 @@ class Stationary(Kernel):
             return super()._matrix(X1, X2, symmetric)
         return self.variance * self.profile(_scaled_sq_dist_matrix(X1, X2, self.lengthscale))
 
-    def diag(self, X):
+    def _diag(self, X):
         # k(x, x) = sigma^2 kappa(0) for every x: a constant, not a per-row distance
         # computation (and its lengthscale derivative) over all N inputs.
         X = _as_inputs("X", X)
@@ -290,6 +325,7 @@ class Periodic(Kernel):
     :param period: :math:`p > 0`, scalar or ``(D,)``.
     """
 
+    hyperparameters: ClassVar[dict[str, int]] = {"variance": 0, "lengthscale": 1, "period": 1}
     variance: Float[Array, ""]
     lengthscale: Float[Array, "*D"]
     period: Float[Array, "*D"]
@@ -314,6 +350,7 @@ class Linear(Kernel):
     :param variance: :math:`\sigma^2 > 0`, scalar or ``(D,)`` (one per feature).
     """
 
+    hyperparameters: ClassVar[dict[str, int]] = {"variance": 1}
     variance: Float[Array, "*D"]
 
     def __init__(self, variance=1.0):
@@ -336,7 +373,7 @@ class Sum(Kernel):
     def _matrix(self, X1, X2, symmetric):
         return self.k1._matrix(X1, X2, symmetric) + self.k2._matrix(X1, X2, symmetric)
 
-    def diag(self, X):
+    def _diag(self, X):
         return self.k1.diag(X) + self.k2.diag(X)
 
 
@@ -352,13 +389,14 @@ class Product(Kernel):
     def _matrix(self, X1, X2, symmetric):
         return self.k1._matrix(X1, X2, symmetric) * self.k2._matrix(X1, X2, symmetric)
 
-    def diag(self, X):
+    def _diag(self, X):
         return self.k1.diag(X) * self.k2.diag(X)
 
 
 class Scaled(Kernel):
     r"""A kernel times a positive scalar, :math:`k(x, x') = c\, k_0(x, x')`. Made by ``c * k``."""
 
+    hyperparameters: ClassVar[dict[str, int]] = {"scale": 0}
     scale: Float[Array, ""]
     kernel: Kernel
 
@@ -379,7 +417,7 @@ class Scaled(Kernel):
     def _matrix(self, X1, X2, symmetric):
         return self.scale * self.kernel._matrix(X1, X2, symmetric)
 
-    def diag(self, X):
+    def _diag(self, X):
         return self.scale * self.kernel.diag(X)
 
 
@@ -407,6 +445,7 @@ class Zonal(Kernel):
     :param bias: :math:`b > 0`, appended to every input before normalising.
     """
 
+    hyperparameters: ClassVar[dict[str, int]] = {"variance": 0, "bias": 0}
     variance: Float[Array, ""]
     bias: Float[Array, ""]
 
@@ -431,7 +470,7 @@ class Zonal(Kernel):
             t = jnp.where(jnp.eye(t.shape[0], dtype=bool), 1.0, t)
         return self.variance * self.shape(t)
 
-    def diag(self, X):
+    def _diag(self, X):
         X = _as_inputs("X", X)
         return self.variance * self.shape(jnp.ones(X.shape[0], X.dtype))
 
@@ -498,6 +537,7 @@ class SphericalMatern(Zonal):
     :param bias: :math:`b > 0`.
     """
 
+    hyperparameters: ClassVar[dict[str, int]] = {"variance": 0, "lengthscale": 0, "bias": 0}
     smoothness: float = eqx.field(static=True)
     lengthscale: Float[Array, ""]
 
@@ -569,5 +609,5 @@ class Warped(Kernel):
         G2 = G1 if symmetric else self.features(X2)
         return self.kernel._matrix(G1, G2, symmetric)
 
-    def diag(self, X):
+    def _diag(self, X):
         return self.kernel.diag(self.features(_as_inputs("X", X)))

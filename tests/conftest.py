@@ -5,10 +5,33 @@ subprocess runs) are skipped unless ``--run-slow`` is given: ``pytest -q`` is th
 quick check, ``pytest -q --run-slow`` the full suite that CI runs.
 """
 
+import os
+import shutil
+import tempfile
+import uuid
+
 import jax
 import pytest
 
 jax.config.update("jax_enable_x64", True)
+
+# One persistent compilation cache per test run, shared by the xdist workers and the
+# subprocesses they start (through the environment): NumPyro's initialisation runs the
+# model outside jit, and every process would otherwise compile the same few hundred
+# single-primitive programs again. A user's JAX_COMPILATION_CACHE_DIR is left alone.
+_RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID") or os.environ.setdefault(
+    "NUMPYRO_SVGP_TEST_RUN", uuid.uuid4().hex
+)
+_OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if _OWN_CACHE:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(
+        tempfile.gettempdir(), f"numpyro_svgp_test_cache_{_RUN}"
+    )
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+    jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def pytest_addoption(parser):
@@ -22,3 +45,9 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_sessionfinish(session):
+    # the controller (or a run without xdist) removes the run's cache; workers leave it
+    if _OWN_CACHE and "PYTEST_XDIST_WORKER" not in os.environ:
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)

@@ -1,0 +1,334 @@
+"""svgp inside numpyro.plate: a family of independent GPs.
+
+Every number is checked against the dense, unwhitened NumPy references of
+tests/reference.py applied to each GP of the family on its own (the family's ELBO is
+the sum of its members' ELBOs), or against scipy.integrate.quad.
+"""
+
+from contextlib import ExitStack
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+import optax
+import pytest
+from jax import random
+from numpyro.handlers import seed, trace
+from numpyro.infer import SVI, Predictive
+from scipy import integrate
+
+import numpyro_svgp as ns
+
+from . import reference as ref
+from .helpers import initial_params
+
+JITTER = 1e-6
+N, M, D = 25, 5, 2
+RNG = np.random.default_rng(7)
+X = RNG.uniform(-2, 2, size=(N, D))
+NOISE = 0.04
+
+
+def _layout(name):
+    """(plate shapes and dims, family shape) of each layout under test."""
+    return {
+        "group": ([("group", 3, -2)], (3,)),
+        "nested": ([("region", 2, -3), ("output", 2, -2)], (2, 2)),
+    }[name]
+
+
+def _family_problem(layout, per_group_x):
+    plates, shape = _layout(layout)
+    rng = np.random.default_rng(1)
+    G = int(np.prod(shape))
+    batch = shape + (1,)  # the plates' batch shape: the data dim -1 is free
+    variance = rng.uniform(0.5, 1.5, size=batch)
+    lengthscale = rng.uniform(0.5, 1.2, size=batch + (D,))  # ARD, one per GP
+    Z = rng.uniform(-2, 2, size=shape + (M, D))
+    Xs = rng.uniform(-2, 2, size=shape + (N, D)) if per_group_x else X
+    Y = rng.normal(size=shape + (N,))
+    loc = rng.normal(size=batch + (M,))
+    raw = np.tril(0.3 * rng.normal(size=batch + (M, M))) + np.eye(M) * rng.uniform(
+        0.4, 1.0, size=batch + (M, 1)
+    )
+    return plates, shape, G, variance, lengthscale, Z, Xs, Y, loc, raw
+
+
+def _model(plates, variance, lengthscale, Z, likelihood="normal", jitter=JITTER):
+    def model(X, Y=None):
+        with ExitStack() as stack:
+            for name, size, dim in plates:
+                stack.enter_context(numpyro.plate(name, size, dim=dim))
+            kernel = ns.kernels.RBF(jnp.asarray(variance), jnp.asarray(lengthscale))
+            f = ns.svgp("f", kernel, X, jnp.asarray(Z), jitter=jitter)
+            with numpyro.plate("data", N, dim=-1):
+                if likelihood == "normal":
+                    numpyro.sample("y", dist.Normal(f, np.sqrt(NOISE)), obs=Y)
+                else:
+                    numpyro.sample("y", dist.Bernoulli(logits=f), obs=Y)
+
+    return model
+
+
+def _reference_moments(Xg, Zg, variance, lengthscale, m, S):
+    """Dense unwhitened marginals of q(f) and KL of one GP, from whitened (m, S)."""
+    K_zz = ref.rbf(Zg, Zg, variance, lengthscale) + JITTER * np.eye(M)
+    L = np.linalg.cholesky(K_zz)
+    mu, Sigma = L @ m, L @ S @ S.T @ L.T  # u = L v
+    K_xz = ref.rbf(Xg, Zg, variance, lengthscale)
+    A = np.linalg.solve(K_zz, K_xz.T).T
+    mean = A @ mu
+    var = variance - np.sum(A * K_xz, axis=1) + np.sum((A @ Sigma) * A, axis=1)
+    _, kl = ref.hensman_terms_unwhitened(
+        np.full(len(Xg), variance), K_xz, K_zz, np.zeros(len(Xg)), 1.0, mu, Sigma
+    )
+    return mean, var, kl, (K_xz, K_zz, mu, Sigma)
+
+
+def _members(shape, variance, lengthscale, Z, Xs, loc, S, per_group_x):
+    for index in np.ndindex(*shape):
+        yield (
+            index,
+            (
+                Xs[index] if per_group_x else Xs,
+                Z[index],
+                float(variance[index][0]),
+                lengthscale[index][0],
+                loc[index][0],
+                S[index][0],
+            ),
+        )
+
+
+def _params(model, guide, Xs, Y, loc, raw):
+    params = initial_params(model, guide, Xs, Y)
+    assert params["f_whitened_auto_loc"].shape == loc.shape
+    assert params["f_whitened_auto_scale_tril"].shape == raw.shape
+    return {
+        **params,
+        "f_whitened_auto_loc": jnp.asarray(loc),
+        "f_whitened_auto_scale_tril": jnp.asarray(raw),
+    }
+
+
+@pytest.mark.parametrize(
+    "layout, per_group_x", [("group", False), ("group", True), ("nested", False)]
+)
+def test_family_elbo_is_the_sum_of_the_dense_elbos_of_its_gps(layout, per_group_x):
+    plates, shape, G, variance, lengthscale, Z, Xs, Y, loc, raw = _family_problem(
+        layout, per_group_x
+    )
+    model = _model(plates, variance, lengthscale, Z)
+    tr = trace(seed(model, 0)).get_trace(Xs, Y)
+    assert tr["f"]["value"].shape == shape + (N,)
+    assert tr["f_whitened"]["value"].shape == shape + (1, M)
+    guide = ns.AutoSVGP(model)
+    params = _params(model, guide, Xs, Y, loc, raw)
+    S = np.asarray(guide.scale_tril(jnp.asarray(raw)))
+    report = ns.integration_report(model, guide, params, Xs, Y)
+    assert report["y"]["integration"] == "closed form"
+
+    expected = 0.0
+    for index, (Xg, Zg, var, ls, m, Sg) in _members(
+        shape, variance, lengthscale, Z, Xs, loc, S, per_group_x
+    ):
+        _, _, _, (K_xz, K_zz, mu, Sigma) = _reference_moments(Xg, Zg, var, ls, m, Sg)
+        expected += ref.hensman_elbo_unwhitened(
+            np.full(N, var), K_xz, K_zz, Y[index], NOISE, mu, Sigma
+        )
+    elbo = -float(ns.SVGP_ELBO().loss(random.PRNGKey(0), params, model, guide, Xs, Y))
+    assert elbo == pytest.approx(expected, rel=1e-9)
+    # and its gradient reaches every GP's q(v)
+    grad = jax.grad(lambda p: ns.SVGP_ELBO().loss(random.PRNGKey(0), p, model, guide, Xs, Y))(
+        params
+    )
+    assert np.all(np.abs(np.asarray(grad["f_whitened_auto_loc"])).reshape(G, -1).max(axis=1) > 0)
+
+    mean, variance_f = ns.predict_f(model, guide, params, Xs)
+    for index, (Xg, Zg, var, ls, m, Sg) in _members(
+        shape, variance, lengthscale, Z, Xs, loc, S, per_group_x
+    ):
+        ref_mean, ref_var, _, _ = _reference_moments(Xg, Zg, var, ls, m, Sg)
+        np.testing.assert_allclose(mean[index], ref_mean, rtol=1e-8, atol=1e-10)
+        np.testing.assert_allclose(variance_f[index], ref_var, rtol=1e-7, atol=1e-10)
+
+
+def test_family_bernoulli_sites_are_integrated_by_quadrature_per_gp():
+    plates, shape, G, variance, lengthscale, Z, Xs, _, loc, raw = _family_problem("group", False)
+    Y = (np.random.default_rng(3).uniform(size=shape + (N,)) < 0.5).astype(float)
+    model = _model(plates, variance, lengthscale, Z, likelihood="bernoulli")
+    guide = ns.AutoSVGP(model)
+    params = _params(model, guide, Xs, Y, loc, raw)
+    assert ns.integration_report(model, guide, params, Xs, Y)["y"]["integration"].startswith(
+        "quadrature"
+    )
+    S = np.asarray(guide.scale_tril(jnp.asarray(raw)))
+    expected = 0.0
+    for index, (Xg, Zg, var, ls, m, Sg) in _members(
+        shape, variance, lengthscale, Z, Xs, loc, S, False
+    ):
+        mean, var_f, kl, _ = _reference_moments(Xg, Zg, var, ls, m, Sg)
+        for mu_n, v_n, y_n in zip(mean, var_f, Y[index], strict=True):
+
+            def integrand(f, mu_n=mu_n, v_n=v_n, y_n=y_n):
+                log_p = y_n * f - np.logaddexp(0.0, f)
+                return np.exp(-0.5 * (f - mu_n) ** 2 / v_n) / np.sqrt(2 * np.pi * v_n) * log_p
+
+            sd = np.sqrt(v_n)
+            expected += integrate.quad(integrand, mu_n - 12 * sd, mu_n + 12 * sd, epsabs=1e-12)[0]
+        expected -= kl
+    elbo = -float(ns.SVGP_ELBO().loss(random.PRNGKey(0), params, model, guide, Xs, Y))
+    assert elbo == pytest.approx(expected, rel=1e-7)
+
+
+@pytest.mark.slow
+def test_one_natural_step_reaches_every_gps_optimal_q():
+    plates, shape, G, variance, lengthscale, Z, Xs, Y, _, _ = _family_problem("group", False)
+    model = _model(plates, variance, lengthscale, Z)
+    guide = ns.AutoSVGP(model)
+    svi = SVI(
+        model, guide, ns.natural_gradient(optax.set_to_zero(), 1.0, guide=guide), ns.SVGP_ELBO()
+    )
+    state, _ = svi.update(svi.init(random.PRNGKey(0), Xs, Y), Xs, Y)
+    params = svi.get_params(state)
+    S = np.asarray(guide.scale_tril(params["f_whitened_auto_scale_tril"]))
+    for index in np.ndindex(*shape):
+        var, ls = float(variance[index][0]), lengthscale[index][0]
+        K_zz = ref.rbf(Z[index], Z[index], var, ls) + JITTER * np.eye(M)
+        m_opt, S_opt = ref.whiten(
+            *ref.optimal_q_u(ref.rbf(X, Z[index], var, ls), K_zz, Y[index], NOISE), K_zz
+        )
+        np.testing.assert_allclose(
+            params["f_whitened_auto_loc"][index][0], m_opt, rtol=1e-6, atol=1e-8
+        )
+        Sg = S[index][0]
+        np.testing.assert_allclose(Sg @ Sg.T, S_opt @ S_opt.T, rtol=1e-6, atol=1e-10)
+
+
+@pytest.mark.slow
+def test_predictive_draws_have_the_family_shape_and_its_moments():
+    plates, shape, G, variance, lengthscale, Z, Xs, Y, loc, raw = _family_problem("group", False)
+    model = _model(plates, variance, lengthscale, Z)
+    guide = ns.AutoSVGP(model)
+    params = _params(model, guide, Xs, Y, loc, raw)
+    draws = Predictive(model, guide=guide, params=params, num_samples=4000)(random.PRNGKey(1), Xs)
+    assert draws["f"].shape == (4000,) + shape + (N,)
+    mean, var = ns.predict_f(model, guide, params, Xs)
+    se = np.sqrt(var / 4000)
+    assert np.all(np.abs(draws["f"].mean(0) - mean) < 5 * se)
+    np.testing.assert_allclose(draws["f"].var(0), var, rtol=0.2)
+
+
+def test_hyperparameters_shared_or_per_gp_and_shape_errors_name_the_argument():
+    def model(variance, lengthscale, Z, X=X):
+        with numpyro.plate("group", 3, dim=-2):
+            return ns.svgp("f", ns.kernels.RBF(variance, lengthscale), X, Z)
+
+    Z = np.linspace(-2, 2, M)[:, None] * np.ones(D)
+    f = seed(model, 0)
+    # shared scalar, shared ARD, per-GP scalar, per-GP ARD all place 3 GPs
+    for variance, lengthscale in [
+        (1.0, 0.7),
+        (1.0, np.ones(D)),
+        (np.ones((3, 1)), np.ones((3, 1))),
+        (np.ones((3, 1)), np.ones((3, 1, D))),
+    ]:
+        assert f(variance, lengthscale, Z).shape == (3, N)
+    with pytest.raises(ValueError, match=r"RBF.variance has shape \(4, 1\).*batch shape \(3, 1\)"):
+        f(np.ones((4, 1)), 1.0, Z)
+    with pytest.raises(ValueError, match=r"RBF.lengthscale has shape \(3,\)"):
+        f(1.0, np.ones(3), Z)  # (3,) is neither (3, 1) nor (D,) = (2,)
+    with pytest.raises(ValueError, match=r"svgp\('f', \.\.\.\): Z has shape \(4, 5, 2\)"):
+        f(1.0, 1.0, np.ones((4, M, D)))
+    with pytest.raises(ValueError, match=r"X has shape \(2, 25, 2\)"):
+        f(1.0, 1.0, Z, np.ones((2, N, D)))
+    with pytest.raises(ValueError, match="Leading axes .* for ns.svgp called inside numpyro.plate"):
+        ns.kernels.RBF(np.ones(3))(X)
+
+
+@pytest.mark.slow
+def test_subsampled_groups_give_an_unbiased_elbo_and_full_size_params():
+    G = 6
+    rng = np.random.default_rng(5)
+    Y = rng.normal(size=(G, N))
+    Z = np.linspace(-2, 2, M)[:, None] * np.ones(D)
+
+    def model(X, Y, groups=None):
+        with numpyro.plate("group", G, subsample_size=groups, dim=-2) as idx:
+            ls = numpyro.sample("ls", dist.LogNormal(0.0, 0.3))
+            f = ns.svgp("f", ns.kernels.RBF(1.0, ls), X, Z, jitter=JITTER)
+            with numpyro.plate("data", N, dim=-1):
+                numpyro.sample("y", dist.Normal(f, 0.3), obs=jnp.asarray(Y)[idx])
+
+    sub, full = ns.AutoSVGP(model), ns.AutoSVGP(model)
+    params = initial_params(model, sub, X, Y, 2)
+    assert params["f_whitened_auto_loc"].shape == (G, 1, M)  # the full plate, not the batch
+    params = {**params, "f_whitened_auto_loc": jnp.asarray(rng.normal(size=(G, 1, M)))}
+    initial_params(model, full, X, Y)
+    keys = random.split(random.PRNGKey(0), 2000)
+
+    def losses(guide, groups):
+        one = lambda key: ns.SVGP_ELBO().loss(key, params, model, guide, X, Y, groups)  # noqa: E731
+        return np.asarray(jax.jit(jax.vmap(one))(keys))
+
+    estimates, exact = losses(sub, 2), losses(full, None)
+    assert np.std(estimates) > 10 * np.std(exact)  # the groups really are subsampled
+    se = np.sqrt(np.var(estimates) / len(keys) + np.var(exact) / len(keys))
+    assert abs(estimates.mean() - exact.mean()) < 4 * se
+
+
+@pytest.mark.slow
+def test_data_minibatches_inside_groups_and_arviz_dims_named_after_the_plates():
+    plates, shape, G, variance, lengthscale, Z, Xs, Y, loc, raw = _family_problem("group", False)
+
+    def model(X, Y=None, num_data=None):
+        with numpyro.plate("group", G, dim=-2):
+            f = ns.svgp(
+                "f",
+                ns.kernels.RBF(jnp.asarray(variance), jnp.asarray(lengthscale)),
+                X,
+                jnp.asarray(Z),
+                jitter=JITTER,
+            )
+            with numpyro.plate("data", num_data or X.shape[0], subsample_size=X.shape[0], dim=-1):
+                numpyro.sample("y", dist.Normal(f, np.sqrt(NOISE)), obs=Y)
+
+    guide = ns.AutoSVGP(model)
+    params = _params(model, guide, X, Y, loc, raw)
+    full = ns.SVGP_ELBO().loss(random.PRNGKey(0), params, model, guide, X, Y)
+    kl = float(
+        ns.kl(params["f_whitened_auto_loc"], guide.scale_tril(params["f_whitened_auto_scale_tril"]))
+    )
+    # the data term of 5 batches of 5 rows, each scaled by N / 5, adds up to the full one
+    terms = [
+        float(ns.SVGP_ELBO().loss(random.PRNGKey(0), params, model, guide, X[i::5], Y[:, i::5], N))
+        - kl
+        for i in range(5)
+    ]
+    assert sum(terms) / 5 == pytest.approx(float(full) - kl, rel=1e-10)
+
+    draws = Predictive(model, guide=guide, params=params, num_samples=20)(random.PRNGKey(1), X)
+    idata = ns.to_inference_data(
+        guide.sample_posterior(random.PRNGKey(2), params, sample_shape=(20,)),
+        posterior_predictive={"f": draws["f"], "y": draws["y"]},
+        model=model,
+        model_args=(X, Y),
+    )
+    assert idata.posterior["f_whitened"].dims[2] == "group"
+    assert idata.posterior["f_whitened"].dims[-1] == "f_inducing"
+    assert idata.posterior_predictive["f"].dims[2:] == ("group", "data")
+
+
+def test_diagnostics_report_the_jitter_of_each_gp():
+    plates, shape, G, variance, lengthscale, Z, Xs, Y, loc, raw = _family_problem("nested", False)
+    Z = Z.copy()
+    Z[1, 0, :3] = Z[1, 0, 3]  # one GP of the family with repeated inducing inputs:
+    # singular K_zz, which a jitter below round-off cannot factorise
+    model = _model(plates, variance, lengthscale, Z, jitter=1e-20)
+    guide = ns.AutoSVGP(model)
+    params = initial_params(model, guide, Xs, Y)
+    jitter = ns.svgp_diagnostics(model, guide, params, Xs, Y)["f"]["jitter"]
+    assert jitter.shape == shape
+    assert jitter[1, 0] > 1e-20 and np.all(np.delete(jitter.ravel(), 2) == 1e-20)
