@@ -36,6 +36,7 @@ from typing import NamedTuple
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jaxtyping import Array, Float
 
@@ -51,6 +52,7 @@ __all__ = [
     "conditional_variance",
     "predictive_moments",
     "projection",
+    "ragged_rows",
     "residual_variance",
     "whitened_conditional",
 ]
@@ -72,6 +74,8 @@ class Conditional(NamedTuple):
     family: Family = ONE_GP
     """For ``svgp`` inside plates, the family of GPs (see :mod:`numpyro_svgp._family`):
     then every field above has one entry per GP on a leading axis, or is shared."""
+    group_index: "jax.Array | None" = None
+    """For the ragged form of a family: the GP of each row of :math:`X`, shape ``(N,)``."""
 
     @property
     def num_inducing(self) -> int:
@@ -85,7 +89,10 @@ class Conditional(NamedTuple):
 
     @property
     def output_shape(self) -> tuple:
-        """The shape of :math:`f(X)`: the family shape, then ``(N,)``."""
+        """The shape of :math:`f(X)`: the family shape, then ``(N,)`` (``(N,)`` alone in
+        the ragged form, one value per row from its own GP)."""
+        if self.group_index is not None:
+            return (self.num_points,)
         return self.family.shape + (self.num_points,)
 
     @property
@@ -146,6 +153,7 @@ def whitened_conditional(
     jitter: float | None = None,
     max_jitter_escalations: int = MAX_JITTER_ESCALATIONS,
     batch_shape: tuple = (),
+    group_index=None,
     where: str = "svgp",
 ) -> Conditional:
     r"""The whitened conditional of :math:`f(X)`: checks the inputs and factorises
@@ -163,13 +171,23 @@ def whitened_conditional(
     :param max_jitter_escalations: tenfold jitter increases allowed when the factor
         of :math:`K_{uu}` is not finite (see :func:`~numpyro_svgp.cholesky_with_jitter`).
     :param batch_shape: the batch shape of the plates around the call.
+    :param group_index: for a family, the ragged form: the GP of each row of ``X``
+        (integers, shape ``(N,)``); ``X`` is then ``(N, D)`` and :math:`f` is ``(N,)``.
     :param where: what to call the caller in error messages.
     :return: a :class:`Conditional` ``(kernel, inducing, inputs, cholesky, jitter, family)``.
     """
     X = as_float_array("X", X)
+    if group_index is not None and not batch_shape:
+        raise ValueError(
+            f"{where}: group_index= picks one GP of a family per row, so svgp must be "
+            "called inside the group plate, e.g. under numpyro.plate('group', G)."
+        )
     if batch_shape:
-        return _family_conditional(kernel, X, Z, jitter, max_jitter_escalations,
-                                   tuple(batch_shape), where)
+        conditional = _family_conditional(kernel, X, Z, jitter, max_jitter_escalations,
+                                          tuple(batch_shape), where)
+        if group_index is None:
+            return conditional
+        return conditional._replace(group_index=_checked_group_index(group_index, conditional, where))
     check_matrix("X", X)
     inducing = as_inducing(Z)
     inducing.check_inputs(kernel, X)
@@ -215,6 +233,78 @@ def _family_conditional(kernel, X, Z, jitter, max_jitter_escalations, batch_shap
     unfactorised = Conditional(kernel, inducing, X, None, None, family)
     L, jitter_used = _factorise_family(unfactorised, dtype, jitter, max_jitter_escalations)
     return unfactorised._replace(cholesky=L, jitter=jitter_used)
+
+
+def _checked_group_index(group_index, conditional, where):
+    family = conditional.family
+    if len(family.shape) != 1:
+        raise ValueError(
+            f"{where}: group_index= needs one group plate around svgp, got plates whose GPs "
+            f"form a family of shape {family.shape}."
+        )
+    if conditional.inputs.ndim != 2:
+        raise ValueError(
+            f"{where}: with group_index=, X holds the rows of every group, shape (N, D); "
+            f"got {conditional.inputs.shape}."
+        )
+    group_index = jnp.asarray(group_index)
+    if not jnp.issubdtype(group_index.dtype, jnp.integer):
+        raise TypeError(f"{where}: group_index must hold integers, got dtype {group_index.dtype}.")
+    if group_index.shape != (conditional.num_points,):
+        raise ValueError(
+            f"{where}: group_index has shape {group_index.shape}; it needs one group per "
+            f"row of X, shape ({conditional.num_points},)."
+        )
+    (G,) = family.shape
+    if not is_traced(group_index):
+        values = np.asarray(group_index)
+        bad = np.flatnonzero((values < 0) | (values >= G))
+        if bad.size:
+            raise ValueError(
+                f"{where}: group_index[{bad[0]}] = {values[bad[0]]} is outside [0, {G}), the "
+                "group plate's size."
+            )
+    return group_index
+
+
+def _member(conditional: Conditional, g) -> Conditional:
+    """The single-GP conditional of member ``g`` of a family."""
+    family = conditional.family
+    leaves, treedef = jax.tree.flatten((conditional.kernel, conditional.inducing, conditional.inputs))
+    picked = [leaf[g] if axis == 0 else leaf for leaf, axis in zip(leaves, family.axes, strict=True)]
+    kernel, inducing, inputs = jax.tree.unflatten(treedef, picked)
+    return Conditional(kernel, inducing, inputs, conditional.cholesky[g], conditional.jitter[g])
+
+
+RAGGED_ELEMENTS = 2**22
+"""Entries of the ragged form's per-row gather of factors, (rows, M, M), per chunk."""
+
+
+def ragged_rows(conditional, v, scale_tril):
+    r"""Per row :math:`n` of the ragged form, with :math:`g = g(n)` its GP and
+    :math:`a_n = L_g^{-1} k(Z_g, x_n)`: ``(a_n^T v_g, k_{nn} - a_n^T a_n,
+    \|S_g^T a_n\|^2)`` (``v`` or ``scale_tril`` may be ``None``; then that entry is 0).
+
+    O(N M²) in all, each row against its own GP only; never O(G N M²).
+    """
+    family = conditional.family
+    G, M = family.size, conditional.num_inducing
+    inverse = jax.vmap(lower_inverse)(conditional.cholesky)  # (G, M, M)
+    v = None if v is None else jnp.reshape(v, (G, M))
+    S = None if scale_tril is None else jnp.reshape(scale_tril, (G, M, M))
+
+    def row(x, g):
+        member = _member(conditional, g)
+        k = member.inducing.cross_covariance(member.kernel, x[None, :])[0]
+        a = inverse[g] @ k
+        prior = member.kernel.diag(x[None, :])[0]
+        mean = jnp.zeros((), a.dtype) if v is None else a @ v[g].astype(a.dtype)
+        spread = jnp.zeros((), a.dtype) if S is None else jnp.sum(jnp.square(S[g].T @ a))
+        return mean, jnp.maximum(prior - a @ a, 0.0), spread
+
+    rows = max(256, RAGGED_ELEMENTS // (M * M))
+    return jax.lax.map(lambda xg: row(*xg), (conditional.inputs, conditional.group_index),
+                       batch_size=rows)
 
 
 @compiled
@@ -276,8 +366,11 @@ def predictive_moments(
     :return: ``(mean, variance)``, each of shape ``(N,)``.
 
     For a family of GPs, ``loc`` and ``scale_tril`` carry the plates' batch axes first
-    and the moments have the family shape first.
+    and the moments have the family shape first (in the ragged form, one per row).
     """
+    if conditional.group_index is not None:
+        mean, residual, spread = ragged_rows(conditional, loc, scale_tril)
+        return mean, residual + spread
     return family_map(_moments, conditional.family, conditional, loc, scale_tril,
                       event_ndims=(1, 2))
 

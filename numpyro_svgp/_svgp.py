@@ -34,6 +34,7 @@ from numpyro_svgp._conditional import (
     compiled,
     conditional_variance,
     projection,
+    ragged_rows,
     whitened_conditional,
 )
 from numpyro_svgp._family import family_map, plate_batch_shape
@@ -95,6 +96,7 @@ def svgp(
     *,
     jitter: float | None = None,
     max_jitter_escalations: int = MAX_JITTER_ESCALATIONS,
+    group_index=None,
 ) -> Float[Array, " N"]:
     r"""Sparse variational GP prior on :math:`f(X)` with inducing inputs :math:`Z`.
 
@@ -127,6 +129,17 @@ def svgp(
     The whitened site then has batch shape ``(G, 1)`` and event shape ``(M,)``, and
     :math:`f` has shape ``(G, N)``. Nested plates work the same way.
 
+    **Ragged groups.** When groups have different rows, pass all rows at once, ``X`` of
+    shape ``(N, D)``, with ``group_index`` (integers in ``[0, G)``, shape ``(N,)``): row
+    :math:`n` takes its value from GP :math:`g(n)`, and :math:`f` has shape ``(N,)``.
+    Each row is computed against its own GP only, O(N M²) in all::
+
+        with numpyro.plate("group", G):
+            lengthscale = numpyro.sample("lengthscale", dist.LogNormal(mu, tau))  # (G,)
+            f = ns.svgp("f", ns.kernels.RBF(1.0, lengthscale), X, Z, group_index=g)
+        with numpyro.plate("data", N):
+            numpyro.sample("y", dist.Normal(f, noise), obs=y)
+
     :param name: name of the output site; the whitened site is ``f"{name}_whitened"``.
     :param kernel: a :class:`~numpyro_svgp.kernels.Kernel`.
     :param X: inputs, shape ``(N, D)`` (or one set per GP of a family).
@@ -137,6 +150,7 @@ def svgp(
     :param max_jitter_escalations: if :math:`K_{zz}` + jitter cannot be factorised,
         the jitter is raised tenfold up to this many times inside ``jit``; the jitter
         used is reported by :func:`~numpyro_svgp.svgp_diagnostics`. 0 disables it.
+    :param group_index: inside a group plate, the GP of each row of ``X`` (ragged groups).
     :return: :math:`f(X)`, shape ``(N,)`` (a family's shape first, inside plates).
 
     **References**: Titsias (2009); Hensman, Fusi & Lawrence (2013);
@@ -147,10 +161,11 @@ def svgp(
             f"svgp('{name}', ...) needs a numpyro_svgp.kernels.Kernel, got {type(kernel).__name__}."
         )
     batch_shape, plates = plate_batch_shape()
-    _refuse_data_plate(name, X, plates)
+    if group_index is None:
+        _refuse_data_plate(name, X, plates)
     conditional = whitened_conditional(
         kernel, X, Z, jitter=jitter, max_jitter_escalations=max_jitter_escalations,
-        batch_shape=batch_shape, where=f"svgp('{name}', ...)",
+        batch_shape=batch_shape, group_index=group_index, where=f"svgp('{name}', ...)",
     )
     num_inducing = conditional.num_inducing
     v = numpyro.sample(f"{name}_whitened", WhitenedPrior(conditional, name, batch_shape))
@@ -203,8 +218,11 @@ def draw_with_key(conditional: Conditional, v, key) -> jax.Array:
 
 @compiled
 def _draw(conditional, v, key):
-    f, variance = family_map(_mean_and_variance, conditional.family, conditional, v,
-                             event_ndims=(1,))
+    if conditional.group_index is not None:
+        f, variance, _ = ragged_rows(conditional, v, None)
+    else:
+        f, variance = family_map(_mean_and_variance, conditional.family, conditional, v,
+                                 event_ndims=(1,))
     if key is not None:
         # safe_sqrt keeps d sqrt(var) finite where var == 0 (e.g. X = Z)
         f = f + safe_sqrt(variance) * jax.random.normal(key, variance.shape, variance.dtype)

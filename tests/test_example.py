@@ -63,3 +63,40 @@ def test_readme_golden_path_runs_as_pasted(tmp_path):
                          text=True, timeout=600, env={**os.environ, "TQDM_DISABLE": "1"})
     assert run.returncode == 0, run.stderr[-3000:]
     assert re.search(r"^y\s+closed form", run.stdout, re.MULTILINE), run.stdout
+
+
+@pytest.mark.slow
+def test_heteroscedastic_example_tiny(tmp_path):
+    out = tmp_path / "figs"
+    run = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "examples", "heteroscedastic_svgp.py"),
+         "--out", str(out), "--steps", "20", "--folds", "2"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = run.stdout.strip().splitlines()
+    # the likelihood of two GPs is integrated by 2-D quadrature, and the report says so
+    assert re.fullmatch(r"y\s+quadrature \(20 x 20 points\)\s+\(of f, g\)", lines[0]), lines[0]
+    rows = [line for line in lines if line.startswith("| ") and "SVGP" in line]
+    names = [row.split("|")[1].strip() for row in rows]
+    assert names == ["homoscedastic SVGP", "heteroscedastic SVGP"]
+    for row in rows:
+        assert np.isfinite(float(row.split("|")[2]))
+    assert (out / "heteroscedastic.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_hierarchical_example_tiny(tmp_path):
+    out = tmp_path / "figs"
+    run = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "examples", "hierarchical_gp.py"),
+         "--out", str(out), "--steps", "20", "--groups", "12", "--scaling"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = [line for line in run.stdout.splitlines() if "pooling |" in line]
+    assert [row.split("|")[1].strip() for row in rows] == [
+        "partial pooling", "no pooling", "complete pooling"]
+    for row in rows:
+        assert all(np.isfinite(float(cell)) for cell in row.split("|")[2:5])
+    assert (out / "forest.png").stat().st_size > 0

@@ -15,9 +15,10 @@ import numpyro.distributions as dist
 import optax
 import pytest
 from jax import random
+from jax.extend.core import jaxprs_in_params
 from numpyro.handlers import seed, trace
 from numpyro.infer import SVI, Predictive
-from scipy import integrate
+from scipy import integrate, special
 
 import numpyro_svgp as ns
 
@@ -332,3 +333,127 @@ def test_diagnostics_report_the_jitter_of_each_gp():
     jitter = ns.svgp_diagnostics(model, guide, params, Xs, Y)["f"]["jitter"]
     assert jitter.shape == shape
     assert jitter[1, 0] > 1e-20 and np.all(np.delete(jitter.ravel(), 2) == 1e-20)
+
+
+# --- ragged groups: X (N, D) with group_index (N,) -------------------------------------
+
+SIZES = (3, 19, 24, 7, 2, 12)  # rows per group; N = 67 rows in all
+
+
+def _ragged_problem():
+    rng = np.random.default_rng(11)
+    G = len(SIZES)
+    group = np.repeat(np.arange(G), SIZES)
+    rng.shuffle(group)  # rows of all groups interleaved
+    Xr = rng.uniform(-2, 2, size=(len(group), D))
+    y = rng.normal(size=len(group))
+    variance = rng.uniform(0.5, 1.5, size=G)  # as sampled in plate("group", G): (G,)
+    lengthscale = rng.uniform(0.5, 1.2, size=(G, D))
+    Z = rng.uniform(-2, 2, size=(G, M, D))
+    loc = rng.normal(size=(G, M))
+    raw = np.tril(0.3 * rng.normal(size=(G, M, M))) + np.eye(M)
+    return G, group, Xr, y, variance, lengthscale, Z, loc, raw
+
+
+def _ragged_model(G, variance, lengthscale, Z, likelihood="normal"):
+    def model(X, group, y=None):
+        with numpyro.plate("group", G):
+            kernel = ns.kernels.RBF(jnp.asarray(variance), jnp.asarray(lengthscale))
+            f = ns.svgp("f", kernel, X, jnp.asarray(Z), jitter=JITTER, group_index=group)
+        with numpyro.plate("data", X.shape[0]):
+            if likelihood == "normal":
+                numpyro.sample("y", dist.Normal(f, np.sqrt(NOISE)), obs=y)
+            else:
+                numpyro.sample("y", dist.Poisson(jnp.exp(f)), obs=y)
+
+    return model
+
+
+def test_ragged_groups_equal_the_dense_elbo_of_each_group_on_its_own_rows():
+    G, group, Xr, y, variance, lengthscale, Z, loc, raw = _ragged_problem()
+    model = _ragged_model(G, variance, lengthscale, Z)
+    guide = ns.AutoSVGP(model)
+    params = initial_params(model, guide, Xr, group, y)
+    assert params["f_whitened_auto_loc"].shape == (G, M)
+    params = {
+        **params,
+        "f_whitened_auto_loc": jnp.asarray(loc),
+        "f_whitened_auto_scale_tril": jnp.asarray(raw),
+    }
+    assert (
+        ns.integration_report(model, guide, params, Xr, group, y)["y"]["integration"]
+        == "closed form"
+    )
+    S = np.asarray(guide.scale_tril(jnp.asarray(raw)))
+    expected = 0.0
+    means, variances = np.zeros(len(y)), np.zeros(len(y))
+    for g in range(G):
+        rows = group == g
+        mean, var_f, _, (K_xz, K_zz, mu, Sigma) = _reference_moments(
+            Xr[rows], Z[g], variance[g], lengthscale[g], loc[g], S[g]
+        )
+        means[rows], variances[rows] = mean, var_f
+        expected += ref.hensman_elbo_unwhitened(
+            np.full(rows.sum(), variance[g]), K_xz, K_zz, y[rows], NOISE, mu, Sigma
+        )
+    loss = lambda p: ns.SVGP_ELBO().loss(random.PRNGKey(0), p, model, guide, Xr, group, y)  # noqa: E731
+    assert -float(loss(params)) == pytest.approx(expected, rel=1e-9)
+    mean, var = ns.predict_f(model, guide, params, Xr, group)
+    np.testing.assert_allclose(mean, means, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(var, variances, rtol=1e-7, atol=1e-10)
+
+    # O(N M^2): each row meets its own GP only; no array in the loss or its gradient
+    # has both a row axis and a group axis (as a padded or dense form would)
+    def shapes(jaxpr):
+        for eqn in jaxpr.eqns:
+            for var in eqn.outvars:
+                yield tuple(var.aval.shape)
+            for sub in jaxprs_in_params(eqn.params):
+                yield from shapes(sub)
+
+    closed = jax.make_jaxpr(jax.value_and_grad(loss))(params)
+    seen = set(shapes(closed.jaxpr))
+    assert (len(y), M, M) in seen  # the per-row gather of its own group's factor
+    assert not [shape for shape in seen if G in shape and len(y) in shape]
+
+
+def test_ragged_poisson_groups_by_quadrature_and_bad_group_index_named():
+    G, group, Xr, _, variance, lengthscale, Z, loc, raw = _ragged_problem()
+    y = np.random.default_rng(2).poisson(2.0, size=len(group)).astype(float)
+    model = _ragged_model(G, variance, lengthscale, Z, likelihood="poisson")
+    guide = ns.AutoSVGP(model)
+    params = {
+        **initial_params(model, guide, Xr, group, y),
+        "f_whitened_auto_loc": jnp.asarray(loc),
+        "f_whitened_auto_scale_tril": jnp.asarray(raw),
+    }
+    assert ns.integration_report(model, guide, params, Xr, group, y)["y"]["integration"].startswith(
+        "quadrature"
+    )
+    S = np.asarray(guide.scale_tril(jnp.asarray(raw)))
+    expected = 0.0
+    for g in range(G):
+        rows = group == g
+        mean, var_f, kl, _ = _reference_moments(
+            Xr[rows], Z[g], variance[g], lengthscale[g], loc[g], S[g]
+        )
+        # E[y f - exp(f) - log y!] under N(mean, var): closed form for the Poisson(exp f)
+        expected += (
+            np.sum(y[rows] * mean - np.exp(mean + var_f / 2) - special.gammaln(y[rows] + 1)) - kl
+        )
+    elbo = -float(ns.SVGP_ELBO().loss(random.PRNGKey(0), params, model, guide, Xr, group, y))
+    assert elbo == pytest.approx(expected, rel=1e-8)
+
+    f = seed(model, 0)
+    with pytest.raises(ValueError, match=r"group_index\[5\] = 6 is outside \[0, 6\)"):
+        f(Xr, np.where(np.arange(len(group)) == 5, 6, group))
+    with pytest.raises(ValueError, match=r"group_index has shape \(66,\).*\(67,\)"):
+        f(Xr, group[:-1])
+    with pytest.raises(TypeError, match="group_index must hold integers"):
+        f(Xr, group.astype(float))
+
+    def outside(X):
+        return ns.svgp("f", ns.kernels.RBF(), X, Z[0], group_index=group)
+
+    with pytest.raises(ValueError, match="called inside the group plate"):
+        seed(outside, 0)(Xr)
