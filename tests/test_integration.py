@@ -414,8 +414,10 @@ def test_inducing_points_are_the_raw_array():
         losses.append(float(ns.SVGP_ELBO().loss(random.PRNGKey(0), params, model, guide, X, (y > 0) * 1.0)))
     assert losses[0] == losses[1]
     conditional = ns.whitened_conditional(ns.kernels.RBF(VAR, LS), X, Z, jitter=JITTER)
-    assert conditional._fields == ("kernel", "inducing", "inputs", "cholesky", "jitter", "family")
-    assert conditional.family.shape == ()  # one GP; svgp inside plates makes a family
+    assert conditional._fields == (
+        "kernel", "inducing", "inputs", "cholesky", "jitter", "family", "group_index")
+    # one GP; svgp inside plates makes a family, with group_index in its ragged form
+    assert conditional.family.shape == () and conditional.group_index is None
     assert isinstance(conditional.inducing, ns.InducingPoints)
 
 
