@@ -115,7 +115,12 @@ def _params(model, guide, Xs, Y, loc, raw):
 
 
 @pytest.mark.parametrize(
-    "layout, per_group_x", [("group", False), ("group", True), ("nested", False)]
+    "layout, per_group_x",
+    [
+        ("group", False),
+        pytest.param("group", True, marks=pytest.mark.slow),
+        pytest.param("nested", False, marks=pytest.mark.slow),
+    ],
 )
 def test_family_elbo_is_the_sum_of_the_dense_elbos_of_its_gps(layout, per_group_x):
     plates, shape, G, variance, lengthscale, Z, Xs, Y, loc, raw = _family_problem(
@@ -156,6 +161,7 @@ def test_family_elbo_is_the_sum_of_the_dense_elbos_of_its_gps(layout, per_group_
         np.testing.assert_allclose(variance_f[index], ref_var, rtol=1e-7, atol=1e-10)
 
 
+@pytest.mark.slow
 def test_family_bernoulli_sites_are_integrated_by_quadrature_per_gp():
     plates, shape, G, variance, lengthscale, Z, Xs, _, loc, raw = _family_problem("group", False)
     Y = (np.random.default_rng(3).uniform(size=shape + (N,)) < 0.5).astype(float)
@@ -322,6 +328,7 @@ def test_data_minibatches_inside_groups_and_arviz_dims_named_after_the_plates():
     assert idata.posterior_predictive["f"].dims[2:] == ("group", "data")
 
 
+@pytest.mark.slow
 def test_diagnostics_report_the_jitter_of_each_gp():
     plates, shape, G, variance, lengthscale, Z, Xs, Y, loc, raw = _family_problem("nested", False)
     Z = Z.copy()
@@ -417,6 +424,7 @@ def test_ragged_groups_equal_the_dense_elbo_of_each_group_on_its_own_rows():
     assert not [shape for shape in seen if G in shape and len(y) in shape]
 
 
+@pytest.mark.slow
 def test_ragged_poisson_groups_by_quadrature_and_bad_group_index_named():
     G, group, Xr, _, variance, lengthscale, Z, loc, raw = _ragged_problem()
     y = np.random.default_rng(2).poisson(2.0, size=len(group)).astype(float)
