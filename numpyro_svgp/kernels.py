@@ -135,13 +135,6 @@ def _as_inputs(name: str, X) -> jax.Array:
     return X
 
 
-def _hyperparameter(name: str, value, *, allow_vector: bool) -> jax.Array:
-    # leading axes beyond one GP's are a family's (svgp inside plates); _check_one_gp
-    # refuses them where a kernel is evaluated directly
-    del allow_vector
-    return check_positive(name, value)
-
-
 def _check_one_gp(kernel: Kernel) -> None:
     """Refuse, by name, hyperparameters with more axes than one GP's (a family's kernel
     evaluated directly would broadcast them against the inputs)."""
@@ -231,8 +224,8 @@ class Stationary(Kernel):
     lengthscale: Float[Array, "*D"]
 
     def __init__(self, variance=1.0, lengthscale=1.0):
-        self.variance = _hyperparameter("variance", variance, allow_vector=False)
-        self.lengthscale = _hyperparameter("lengthscale", lengthscale, allow_vector=True)
+        self.variance = check_positive("variance", variance)
+        self.lengthscale = check_positive("lengthscale", lengthscale)
 
     @abc.abstractmethod
     def profile(self, r2: Float[Array, ""]) -> Float[Array, ""]:
@@ -331,9 +324,9 @@ class Periodic(Kernel):
     period: Float[Array, "*D"]
 
     def __init__(self, variance=1.0, lengthscale=1.0, period=1.0):
-        self.variance = _hyperparameter("variance", variance, allow_vector=False)
-        self.lengthscale = _hyperparameter("lengthscale", lengthscale, allow_vector=True)
-        self.period = _hyperparameter("period", period, allow_vector=True)
+        self.variance = check_positive("variance", variance)
+        self.lengthscale = check_positive("lengthscale", lengthscale)
+        self.period = check_positive("period", period)
 
     def evaluate(self, x1, x2):
         _per_feature("lengthscale", self.lengthscale, x1.shape[-1])
@@ -354,7 +347,7 @@ class Linear(Kernel):
     variance: Float[Array, "*D"]
 
     def __init__(self, variance=1.0):
-        self.variance = _hyperparameter("variance", variance, allow_vector=True)
+        self.variance = check_positive("variance", variance)
 
     def evaluate(self, x1, x2):
         _per_feature("variance", self.variance, x1.shape[-1])
@@ -408,7 +401,7 @@ class Scaled(Kernel):
                 f"a kernel can only be multiplied by a kernel or a positive scalar, "
                 f"got {type(scale).__name__}."
             )
-        self.scale = _hyperparameter("scale", scale, allow_vector=False)
+        self.scale = check_positive("scale", scale)
         self.kernel = kernel
 
     def evaluate(self, x1, x2):
@@ -512,8 +505,8 @@ class ArcCosine(Zonal):
         if order not in (0, 1):
             raise ValueError(f"ArcCosine order must be 0 or 1, got {order}.")
         self.order = order
-        self.variance = _hyperparameter("variance", variance, allow_vector=False)
-        self.bias = _hyperparameter("bias", bias, allow_vector=False)
+        self.variance = check_positive("variance", variance)
+        self.bias = check_positive("bias", bias)
 
     def shape(self, t):
         theta = _safe_arccos(t)
@@ -545,9 +538,9 @@ class SphericalMatern(Zonal):
         if smoothness not in (0.5, 1.5, 2.5):
             raise ValueError(f"SphericalMatern smoothness must be 0.5, 1.5 or 2.5, got {smoothness}.")
         self.smoothness = smoothness
-        self.variance = _hyperparameter("variance", variance, allow_vector=False)
-        self.lengthscale = _hyperparameter("lengthscale", lengthscale, allow_vector=False)
-        self.bias = _hyperparameter("bias", bias, allow_vector=False)
+        self.variance = check_positive("variance", variance)
+        self.lengthscale = check_positive("lengthscale", lengthscale)
+        self.bias = check_positive("bias", bias)
 
     def shape(self, t):
         r2 = jnp.maximum(2.0 - 2.0 * t, 0.0) / jnp.square(self.lengthscale)
