@@ -62,28 +62,28 @@ def _escalating_cholesky(
     factor is NaN). See :func:`cholesky_with_jitter`."""
     K = _symmetric(K)
     eye = jnp.eye(K.shape[-1], dtype=K.dtype)
-    L = lax.linalg.cholesky(K + jitter * eye, symmetrize_input=False)
-    used = jnp.asarray(jitter, K.dtype)
+
+    def factor(k):
+        return lax.linalg.cholesky(K + jitter * 10.0**k * eye, symmetrize_input=False)
+
     if limit == 0:
-        return eqx.error_if(L, ~_all_finite(L), message), used
+        L = factor(0)
+        return eqx.error_if(L, ~_all_finite(L), message), jnp.asarray(jitter, K.dtype)
 
-    def escalate(K):
-        def factor(k):
-            return lax.linalg.cholesky(K + jitter * 10.0**k * eye, symmetrize_input=False)
+    def keep_going(state):
+        k, L_k = state
+        return ~_all_finite(L_k) & (k < limit)
 
-        def keep_going(state):
-            k, L_k = state
-            return ~_all_finite(L_k) & (k < limit)
+    def next_try(state):
+        k = state[0] + 1
+        return k, factor(k)
 
-        def next_try(state):
-            k = state[0] + 1
-            return k, factor(k)
-
-        k, L_k = lax.while_loop(keep_going, next_try, (1, factor(1)))
-        L_k = eqx.error_if(L_k, ~_all_finite(L_k), message)
-        return L_k, jnp.asarray(jitter, K.dtype) * jnp.asarray(10.0, K.dtype) ** k
-
-    return lax.cond(_all_finite(L), lambda K: (L, used), escalate, K)
+    # A loop rather than a cond around a loop: under vmap (a family of GPs) a cond
+    # becomes a select that runs both branches, and two batched LAPACK calls running
+    # at once can deadlock XLA:CPU's thread pool (each waits for workers the other holds).
+    k, L = lax.while_loop(keep_going, next_try, (0, factor(0)))
+    L = eqx.error_if(L, ~_all_finite(L), message)
+    return L, jnp.asarray(jitter, K.dtype) * jnp.asarray(10.0, K.dtype) ** k
 
 
 @_escalating_cholesky.defjvp
@@ -115,8 +115,8 @@ def cholesky_with_jitter(
 
     The factor with :math:`\epsilon` = ``jitter`` is tried first. Only if it is not
     finite are :math:`10\epsilon, 100\epsilon, \dots, 10^{E}\epsilon` tried in turn
-    (:math:`E` = ``max_escalations``), inside ``jit``, in a ``lax.while_loop`` in the
-    failure branch of a ``lax.cond``: in the common case that is one factorisation.
+    (:math:`E` = ``max_escalations``), inside ``jit``, in a ``lax.while_loop`` that
+    stops at the first finite factor: in the common case that is one factorisation.
     The jitter used is piecewise constant in :math:`K`, so the derivative is that of
     :math:`\operatorname{chol}(K + \epsilon_{\text{used}} I)`; it is written out
     (Murray 2016) so that the search never enters the backward pass. A jitter of 0

@@ -78,6 +78,29 @@ def test_cholesky_derivative_matches_finite_differences_and_jax(escalates):
     np.testing.assert_allclose(jnp.sum(grad * E), tangent, rtol=1e-10)
 
 
+FAMILY_FACTORS = textwrap.dedent(
+    """
+    import jax, jax.numpy as jnp
+    import numpyro_svgp as ns
+    K = jnp.broadcast_to(2.0 * jnp.eye(20), (1000, 20, 20))
+    factor = jax.jit(jax.vmap(lambda K: ns.cholesky_with_jitter(K, 1e-4)))
+    for _ in range(30):
+        jax.block_until_ready(factor(K))
+    print("factored")
+    """
+)
+
+
+def test_a_thousand_escalating_factors_at_once_never_hang():
+    """A family of 1,000 GPs factorises its K_zz with one batched Cholesky. Two batched
+    LAPACK calls running at once could deadlock XLA:CPU's thread pool; the jitter
+    search must never start a second one beside the first (this hung in about a third
+    of the runs when it did)."""
+    run = subprocess.run([sys.executable, "-c", FAMILY_FACTORS], capture_output=True,
+                         text=True, timeout=90)
+    assert run.returncode == 0 and "factored" in run.stdout, run.stderr[-2000:]
+
+
 def test_cholesky_error_after_bounded_escalation_names_everything():
     K = jnp.array([[1.0, 0.0], [0.0, -10.0]])
     with pytest.raises(Exception, match=r"K_zz \+ jitter \(2x2, float64, jitter tried up to 1 I\)"):
