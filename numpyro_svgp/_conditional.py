@@ -52,6 +52,7 @@ __all__ = [
     "conditional_variance",
     "predictive_moments",
     "projection",
+    "mix",
     "ragged_rows",
     "residual_variance",
     "whitened_conditional",
@@ -76,6 +77,9 @@ class Conditional(NamedTuple):
     then every field above has one entry per GP on a leading axis, or is shared."""
     group_index: "jax.Array | None" = None
     """For the ragged form of a family: the GP of each row of :math:`X`, shape ``(N,)``."""
+    mixing: "jax.Array | None" = None
+    r"""For a linear model of coregionalisation: :math:`W`, shape ``(P, L)``, mixing the
+    family's last axis (``L`` latent GPs) into ``P`` outputs, :math:`f = W g`."""
 
     @property
     def num_inducing(self) -> int:
@@ -93,6 +97,8 @@ class Conditional(NamedTuple):
         the ragged form, one value per row from its own GP)."""
         if self.group_index is not None:
             return (self.num_points,)
+        if self.mixing is not None:
+            return self.family.shape[:-1] + self.mixing.shape[:1] + (self.num_points,)
         return self.family.shape + (self.num_points,)
 
     @property
@@ -154,6 +160,7 @@ def whitened_conditional(
     max_jitter_escalations: int = MAX_JITTER_ESCALATIONS,
     batch_shape: tuple = (),
     group_index=None,
+    mixing=None,
     where: str = "svgp",
 ) -> Conditional:
     r"""The whitened conditional of :math:`f(X)`: checks the inputs and factorises
@@ -173,6 +180,8 @@ def whitened_conditional(
     :param batch_shape: the batch shape of the plates around the call.
     :param group_index: for a family, the ragged form: the GP of each row of ``X``
         (integers, shape ``(N,)``); ``X`` is then ``(N, D)`` and :math:`f` is ``(N,)``.
+    :param mixing: for a family, a linear model of coregionalisation: :math:`W` of shape
+        ``(P, L)`` with ``L`` the family's last axis; :math:`f = W g` has ``(P, N)`` there.
     :param where: what to call the caller in error messages.
     :return: a :class:`Conditional` ``(kernel, inducing, inputs, cholesky, jitter, family)``.
     """
@@ -182,9 +191,17 @@ def whitened_conditional(
             f"{where}: group_index= picks one GP of a family per row, so svgp must be "
             "called inside the group plate, e.g. under numpyro.plate('group', G)."
         )
+    if mixing is not None and (group_index is not None or not batch_shape):
+        raise ValueError(
+            f"{where}: mixing= combines a family of latent GPs, so svgp must be called "
+            "inside the latent plate (e.g. numpyro.plate('latent', L, dim=-2)), without "
+            "group_index."
+        )
     if batch_shape:
         conditional = _family_conditional(kernel, X, Z, jitter, max_jitter_escalations,
                                           tuple(batch_shape), where)
+        if mixing is not None:
+            return conditional._replace(mixing=_checked_mixing(mixing, conditional, where))
         if group_index is None:
             return conditional
         return conditional._replace(group_index=_checked_group_index(group_index, conditional, where))
@@ -265,6 +282,19 @@ def _checked_group_index(group_index, conditional, where):
                 "group plate's size."
             )
     return group_index
+
+
+def _checked_mixing(mixing, conditional, where):
+    W = as_float_array("mixing", mixing)
+    latent = conditional.family.shape[-1]
+    if W.ndim != 2 or W.shape[1] != latent:
+        raise ValueError(
+            f"{where}: mixing has shape {W.shape}; it needs shape (P, {latent}): one row per "
+            f"output, one column per latent GP of the plate of size {latent} around svgp."
+        )
+    if not is_traced(W):
+        W = check_finite("mixing", W)
+    return W
 
 
 def _member(conditional: Conditional, g) -> Conditional:
@@ -371,8 +401,18 @@ def predictive_moments(
     if conditional.group_index is not None:
         mean, residual, spread = ragged_rows(conditional, loc, scale_tril)
         return mean, residual + spread
-    return family_map(_moments, conditional.family, conditional, loc, scale_tril,
-                      event_ndims=(1, 2))
+    mean, variance = family_map(_moments, conditional.family, conditional, loc, scale_tril,
+                                event_ndims=(1, 2))
+    if conditional.mixing is None:
+        return mean, variance
+    # the latent GPs are independent under q, so the variances mix with W squared
+    W = conditional.mixing.astype(mean.dtype)
+    return mix(W, mean), mix(jnp.square(W), variance)
+
+
+def mix(W: Float[Array, "P L"], g: Float[Array, "... L N"]) -> Float[Array, "... P N"]:
+    r""":math:`W g` along the latent axis (the one before the last) of ``g``."""
+    return jnp.einsum("pl,...ln->...pn", W, g)
 
 
 def _moments(conditional, loc, scale_tril):

@@ -189,7 +189,7 @@ def family_map(fn, family: Family, conditional, *args, event_ndims=()):
         jnp.reshape(a, (G,) + jnp.shape(a)[jnp.ndim(a) - e :])
         for a, e in zip(args, event_ndims, strict=True)
     ]
-    one = conditional._replace(family=ONE_GP)
+    one = conditional._replace(family=ONE_GP, mixing=None)
     treedef = jax.tree.structure((one.kernel, one.inducing, one.inputs))
     axes = jax.tree.unflatten(treedef, list(family.axes))
     in_axes = (

@@ -33,6 +33,7 @@ from numpyro_svgp._conditional import (
     Conditional,
     compiled,
     conditional_variance,
+    mix,
     projection,
     ragged_rows,
     whitened_conditional,
@@ -97,6 +98,7 @@ def svgp(
     jitter: float | None = None,
     max_jitter_escalations: int = MAX_JITTER_ESCALATIONS,
     group_index=None,
+    mixing=None,
 ) -> Float[Array, " N"]:
     r"""Sparse variational GP prior on :math:`f(X)` with inducing inputs :math:`Z`.
 
@@ -140,6 +142,19 @@ def svgp(
         with numpyro.plate("data", N):
             numpyro.sample("y", dist.Normal(f, noise), obs=y)
 
+    **Several outputs from shared latent GPs** (a linear model of coregionalisation).
+    With ``mixing`` :math:`W` of shape ``(P, L)``, a param or a latent, ``svgp`` inside a
+    plate of ``L`` latent GPs returns :math:`f = W g`, shape ``(P, N)``. Under
+    :math:`q` each :math:`f_{pn}` is Gaussian with mean :math:`\sum_l W_{pl} \mu_{ln}` and
+    variance :math:`\sum_l W_{pl}^2 \sigma^2_{ln}`, so a Gaussian likelihood keeps its
+    closed form and any other is integrated by quadrature::
+
+        with numpyro.plate("latent", L, dim=-2):
+            g_lengthscale = numpyro.param("lengthscale", jnp.ones((L, 1)), constraint=positive)
+            f = ns.svgp("f", ns.kernels.RBF(1.0, g_lengthscale), X, Z, mixing=W)  # (P, N)
+        with numpyro.plate("output", P, dim=-2), numpyro.plate("data", N, dim=-1):
+            numpyro.sample("y", dist.Normal(f, noise), obs=Y)                    # (P, N)
+
     :param name: name of the output site; the whitened site is ``f"{name}_whitened"``.
     :param kernel: a :class:`~numpyro_svgp.kernels.Kernel`.
     :param X: inputs, shape ``(N, D)`` (or one set per GP of a family).
@@ -151,6 +166,8 @@ def svgp(
         the jitter is raised tenfold up to this many times inside ``jit``; the jitter
         used is reported by :func:`~numpyro_svgp.svgp_diagnostics`. 0 disables it.
     :param group_index: inside a group plate, the GP of each row of ``X`` (ragged groups).
+    :param mixing: inside a plate of ``L`` latent GPs, :math:`W` of shape ``(P, L)``: the
+        output is :math:`f = W g` (a linear model of coregionalisation).
     :return: :math:`f(X)`, shape ``(N,)`` (a family's shape first, inside plates).
 
     **References**: Titsias (2009); Hensman, Fusi & Lawrence (2013);
@@ -165,7 +182,8 @@ def svgp(
         _refuse_data_plate(name, X, plates)
     conditional = whitened_conditional(
         kernel, X, Z, jitter=jitter, max_jitter_escalations=max_jitter_escalations,
-        batch_shape=batch_shape, group_index=group_index, where=f"svgp('{name}', ...)",
+        batch_shape=batch_shape, group_index=group_index, mixing=mixing,
+        where=f"svgp('{name}', ...)",
     )
     num_inducing = conditional.num_inducing
     v = numpyro.sample(f"{name}_whitened", WhitenedPrior(conditional, name, batch_shape))
@@ -226,6 +244,9 @@ def _draw(conditional, v, key):
     if key is not None:
         # safe_sqrt keeps d sqrt(var) finite where var == 0 (e.g. X = Z)
         f = f + safe_sqrt(variance) * jax.random.normal(key, variance.shape, variance.dtype)
+    if conditional.mixing is not None:
+        # mixed after the draw: outputs sharing a latent GP share its noise
+        f = mix(conditional.mixing.astype(f.dtype), f)
     return f
 
 

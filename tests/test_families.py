@@ -455,6 +455,8 @@ def test_ragged_poisson_groups_by_quadrature_and_bad_group_index_named():
     f = seed(model, 0)
     with pytest.raises(ValueError, match=r"group_index\[5\] = 6 is outside \[0, 6\)"):
         f(Xr, np.where(np.arange(len(group)) == 5, 6, group))
+    with pytest.raises(ValueError, match=r"group_index\[2\] = -1 is outside \[0, 6\)"):
+        f(Xr, np.where(np.arange(len(group)) == 2, -1, group))
     with pytest.raises(ValueError, match=r"group_index has shape \(66,\).*\(67,\)"):
         f(Xr, group[:-1])
     with pytest.raises(TypeError, match="group_index must hold integers"):
@@ -465,3 +467,91 @@ def test_ragged_poisson_groups_by_quadrature_and_bad_group_index_named():
 
     with pytest.raises(ValueError, match="called inside the group plate"):
         seed(outside, 0)(Xr)
+
+
+@pytest.mark.slow
+def test_ragged_form_equals_the_plated_form_with_its_padding_masked():
+    """Groups of 3, 17 and 50 rows: ragged, and padded to 50 rows per group in a plate."""
+    sizes, width = (3, 17, 50), 50
+    G = len(sizes)
+    rng = np.random.default_rng(5)
+    group = np.repeat(np.arange(G), sizes)
+    rng.shuffle(group)
+    Xr = rng.uniform(-2, 2, size=(len(group), D))
+    y = rng.normal(size=len(group))
+    variance = rng.uniform(0.5, 1.5, size=G)
+    lengthscale = rng.uniform(0.5, 1.2, size=(G, D))
+    Z = rng.uniform(-2, 2, size=(G, M, D))
+    loc = rng.normal(size=(G, M))
+    raw = np.tril(0.3 * rng.normal(size=(G, M, M))) + np.eye(M)
+    Xp, Yp = np.zeros((G, width, D)), np.zeros((G, width))
+    mask = np.zeros((G, width), bool)
+    for g in range(G):
+        rows = group == g
+        Xp[g, : rows.sum()], Yp[g, : rows.sum()], mask[g, : rows.sum()] = Xr[rows], y[rows], True
+
+    def plated(X, Y):
+        with numpyro.plate("group", G, dim=-2):
+            kernel = ns.kernels.RBF(jnp.asarray(variance[:, None]),
+                                    jnp.asarray(lengthscale[:, None, :]))
+            f = ns.svgp("f", kernel, X, jnp.asarray(Z), jitter=JITTER)
+            with numpyro.plate("data", width, dim=-1):
+                numpyro.sample("y", dist.Normal(f, np.sqrt(NOISE)).mask(mask), obs=Y)
+
+    ragged = _ragged_model(G, variance, lengthscale, Z)
+    losses, grads = {}, {}
+    for name, model, args, shape in [
+        ("ragged", ragged, (Xr, group, y), (G,)),
+        ("plated", plated, (Xp, Yp), (G, 1)),
+    ]:
+        guide = ns.AutoSVGP(model)
+        params = {
+            **initial_params(model, guide, *args),
+            "f_whitened_auto_loc": jnp.asarray(loc.reshape(shape + (M,))),
+            "f_whitened_auto_scale_tril": jnp.asarray(raw.reshape(shape + (M, M))),
+        }
+        loss, grad = jax.value_and_grad(
+            lambda p, model=model, guide=guide, args=args: ns.SVGP_ELBO().loss(
+                random.PRNGKey(0), p, model, guide, *args
+            )
+        )(params)
+        losses[name] = float(loss)
+        grads[name] = [np.asarray(grad[k]).reshape(G, -1)
+                       for k in ("f_whitened_auto_loc", "f_whitened_auto_scale_tril")]
+    assert losses["ragged"] == pytest.approx(losses["plated"], rel=1e-10)
+    for ragged_grad, plated_grad in zip(grads["ragged"], grads["plated"], strict=True):
+        np.testing.assert_allclose(ragged_grad, plated_grad, rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.slow
+def test_partial_pooling_recovers_the_population_lengthscale():
+    """Groups drawn from a known population of lengthscales; the population's log
+    lengthscale is learnt as a latent with its posterior sd (AutoSVGP's Normal)."""
+    G, n, m, noise, tau = 24, 40, 15, 0.1, 0.15
+    true_mu = np.log(0.4)
+    rng = np.random.default_rng(21)
+    log_ls = true_mu + tau * rng.normal(size=G)
+    Xg = np.sort(rng.uniform(-1.5, 1.5, size=(G, n, 1)), axis=1)
+    Y = np.stack([
+        rng.multivariate_normal(np.zeros(n), ref.rbf(Xg[g], Xg[g], 1.0, np.exp(log_ls[g]))
+                                + 1e-8 * np.eye(n))
+        for g in range(G)
+    ]) + noise * rng.normal(size=(G, n))
+    Z = np.linspace(-1.5, 1.5, m)[:, None]
+
+    def model(X, Y=None):
+        mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
+        with numpyro.plate("group", G, dim=-2):
+            log_lengthscale = numpyro.sample("log_lengthscale", dist.Normal(mu, tau))
+            kernel = ns.kernels.RBF(1.0, jnp.exp(log_lengthscale))
+            f = ns.svgp("f", kernel, X, Z, jitter=JITTER)
+            with numpyro.plate("data", n, dim=-1):
+                numpyro.sample("y", dist.Normal(f, noise), obs=Y)
+
+    guide = ns.AutoSVGP(model)
+    schedule = optax.cosine_decay_schedule(2e-2, 3000, alpha=0.05)
+    svi = SVI(model, guide, optax.adam(schedule), ns.SVGP_ELBO(num_particles=4))
+    params = ns.train(svi, random.PRNGKey(0), 3000, Xg, Y, progress_bar=False).params
+    mean, sd = float(params["mu_auto_loc"]), float(params["mu_auto_scale"])
+    assert abs(mean - true_mu) < 2 * sd, (mean, sd, true_mu)
+    assert sd < 0.1  # the data pin it: the prior's sd is 1

@@ -415,7 +415,7 @@ def test_inducing_points_are_the_raw_array():
     assert losses[0] == losses[1]
     conditional = ns.whitened_conditional(ns.kernels.RBF(VAR, LS), X, Z, jitter=JITTER)
     assert conditional._fields == (
-        "kernel", "inducing", "inputs", "cholesky", "jitter", "family", "group_index")
+        "kernel", "inducing", "inputs", "cholesky", "jitter", "family", "group_index", "mixing")
     # one GP; svgp inside plates makes a family, with group_index in its ragged form
     assert conditional.family.shape == () and conditional.group_index is None
     assert isinstance(conditional.inducing, ns.InducingPoints)
