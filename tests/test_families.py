@@ -522,36 +522,3 @@ def test_ragged_form_equals_the_plated_form_with_its_padding_masked():
     for ragged_grad, plated_grad in zip(grads["ragged"], grads["plated"], strict=True):
         np.testing.assert_allclose(ragged_grad, plated_grad, rtol=1e-8, atol=1e-12)
 
-
-@pytest.mark.slow
-def test_partial_pooling_recovers_the_population_lengthscale():
-    """Groups drawn from a known population of lengthscales; the population's log
-    lengthscale is learnt as a latent with its posterior sd (AutoSVGP's Normal)."""
-    G, n, m, noise, tau = 24, 40, 15, 0.1, 0.15
-    true_mu = np.log(0.4)
-    rng = np.random.default_rng(21)
-    log_ls = true_mu + tau * rng.normal(size=G)
-    Xg = np.sort(rng.uniform(-1.5, 1.5, size=(G, n, 1)), axis=1)
-    Y = np.stack([
-        rng.multivariate_normal(np.zeros(n), ref.rbf(Xg[g], Xg[g], 1.0, np.exp(log_ls[g]))
-                                + 1e-8 * np.eye(n))
-        for g in range(G)
-    ]) + noise * rng.normal(size=(G, n))
-    Z = np.linspace(-1.5, 1.5, m)[:, None]
-
-    def model(X, Y=None):
-        mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
-        with numpyro.plate("group", G, dim=-2):
-            log_lengthscale = numpyro.sample("log_lengthscale", dist.Normal(mu, tau))
-            kernel = ns.kernels.RBF(1.0, jnp.exp(log_lengthscale))
-            f = ns.svgp("f", kernel, X, Z, jitter=JITTER)
-            with numpyro.plate("data", n, dim=-1):
-                numpyro.sample("y", dist.Normal(f, noise), obs=Y)
-
-    guide = ns.AutoSVGP(model)
-    schedule = optax.cosine_decay_schedule(2e-2, 3000, alpha=0.05)
-    svi = SVI(model, guide, optax.adam(schedule), ns.SVGP_ELBO(num_particles=4))
-    params = ns.train(svi, random.PRNGKey(0), 3000, Xg, Y, progress_bar=False).params
-    mean, sd = float(params["mu_auto_loc"]), float(params["mu_auto_scale"])
-    assert abs(mean - true_mu) < 2 * sd, (mean, sd, true_mu)
-    assert sd < 0.1  # the data pin it: the prior's sd is 1
