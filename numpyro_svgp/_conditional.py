@@ -307,7 +307,34 @@ def _member(conditional: Conditional, g) -> Conditional:
 
 
 RAGGED_ELEMENTS = 2**22
-"""Entries of the ragged form's per-row gather of factors, (rows, M, M), per chunk."""
+"""Entries of the ragged form's gathered factors, (blocks, M, M), per chunk."""
+
+
+def _ragged_blocks(group_index, num_groups: int, rows: int):
+    """The rows sorted by group into blocks of ``rows`` rows of one group each.
+
+    Returns ``table`` (blocks, rows): the row in each slot, -1 for padding;
+    ``block_group`` (blocks,): the group of each block; and, for each row, its block and
+    slot. The number of blocks is the static bound ``ceil(N / rows) + G`` (each group
+    leaves at most one block part empty), so this runs under ``jit`` on a traced index.
+    """
+    N = group_index.shape[0]
+    num_blocks = -(-N // rows) + num_groups
+    counts = jnp.zeros(num_groups, jnp.int32).at[group_index].add(1)
+    blocks = (counts + rows - 1) // rows
+    first_block, first_row = jnp.cumsum(blocks) - blocks, jnp.cumsum(counts) - counts
+    order = jnp.argsort(group_index, stable=True)
+    group = group_index[order]
+    rank = jnp.arange(N) - first_row[group]
+    block = (first_block[group] + rank // rows).astype(jnp.int32)
+    slot = (rank % rows).astype(jnp.int32)
+    table = jnp.full((num_blocks, rows), -1, jnp.int32).at[block, slot].set(order.astype(jnp.int32))
+    ends = first_block + blocks
+    block_group = jnp.minimum(jnp.searchsorted(ends, jnp.arange(num_blocks), side="right"),
+                              num_groups - 1)
+    block_of_row = jnp.zeros(N, jnp.int32).at[order].set(block)
+    slot_of_row = jnp.zeros(N, jnp.int32).at[order].set(slot)
+    return table, block_group, block_of_row, slot_of_row
 
 
 def ragged_rows(conditional, v, scale_tril):
@@ -315,26 +342,35 @@ def ragged_rows(conditional, v, scale_tril):
     :math:`a_n = L_g^{-1} k(Z_g, x_n)`: ``(a_n^T v_g, k_{nn} - a_n^T a_n,
     \|S_g^T a_n\|^2)`` (``v`` or ``scale_tril`` may be ``None``; then that entry is 0).
 
-    O(N M²) in all, each row against its own GP only; never O(G N M²).
+    The rows are sorted by group into blocks of a few rows of one group each
+    (:func:`_ragged_blocks`), so each block gathers its group's factors once and meets
+    them with matrix products: O((N + G R) M²) for blocks of R rows, each row against
+    its own GP only; never O(G N M²).
     """
     family = conditional.family
-    G, M = family.size, conditional.num_inducing
+    G, M, N = family.size, conditional.num_inducing, conditional.num_points
+    rows = 32 if N >= 8 * G else 8  # few rows per group: less padding
+    table, block_group, block_of_row, slot_of_row = _ragged_blocks(
+        conditional.group_index, G, rows
+    )
     inverse = jax.vmap(lower_inverse)(conditional.cholesky)  # (G, M, M)
     v = None if v is None else jnp.reshape(v, (G, M))
     S = None if scale_tril is None else jnp.reshape(scale_tril, (G, M, M))
+    X = conditional.inputs
 
-    def row(x, g):
+    def block(index, g):
         member = _member(conditional, g)
-        k = member.inducing.cross_covariance(member.kernel, x[None, :])[0]
-        a = inverse[g] @ k
-        prior = member.kernel.diag(x[None, :])[0]
-        mean = jnp.zeros((), a.dtype) if v is None else a @ v[g].astype(a.dtype)
-        spread = jnp.zeros((), a.dtype) if S is None else jnp.sum(jnp.square(S[g].T @ a))
-        return mean, jnp.maximum(prior - a @ a, 0.0), spread
+        x = X[jnp.maximum(index, 0)]  # padding slots compute on row 0; never read back
+        A = member.inducing.cross_covariance(member.kernel, x) @ inverse[g].T
+        zeros = jnp.zeros(rows, A.dtype)
+        mean = zeros if v is None else A @ v[g].astype(A.dtype)
+        spread = zeros if S is None else jnp.sum(jnp.square(A @ S[g]), axis=1)
+        residual = jnp.maximum(member.kernel.diag(x) - jnp.sum(jnp.square(A), axis=1), 0.0)
+        return mean, residual, spread
 
-    rows = max(256, RAGGED_ELEMENTS // (M * M))
-    return jax.lax.map(lambda xg: row(*xg), (conditional.inputs, conditional.group_index),
-                       batch_size=rows)
+    chunk = max(8, RAGGED_ELEMENTS // (M * M))
+    per_block = jax.lax.map(lambda bg: block(*bg), (table, block_group), batch_size=chunk)
+    return tuple(values[block_of_row, slot_of_row] for values in per_block)
 
 
 @compiled

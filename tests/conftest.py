@@ -5,6 +5,8 @@ subprocess runs) are skipped unless ``--run-slow`` is given: ``pytest -q`` is th
 quick check, ``pytest -q --run-slow`` the full suite that CI runs.
 """
 
+import fcntl
+import json
 import os
 import shutil
 import tempfile
@@ -34,6 +36,13 @@ if _OWN_CACHE:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+def pytest_configure(config):
+    # xdist's workers take the controller's run id, so that the controller finds (and
+    # removes) the files they share
+    if config.pluginmanager.hasplugin("xdist") and config.option.testrunuid is None:
+        config.option.testrunuid = _RUN
+
+
 def pytest_addoption(parser):
     parser.addoption("--run-slow", action="store_true", help="also run the tests marked slow")
 
@@ -47,7 +56,28 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+_SHARED = os.path.join(tempfile.gettempdir(), f"numpyro_svgp_test_shared_{_RUN}")
+
+
+def once_per_run(name: str, compute):
+    """``compute()`` (JSON-serialisable) once per test run, shared by the xdist workers:
+    the first worker to ask computes it while the others wait for its result."""
+    os.makedirs(_SHARED, exist_ok=True)
+    path = os.path.join(_SHARED, f"{name}.json")
+    with open(path + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.exists(path):
+            result = compute()
+            with open(path + ".tmp", "w") as f:
+                json.dump(result, f)
+            os.replace(path + ".tmp", path)
+        with open(path) as f:
+            return json.load(f)
+
+
 def pytest_sessionfinish(session):
-    # the controller (or a run without xdist) removes the run's cache; workers leave it
-    if _OWN_CACHE and "PYTEST_XDIST_WORKER" not in os.environ:
-        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+    # the controller (or a run without xdist) removes the run's files; workers leave them
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        shutil.rmtree(_SHARED, ignore_errors=True)
+        if _OWN_CACHE:
+            shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
