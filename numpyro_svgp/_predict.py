@@ -12,6 +12,7 @@ At new inputs :math:`X_*` the fitted SVGP gives the Gaussian marginals
 
 import traceback
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jax.scipy.special import logsumexp
@@ -132,13 +133,19 @@ def held_out_log_likelihood(
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
     _check_params(params, "held_out_log_likelihood")
-    draw_key, model_key = jax.random.split(rng_key)
     try:
-        draws = guide.sample_posterior(draw_key, params, *args, sample_shape=(num_samples,),
-                                       **kwargs)
+        return _held_out_log_likelihood(model, guide, params, args, kwargs, rng_key, num_samples)
     except TypeError as error:
         _explain_plate_size(error, "held_out_log_likelihood")
         raise
+
+
+@eqx.filter_jit
+def _held_out_log_likelihood(model, guide, params, args, kwargs, rng_key, num_samples):
+    # one compiled program per (model, guide, shapes): early stopping calls this every
+    # few epochs, and op by op it would dispatch (and first compile) each primitive alone
+    draw_key, model_key = jax.random.split(rng_key)
+    draws = guide.sample_posterior(draw_key, params, *args, sample_shape=(num_samples,), **kwargs)
 
     def log_density(draw, key):
         with block():
@@ -151,9 +158,5 @@ def held_out_log_likelihood(
             raise ValueError("the model has no observed site: pass the held-out observations.")
         return jnp.concatenate(terms)
 
-    try:
-        log_p = jax.vmap(log_density)(draws, jax.random.split(model_key, num_samples))
-    except TypeError as error:
-        _explain_plate_size(error, "held_out_log_likelihood")
-        raise
+    log_p = jax.vmap(log_density)(draws, jax.random.split(model_key, num_samples))
     return jnp.mean(logsumexp(log_p, axis=0) - jnp.log(num_samples))

@@ -51,14 +51,16 @@ def test_any_shapes_give_the_dense_result(n, m, d, shift, seed):
     X, Z = _points(rng, n, d), _points(rng, m, d) + shift  # Z may lie far outside the data
     kernel = ns.kernels.Matern52(0.9, 0.8)
     # jit: one compilation per shape instead of one per operation
+    # (the kernel matrices of the reference too: each eager operation would compile alone)
     def parts(X, Z):
         c = ns.whitened_conditional(kernel, X, Z, jitter=1e-6)
-        return c.projection(), c.variance(), c.jitter, c.cholesky
+        K_xz = kernel(X, Z) if n else jnp.zeros((0, m))
+        return c.projection(), c.variance(), c.jitter, kernel(Z, Z), K_xz
 
-    A, var, jitter, _ = jax.jit(parts)(X, Z)
+    A, var, jitter, K_zz, K_xz = jax.jit(parts)(X, Z)
     assert A.shape == (n, m) and var.shape == (n,)
-    K_zz = np.asarray(kernel(Z, Z)) + float(jitter) * np.eye(m)
-    K_xz = np.asarray(kernel(X, Z)) if n else np.zeros((0, m))
+    K_zz = np.asarray(K_zz) + float(jitter) * np.eye(m)
+    K_xz = np.asarray(K_xz)
     Q = K_xz @ np.linalg.solve(K_zz, K_xz.T)
     np.testing.assert_allclose(np.asarray(A) @ np.asarray(A).T, Q, atol=1e-6)
     np.testing.assert_allclose(var, np.maximum(0.9 - np.diag(Q), 0), atol=1e-6)
