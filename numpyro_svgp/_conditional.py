@@ -281,7 +281,15 @@ def _checked_group_index(group_index, conditional, where):
                 f"{where}: group_index[{bad[0]}] = {values[bad[0]]} is outside [0, {G}), the "
                 "group plate's size."
             )
-    return group_index
+        return group_index
+    # under jit the values are known only when the program runs; an index out of range
+    # would otherwise be clamped to a wrong group. The check rides on a scalar, as in
+    # check_finite, so that a group index sharded along N stays sharded.
+    outside = jnp.any((group_index < 0) | (group_index >= G))
+    zero = eqx.error_if(jnp.zeros((), group_index.dtype), outside,
+                        f"{where}: group_index holds a value outside [0, {G}), the group "
+                        "plate's size.")
+    return group_index + zero
 
 
 def _checked_mixing(mixing, conditional, where):

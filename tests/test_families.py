@@ -462,6 +462,16 @@ def test_ragged_poisson_groups_by_quadrature_and_bad_group_index_named():
     with pytest.raises(TypeError, match="group_index must hold integers"):
         f(Xr, group.astype(float))
 
+    # under jit the values are checked when the program runs
+    def ragged_f(X, group):
+        with numpyro.plate("group", G):
+            return ns.svgp("f", ns.kernels.RBF(), X, jnp.asarray(Z), group_index=group)
+
+    jitted = jax.jit(lambda X, group: seed(ragged_f, 0)(X, group))
+    assert jitted(Xr, group).shape == (len(group),)
+    with pytest.raises(Exception, match=r"group_index holds a value outside \[0, 6\)"):
+        jax.block_until_ready(jitted(Xr, np.where(np.arange(len(group)) == 5, 6, group)))
+
     def outside(X):
         return ns.svgp("f", ns.kernels.RBF(), X, Z[0], group_index=group)
 
