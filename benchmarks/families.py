@@ -40,7 +40,7 @@ from numpyro.infer import SVI
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpyro_svgp as ns  # noqa: E402
-from benchmarks.step_time import time_interleaved  # noqa: E402
+from benchmarks.step_time import adam_step, time_interleaved  # noqa: E402
 
 D = 2
 positive = dist.constraints.positive
@@ -134,19 +134,7 @@ def vmap_reference_step(X, Y, Z):
               "log_s2": jnp.log(jnp.asarray(0.1, dtype)), "Z": Z,
               "m": jnp.zeros((G, M), dtype),
               "S": jnp.broadcast_to(jnp.eye(M, dtype=dtype), (G, M, M))}
-    optimizer = optax.adam(1e-2)
-
-    @jax.jit
-    def update(state, X, Y):
-        p, opt_state = state
-        value, grads = jax.value_and_grad(loss)(p, X, Y)
-        updates, opt_state = optimizer.update(grads, opt_state)
-        return (optax.apply_updates(p, updates), opt_state), value
-
-    def step(state):
-        return update(state, X, Y)
-
-    return step, (params, optimizer.init(params))
+    return adam_step(loss, params, X, Y)
 
 
 def quartiles(values):

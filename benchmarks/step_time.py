@@ -144,18 +144,24 @@ def plain_step(X, y, Z, gram_vjp=False):
     params = {"log_var": jnp.zeros((), dtype), "log_ls": jnp.zeros(D, dtype),
               "log_s2": jnp.log(jnp.asarray(0.1, dtype)), "Z": Z,
               "m": jnp.zeros(M, dtype), "S": jnp.eye(M, dtype=dtype)}
-    optimizer = optax.adam(1e-2)
+    return adam_step(loss, params, X, y)
+
+
+def adam_step(loss, params, *data, learning_rate=1e-2):
+    """``(step, state)`` for :func:`time_interleaved`: one jitted Adam step on
+    ``loss(params, *data)``, returning the new state and the loss."""
+    optimizer = optax.adam(learning_rate)
 
     # the data are arguments of the compiled step, as in SVI.update, not constants in it
     @jax.jit
-    def update(state, X, y):
+    def update(state, *data):
         p, opt_state = state
-        value, grads = jax.value_and_grad(loss)(p, X, y)
+        value, grads = jax.value_and_grad(loss)(p, *data)
         updates, opt_state = optimizer.update(grads, opt_state)
         return (optax.apply_updates(p, updates), opt_state), value
 
     def step(state):
-        return update(state, X, y)
+        return update(state, *data)
 
     return step, (params, optimizer.init(params))
 

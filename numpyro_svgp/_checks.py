@@ -35,16 +35,20 @@ def as_float_array(name: str, x) -> jax.Array:
     return x
 
 
+def raise_when_run(x: jax.Array, failed: jax.Array, message: str) -> jax.Array:
+    """``x``, with an error raised when the compiled program runs if ``failed`` holds.
+
+    The check rides on a scalar added to ``x`` rather than on ``x`` itself: what passes
+    through ``error_if`` is replicated on every device, and data arrays may be sharded
+    along N (see :mod:`numpyro_svgp._sharding`).
+    """
+    return x + eqx.error_if(jnp.zeros((), x.dtype), failed, message)
+
+
 def check_finite(name: str, x: jax.Array) -> jax.Array:
     """Return ``x``, raising if it holds NaN or inf."""
     if is_traced(x):
-        # The check rides on a scalar added to x rather than on x itself: what
-        # passes through error_if is replicated on every device, and data arrays may
-        # be sharded along N (see numpyro_svgp._sharding).
-        zero = eqx.error_if(
-            jnp.zeros((), x.dtype), ~jnp.all(jnp.isfinite(x)), f"{name} contains NaN or inf."
-        )
-        return x + zero
+        return raise_when_run(x, ~jnp.all(jnp.isfinite(x)), f"{name} contains NaN or inf.")
     bad = ~np.isfinite(np.asarray(x))
     if bad.any():
         where = tuple(int(i) for i in np.argwhere(bad)[0])

@@ -40,7 +40,13 @@ import numpy as np
 from jax import lax
 from jaxtyping import Array, Float
 
-from numpyro_svgp._checks import as_float_array, check_finite, check_matrix, is_traced
+from numpyro_svgp._checks import (
+    as_float_array,
+    check_finite,
+    check_matrix,
+    is_traced,
+    raise_when_run,
+)
 from numpyro_svgp._family import ONE_GP, Family, family_map, family_shape, split_inputs, split_kernel
 from numpyro_svgp._features import InducingFeatures, InducingPoints, as_inducing
 from numpyro_svgp._linalg import MAX_JITTER_ESCALATIONS, default_jitter, lower_inverse
@@ -283,13 +289,11 @@ def _checked_group_index(group_index, conditional, where):
             )
         return group_index
     # under jit the values are known only when the program runs; an index out of range
-    # would otherwise be clamped to a wrong group. The check rides on a scalar, as in
-    # check_finite, so that a group index sharded along N stays sharded.
-    outside = jnp.any((group_index < 0) | (group_index >= G))
-    zero = eqx.error_if(jnp.zeros((), group_index.dtype), outside,
-                        f"{where}: group_index holds a value outside [0, {G}), the group "
-                        "plate's size.")
-    return group_index + zero
+    # would otherwise be clamped to a wrong group
+    return raise_when_run(
+        group_index, jnp.any((group_index < 0) | (group_index >= G)),
+        f"{where}: group_index holds a value outside [0, {G}), the group plate's size.",
+    )
 
 
 def _checked_mixing(mixing, conditional, where):

@@ -86,3 +86,19 @@ def hensman_terms_unwhitened(K_xx_diag, K_xz, K_zz, y, noise_var, mu, Sigma):
         + logdet_K - logdet_S
     )
     return ell, kl
+
+
+def whitened_svgp_marginals(X, Z, variance, lengthscale, m, S, jitter):
+    """One RBF SVGP from its whitened q(v) = N(m, S S^T): the dense unwhitened marginals
+    of q(f) at X, the KL(q(u) || p(u)), and (K_xz, K_zz, mu, Sigma) of q(u), u = L v."""
+    K_zz = rbf(Z, Z, variance, lengthscale) + jitter * np.eye(len(Z))
+    L = np.linalg.cholesky(K_zz)
+    mu, Sigma = L @ m, L @ S @ S.T @ L.T
+    K_xz = rbf(X, Z, variance, lengthscale)
+    A = np.linalg.solve(K_zz, K_xz.T).T
+    mean = A @ mu
+    var = variance - np.sum(A * K_xz, axis=1) + np.sum((A @ Sigma) * A, axis=1)
+    _, kl = hensman_terms_unwhitened(
+        np.full(len(X), variance), K_xz, K_zz, np.zeros(len(X)), 1.0, mu, Sigma
+    )
+    return mean, var, kl, (K_xz, K_zz, mu, Sigma)

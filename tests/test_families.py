@@ -75,17 +75,7 @@ def _model(plates, variance, lengthscale, Z, likelihood="normal", jitter=JITTER)
 
 def _reference_moments(Xg, Zg, variance, lengthscale, m, S):
     """Dense unwhitened marginals of q(f) and KL of one GP, from whitened (m, S)."""
-    K_zz = ref.rbf(Zg, Zg, variance, lengthscale) + JITTER * np.eye(M)
-    L = np.linalg.cholesky(K_zz)
-    mu, Sigma = L @ m, L @ S @ S.T @ L.T  # u = L v
-    K_xz = ref.rbf(Xg, Zg, variance, lengthscale)
-    A = np.linalg.solve(K_zz, K_xz.T).T
-    mean = A @ mu
-    var = variance - np.sum(A * K_xz, axis=1) + np.sum((A @ Sigma) * A, axis=1)
-    _, kl = ref.hensman_terms_unwhitened(
-        np.full(len(Xg), variance), K_xz, K_zz, np.zeros(len(Xg)), 1.0, mu, Sigma
-    )
-    return mean, var, kl, (K_xz, K_zz, mu, Sigma)
+    return ref.whitened_svgp_marginals(Xg, Zg, variance, lengthscale, m, S, JITTER)
 
 
 def _members(shape, variance, lengthscale, Z, Xs, loc, S, per_group_x):

@@ -62,20 +62,12 @@ def _lmc_model(Z, variance, lengthscale, likelihood="normal", W_latent=False):
 
 def _dense_latents(X, Z, variance, lengthscale, loc, S):
     """Per latent GP, from the whitened (m, S): dense marginals of q(g) and the KL."""
-    means, variances, kls = [], [], []
-    for j in range(L):
-        var, ls = float(variance[j, 0]), lengthscale[j]
-        K_zz = ref.rbf(Z[j], Z[j], var, ls) + JITTER * np.eye(M)
-        K_xz = ref.rbf(X, Z[j], var, ls)
-        chol = np.linalg.cholesky(K_zz)
-        mu, Sigma = chol @ loc[j, 0], chol @ S[j, 0] @ S[j, 0].T @ chol.T  # u = L v
-        A = np.linalg.solve(K_zz, K_xz.T).T
-        means.append(A @ mu)
-        variances.append(var - np.sum(A * K_xz, axis=1) + np.sum((A @ Sigma) * A, axis=1))
-        _, kl = ref.hensman_terms_unwhitened(
-            np.full(N, var), K_xz, K_zz, np.zeros(N), 1.0, mu, Sigma
-        )
-        kls.append(kl)
+    latents = [
+        ref.whitened_svgp_marginals(X, Z[j], float(variance[j, 0]), lengthscale[j], loc[j, 0],
+                                    S[j, 0], JITTER)
+        for j in range(L)
+    ]
+    means, variances, kls, _ = zip(*latents, strict=True)
     return np.array(means), np.array(variances), sum(kls)
 
 
