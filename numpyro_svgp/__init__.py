@@ -13,6 +13,7 @@ from numpyro_svgp._collapsed import exact_log_marginal_likelihood, titsias_bound
 from numpyro_svgp._conditional import (
     Conditional,
     conditional_variance,
+    predictive_covariance,
     predictive_moments,
     projection,
     whitened_conditional,
@@ -77,6 +78,7 @@ __all__ = [
     "load_checkpoint",
     "natural_gradient",
     "predict_f",
+    "predictive_covariance",
     "predictive_moments",
     "projection",
     "save_checkpoint",

@@ -56,6 +56,7 @@ __all__ = [
     "Conditional",
     "compiled",
     "conditional_variance",
+    "predictive_covariance",
     "predictive_moments",
     "projection",
     "mix",
@@ -456,6 +457,40 @@ def predictive_moments(
     # the latent GPs are independent under q, so the variances mix with W squared
     W = conditional.mixing.astype(mean.dtype)
     return mix(W, mean), mix(jnp.square(W), variance)
+
+
+def predictive_covariance(
+    conditional: Conditional,
+    loc: Float[Array, " M"],
+    scale_tril: Float[Array, "M M"],
+) -> tuple[Float[Array, " N"], Float[Array, "N N"]]:
+    r"""Mean and full covariance of :math:`f` at the inputs under
+    :math:`q(v) = \mathcal N(m, S S^\top)`.
+
+    .. math:: \mu = A m, \qquad \Sigma = K_{xx} - A A^\top + (A S)(A S)^\top.
+
+    For a family of GPs (svgp inside plates), one ``(N, N)`` covariance per GP, the
+    family shape first: the GPs are independent under :math:`q`. The ragged form and
+    mixed outputs are refused (their joint covariance couples rows across GPs).
+
+    :return: ``(mean, covariance)`` of shapes ``(..., N)`` and ``(..., N, N)``.
+    """
+    if conditional.group_index is not None or conditional.mixing is not None:
+        form = "group_index" if conditional.group_index is not None else "mixing"
+        raise ValueError(
+            f"a full covariance is not available for an svgp with {form}=...: its rows "
+            "come from different GPs. Ask for the marginal variances (full_cov=False)."
+        )
+    return family_map(_full_moments, conditional.family, conditional, loc, scale_tril,
+                      event_ndims=(1, 2))
+
+
+def _full_moments(conditional, loc, scale_tril):
+    A = projection(conditional)
+    AS = A @ scale_tril
+    X = conditional.inputs
+    covariance = conditional.kernel(X, X) - A @ A.T + AS @ AS.T
+    return A @ loc, 0.5 * (covariance + covariance.T)
 
 
 def mix(W: Float[Array, "P L"], g: Float[Array, "... L N"]) -> Float[Array, "... P N"]:

@@ -17,7 +17,9 @@ factor with positive diagonal, :math:`S\,\operatorname{diag}(\operatorname{sign}
 ``AutoSVGP`` is numpyro's :class:`~numpyro.infer.autoguide.AutoNormal` with the
 whitened sites taken out of its prototype and guided here: every other continuous
 latent site gets AutoNormal's mean-field Normal in unconstrained space, with its
-handling of plates and of local latent sites under subsampled plates.
+handling of plates and of local latent sites under subsampled plates. Its prototype
+comes from one run of the model with every latent site at ``init_loc_fn``'s value
+(the whitened ones at 0) and nothing drawn for the svgp outputs.
 """
 
 from collections import OrderedDict
@@ -29,12 +31,14 @@ import numpy as np
 import numpyro
 import numpyro.distributions as dist
 from numpyro.distributions.transforms import biject_to
-from numpyro.handlers import block, seed, trace
+from numpyro.distributions.util import periodic_repeat
+from numpyro.handlers import block, seed, substitute, trace
 from numpyro.infer.autoguide import AutoNormal
 from numpyro.infer.initialization import init_to_median
+from numpyro.infer.util import helpful_support_errors
 
 from numpyro_svgp._checks import check_observed_site
-from numpyro_svgp._svgp import svgp_site
+from numpyro_svgp._svgp import output_values, svgp_site
 
 __all__ = ["AutoSVGP", "whitened_scale_tril"]
 
@@ -132,40 +136,84 @@ class AutoSVGP(AutoNormal):
             create_plates=create_plates,
         )
 
+    def _initial_value(self, site):
+        # q(v) starts at the prior, so v's value is 0 and nothing need be drawn for it
+        prior = svgp_site(site)
+        if prior is not None:
+            return jnp.zeros(prior.batch_shape + prior.event_shape, prior.conditional.dtype)
+        return self.init_loc_fn(site)
+
     def _setup_prototype(self, *args, **kwargs):
-        # numpyro's initialisation evaluates log densities, where a wrongly sized
-        # or non-finite observation fails with a vague message; name it first.
+        # One run of the model, outside jit, with every latent site at its initial value
+        # and the svgp outputs as placeholders. numpyro's own set-up (initialize_model)
+        # runs it twice more and differentiates its log density, primitive by primitive:
+        # each primitive of a new shape is compiled on its own, and that was most of
+        # the time to a first fit. The log density at the start is checked by the first
+        # SVI step instead (ns.train skips and counts non-finite steps).
         with block():
-            model_trace = trace(seed(self.model, 0)).get_trace(*args, **kwargs)
-        for name, site in model_trace.items():
+            prototype = trace(substitute(
+                seed(output_values(self.model, placeholder=True), numpyro.prng_key()),
+                substitute_fn=self._initial_value,
+            )).get_trace(*args, **kwargs)
+        whitened, self._init_locs = OrderedDict(), {}
+        self._prototype_frames, self._prototype_plate_sizes = {}, {}
+        for name, site in prototype.items():
+            if site["type"] == "plate":
+                self._prototype_frame_full_sizes[name] = site["args"][0]
             if site["type"] != "sample":
                 continue
             if site["is_observed"]:
+                # numpyro's initialisation evaluates log densities, where a wrongly
+                # sized or non-finite observation fails with a vague message
                 check_observed_site(name, site)
-            elif site["fn"].support.is_discrete:
+                continue
+            if site["fn"].support.is_discrete:
                 raise ValueError(
                     f"AutoSVGP handles continuous latent sites only; site '{name}' is "
                     "discrete. Marginalise it out (numpyro's enumeration) or use another guide."
                 )
-        super()._setup_prototype(*args, **kwargs)
-        whitened = OrderedDict()
-        for name, site in self.prototype_trace.items():
+            if isinstance(site["fn"], dist.Delta):
+                raise ValueError(
+                    f"Sample site '{name}' has a Delta distribution; record the value with "
+                    "numpyro.deterministic instead."
+                )
+            for frame in site["cond_indep_stack"]:
+                known = self._prototype_frames.setdefault(frame.name, frame)
+                if known != frame:
+                    raise ValueError(
+                        f"the plate '{frame.name}' has inconsistent dim or size across sites."
+                    )
             prior = svgp_site(site)
             if prior is not None:
-                # the dtype of the svgp's computation, not of the prototype's draw
-                # (numpyro draws MVN noise in the default float dtype, float64 under x64)
                 # one q(v) per member of a plate around the svgp (a family), at the
                 # plate's full size when it is subsampled
                 shape = list(jnp.shape(site["value"]))
                 for frame in site["cond_indep_stack"]:
                     shape[frame.dim - 1] = self._prototype_frame_full_sizes[frame.name]
                 whitened[name] = (site, jnp.zeros(tuple(shape), prior.conditional.dtype))
-                del self._init_locs[name], self._event_dims[name]
+                continue
+            with helpful_support_errors(site):
+                init_loc = biject_to(site["fn"].support).inv(site["value"])
+            if not np.all(np.isfinite(np.asarray(init_loc))):
+                raise ValueError(
+                    f"AutoSVGP: the initial value of site '{name}' is not finite in "
+                    "unconstrained space; give init_loc_fn (e.g. init_to_value) a value "
+                    "inside the site's support."
+                )
+            # AutoNormal's handling: event dims, and a local site under a subsampled
+            # plate starts from its prototype values repeated to the plate's full size
+            event_dim = site["fn"].event_dim + jnp.ndim(init_loc) - jnp.ndim(site["value"])
+            self._event_dims[name] = event_dim
+            for frame in site["cond_indep_stack"]:
+                full_size = self._prototype_frame_full_sizes[frame.name]
+                if full_size != frame.size:
+                    init_loc = periodic_repeat(init_loc, full_size, frame.dim - event_dim)
+            self._init_locs[name] = init_loc
         self._whitened = whitened
-        # AutoNormal guides what is left in the prototype (deterministic sites, such as
-        # the svgp outputs, are no guide's business: AutoGuideList refuses them)
+        # AutoNormal guides what is left (deterministic sites, such as the svgp
+        # outputs, are no guide's business: AutoGuideList refuses them)
         self.prototype_trace = OrderedDict(
-            (name, site) for name, site in self.prototype_trace.items()
+            (name, site) for name, site in prototype.items()
             if name not in whitened and site["type"] != "deterministic"
         )
 
@@ -211,7 +259,9 @@ class AutoSVGP(AutoNormal):
         fitted ones: the params hold one value per member of the fitted plate, and
         indexing past them would silently hand a new member another's value."""
         with block():
-            model_trace = trace(seed(self.model, 0)).get_trace(*args, **kwargs)
+            model_trace = trace(seed(output_values(self.model, placeholder=True), 0)).get_trace(
+                *args, **kwargs
+            )
         for name, site in model_trace.items():
             if site["type"] != "plate" or name not in self._prototype_frames:
                 continue

@@ -19,7 +19,7 @@ from jax.scipy.special import logsumexp
 from numpyro.distributions import MultivariateNormal
 from numpyro.handlers import block, seed, substitute, trace
 
-from numpyro_svgp._conditional import predictive_moments
+from numpyro_svgp._conditional import predictive_covariance, predictive_moments
 from numpyro_svgp._svgp import fitted_model_trace, svgp_site
 
 __all__ = ["predict_f", "held_out_log_likelihood"]
@@ -64,8 +64,12 @@ def _explain_plate_size(error: Exception, caller: str) -> None:
         ) from error
 
 
-def predict_f(model, guide, params, *args, name: str = "f", rng_seed: int = 0, **kwargs):
-    r"""Posterior mean and variance of the svgp output ``name`` at the model's inputs.
+def predict_f(
+    model, guide, params, *args, name: str = "f", rng_seed: int = 0, full_cov: bool = False,
+    **kwargs,
+):
+    r"""Posterior mean and variance (or covariance) of the svgp output ``name`` at the
+    model's inputs.
 
     Runs ``model(*args, **kwargs)`` (typically with new inputs) with the fitted
     params and reads off the moments under :math:`q(v)`. Latent sites other than the
@@ -74,14 +78,19 @@ def predict_f(model, guide, params, *args, name: str = "f", rng_seed: int = 0, *
     Example::
 
         mean, var = ns.predict_f(model, guide, svi_result.params, X_test)
+        mean, cov = ns.predict_f(model, guide, svi_result.params, X_test, full_cov=True)
 
     :param model: the NumPyro model that calls ``ns.svgp(name, ...)``.
     :param guide: the fitted guide (an :class:`~numpyro_svgp.AutoSVGP`).
     :param dict params: the SVI params (``svi_result.params``).
     :param str name: the svgp output site; default ``"f"``.
     :param int rng_seed: seed for any randomness the model needs while tracing.
-    :return: ``(mean, variance)``, each of the output's shape ``(N,)``; the variance
-        excludes the likelihood's noise.
+    :param bool full_cov: return the joint covariance
+        :math:`K_{**} - A_* A_*^\top + A_* S S^\top A_*^\top` of the outputs instead of
+        their variances (one ``(N, N)`` matrix per GP of a family).
+    :return: ``(mean, variance)``, each of the output's shape ``(N,)``, or with
+        ``full_cov`` ``(mean, covariance)`` with covariance ``(..., N, N)``; neither
+        includes the likelihood's noise.
     """
     _check_params(params, "predict_f")
     whitened = f"{name}_whitened"
@@ -106,6 +115,8 @@ def predict_f(model, guide, params, *args, name: str = "f", rng_seed: int = 0, *
             f"the guide gave {type(q).__name__}."
         )
     info = svgp_site(model_trace[whitened])
+    if full_cov:
+        return predictive_covariance(info.conditional, q.loc, q.scale_tril)
     return predictive_moments(info.conditional, q.loc, q.scale_tril)
 
 

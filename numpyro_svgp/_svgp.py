@@ -74,12 +74,14 @@ class WhitenedPrior(dist.MultivariateNormal):
 
 def fitted_model_trace(model, guide, params, args, kwargs, rng_seed: int = 0):
     """Trace ``model(*args, **kwargs)`` at the fitted params, with every other latent
-    site at the guide's median (``guide=None``: params only)."""
+    site at the guide's median (``guide=None``: params only), for the conditionals of
+    its svgp sites: the svgp outputs hold zeros, not draws."""
     values = dict(params)
     if guide is not None:
         values.update(guide.median(params))
     with block():
-        return trace(seed(substitute(model, data=values), rng_seed)).get_trace(*args, **kwargs)
+        return trace(seed(substitute(output_values(model, placeholder=True), data=values),
+                          rng_seed)).get_trace(*args, **kwargs)
 
 
 def svgp_site(site: dict) -> WhitenedPrior | None:

@@ -147,18 +147,26 @@ def _all_finite(tree) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("svi", "max_in_a_row", "length", "spec"))
-def _run_chunk(state, in_a_row, skipped, traced, batches, *, svi, max_in_a_row, length, spec):
-    """``length`` guarded steps. With ``batches`` (arrays with a leading axis of
-    ``length``), step ``i`` gets ``batches[j][i]`` as the model's positional arguments
-    in front of the fixed ones."""
+def _run_chunk(state, in_a_row, skipped, traced, batches, active,
+               *, svi, max_in_a_row, length, spec):
+    """Up to ``length`` guarded steps; only the first ``active`` (traced) are taken, so
+    one compiled chunk serves runs of any number of steps. With ``batches`` (arrays with
+    a leading axis of ``length``), step ``i`` gets ``batches[j][i]`` as the model's
+    positional arguments in front of the fixed ones."""
     args, kwargs = _join_arguments(traced, spec)
 
-    def step(carry, batch):
+    def update(state, batch):
+        return svi.update(state, *(args if batch is None else (*batch, *args)), **kwargs)
+
+    # the loss's dtype, for the branch that skips a step (traced once per compilation)
+    no_loss = jnp.full((), jnp.nan, jax.eval_shape(
+        update, state, None if batches is None else jax.tree.map(lambda b: b[0], batches)
+    )[1].dtype)
+
+    def take(carry, batch):
         state, in_a_row, skipped = carry
-        stopped = in_a_row >= max_in_a_row
-        step_args = args if batch is None else (*batch, *args)
-        new_state, loss = svi.update(state, *step_args, **kwargs)
-        ok = jnp.isfinite(loss) & _all_finite(new_state.optim_state) & ~stopped
+        new_state, loss = update(state, batch)
+        ok = jnp.isfinite(loss) & _all_finite(new_state.optim_state)
 
         def keep(new, old):
             return jnp.where(ok, new, old)
@@ -166,13 +174,18 @@ def _run_chunk(state, in_a_row, skipped, traced, batches, *, svi, max_in_a_row, 
         optim_state = jax.tree.map(keep, new_state.optim_state, state.optim_state)
         mutable = jax.tree.map(keep, new_state.mutable_state, state.mutable_state)
         # the key moves on after a skipped step, so a Monte-Carlo loss is redrawn
-        rng_key = jnp.where(stopped, state.rng_key, new_state.rng_key)
-        in_a_row = jnp.where(stopped, in_a_row, jnp.where(ok, 0, in_a_row + 1))
-        skipped = skipped + (~ok & ~stopped)
-        carry = (SVIState(optim_state, mutable, rng_key), in_a_row, skipped)
+        state = SVIState(optim_state, mutable, new_state.rng_key)
+        return (state, jnp.where(ok, 0, in_a_row + 1), skipped + ~ok), loss
+
+    def step(carry, xs):
+        index, batch = xs
+        # past the run's end, or stopped: no work at all (a cond runs one branch)
+        stopped = (carry[1] >= max_in_a_row) | (index >= active)
+        carry, loss = lax.cond(stopped, lambda c, b: (c, no_loss), take, carry, batch)
         return carry, (loss, stopped)
 
-    return lax.scan(step, (state, in_a_row, skipped), batches, length=length)
+    return lax.scan(step, (state, in_a_row, skipped), (jnp.arange(length), batches),
+                    length=length)
 
 
 class _Loop:
@@ -187,10 +200,11 @@ class _Loop:
         self.skipped = jnp.asarray(int(np.sum(~np.isfinite(previous))))
         self.step = previous.size
 
-    def run(self, length: int, batches=None) -> np.ndarray:
-        """Run ``length`` steps (one compiled chunk); return the losses of those taken."""
+    def run(self, length: int, steps: int, batches=None) -> np.ndarray:
+        """Run ``steps <= length`` steps in the compiled chunk of ``length`` (the
+        same program for any ``steps``); return the losses of those taken."""
         (self.state, self.in_a_row, self.skipped), (losses, stopped) = _run_chunk(
-            self.state, self.in_a_row, self.skipped, self.traced, batches,
+            self.state, self.in_a_row, self.skipped, self.traced, batches, jnp.asarray(steps),
             svi=self.svi, max_in_a_row=self.max_in_a_row, length=length, spec=self.spec,
         )
         losses = np.asarray(losses)[~np.asarray(stopped)]
@@ -316,13 +330,15 @@ def train(
         losses = [previous]
     loop = _Loop(svi, state, max_nonfinite_in_a_row, args, kwargs, losses)
     every = checkpoint_every or num_steps or 1
+    # one chunk length whatever num_steps is, so that runs of other lengths reuse it
+    length = min(steps_per_call, checkpoint_every or steps_per_call)
 
     with tqdm(total=num_steps, initial=loop.step, disable=not progress_bar, desc="SVI") as bar:
         while loop.step < num_steps:
             step = loop.step
             boundary = min((step // steps_per_call + 1) * steps_per_call,
                            (step // every + 1) * every, num_steps)
-            loop.show(bar, loop.run(boundary - step))
+            loop.show(bar, loop.run(length, boundary - step))
             loop.raise_if_stopped()
             if checkpoint is not None and (loop.step % every == 0 or loop.step == num_steps):
                 save_checkpoint(checkpoint, loop.state, loop.step, loop.history())
@@ -434,9 +450,15 @@ def train_epochs(
     best = (-np.inf, 0, loop.state)
     stopped_early = False
 
+    length = min(steps_per_call, max(full, 1))
+
     def run(rows, epoch):
-        # gather on the host, then send only these batches to the device
-        losses = loop.run(rows.shape[0], tuple(jnp.asarray(d[rows]) for d in data))
+        # gather on the host, then send only these batches to the device; a short last
+        # chunk is padded (its extra steps are not taken) to reuse the compiled one
+        steps = rows.shape[0]
+        if rows.shape[1] == batch_size and steps < length:
+            rows = np.concatenate([rows, np.repeat(rows[-1:], length - steps, axis=0)])
+        losses = loop.run(rows.shape[0], steps, tuple(jnp.asarray(d[rows]) for d in data))
         loop.raise_if_stopped(f" (epoch {epoch})", best_epoch=epoch,
                               held_out=np.asarray(evaluations, dtype=float).reshape(-1, 2))
         return losses

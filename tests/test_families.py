@@ -149,6 +149,12 @@ def test_family_elbo_is_the_sum_of_the_dense_elbos_of_its_gps(layout, per_group_
         ref_mean, ref_var, _, _ = _reference_moments(Xg, Zg, var, ls, m, Sg)
         np.testing.assert_allclose(mean[index], ref_mean, rtol=1e-8, atol=1e-10)
         np.testing.assert_allclose(variance_f[index], ref_var, rtol=1e-7, atol=1e-10)
+    # one joint covariance per GP, whose diagonal is the variance
+    mean_c, cov = ns.predict_f(model, guide, params, Xs, full_cov=True)
+    assert cov.shape == shape + (N, N)
+    np.testing.assert_allclose(mean_c, mean, rtol=1e-12)
+    np.testing.assert_allclose(np.diagonal(cov, axis1=-2, axis2=-1), variance_f,
+                               rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.slow
@@ -398,6 +404,8 @@ def test_ragged_groups_equal_the_dense_elbo_of_each_group_on_its_own_rows():
     mean, var = ns.predict_f(model, guide, params, Xr, group)
     np.testing.assert_allclose(mean, means, rtol=1e-8, atol=1e-10)
     np.testing.assert_allclose(var, variances, rtol=1e-7, atol=1e-10)
+    with pytest.raises(ValueError, match="full covariance is not available .* group_index"):
+        ns.predict_f(model, guide, params, Xr, group, full_cov=True)
 
     # O(N M^2): each row meets its own GP only; no array in the loss or its gradient
     # has both a row axis and a group axis (as a padded or dense form would)

@@ -116,6 +116,8 @@ def test_lmc_bound_equals_the_dense_bound_with_its_gradient_in_w_and_predictions
     assert mean.shape == (P, N)
     np.testing.assert_allclose(mean, mean_ref, rtol=1e-8, atol=1e-10)
     np.testing.assert_allclose(var, var_ref, rtol=1e-8, atol=1e-10)
+    with pytest.raises(ValueError, match="full covariance is not available .* mixing"):
+        ns.predict_f(model, guide, params, X, W, full_cov=True)
 
 
 @pytest.mark.slow

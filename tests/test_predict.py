@@ -66,3 +66,34 @@ def test_predict_f_errors():
     model, guide, params = _fitted_at_optimum(X, y, X[:5], jitter=1e-6)
     with pytest.raises(KeyError, match="no site 'g_whitened'"):
         ns.predict_f(model, guide, params, X, name="g")
+
+
+def test_full_covariance_equals_the_dense_svgp_posterior_and_the_exact_gp_at_z_equals_x():
+    X, y = toy_data(40, seed=21)
+    Z = np.linspace(-3, 3, 9)[:, None]
+    X_test = np.linspace(-4, 4, 17)[:, None]
+    jitter = 1e-6
+    model, guide, params = _fitted_at_optimum(X, y, Z, jitter=jitter)
+    mean, cov = ns.predict_f(model, guide, params, X_test, full_cov=True)
+    assert cov.shape == (17, 17)
+    # dense, unwhitened: K** - K*z Kzz^-1 Kz* + K*z Kzz^-1 Sigma Kzz^-1 Kz*, with the
+    # Titsias-optimal q(u) = N(mu, Sigma)
+    K_zz = ref.rbf(Z, Z, VAR, LS) + jitter * np.eye(len(Z))
+    mu, Sigma = ref.optimal_q_u(ref.rbf(X, Z, VAR, LS), K_zz, y, NOISE)
+    K_sz = ref.rbf(X_test, Z, VAR, LS)
+    B = np.linalg.solve(K_zz, K_sz.T)
+    expected = ref.rbf(X_test, X_test, VAR, LS) - K_sz @ B + B.T @ Sigma @ B
+    np.testing.assert_allclose(mean, K_sz @ np.linalg.solve(K_zz, mu), rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(cov, expected, rtol=1e-7, atol=1e-9)
+    _, var = ns.predict_f(model, guide, params, X_test)
+    np.testing.assert_allclose(np.diag(cov), var, rtol=1e-10, atol=1e-12)
+
+    # Z = X: the exact GP's posterior covariance
+    Xg = np.linspace(-3, 3, 15)[:, None]
+    yg = np.sin(2 * Xg[:, 0])
+    model, guide, params = _fitted_at_optimum(Xg, yg, Xg, jitter=1e-10)
+    _, cov = ns.predict_f(model, guide, params, X_test, full_cov=True)
+    K = ref.rbf(Xg, Xg, VAR, LS) + NOISE * np.eye(15)
+    K_sx = ref.rbf(X_test, Xg, VAR, LS)
+    exact = ref.rbf(X_test, X_test, VAR, LS) - K_sx @ np.linalg.solve(K, K_sx.T)
+    np.testing.assert_allclose(cov, exact, rtol=1e-5, atol=1e-8)

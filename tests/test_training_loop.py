@@ -59,7 +59,23 @@ def test_a_second_call_with_the_same_svi_and_shapes_compiles_no_steps(caplog):
     with jax.log_compiles(True), caplog.at_level(logging.DEBUG):
         caplog.clear()
         ns.train(svi, random.PRNGKey(1), 20, X, Y, steps_per_call=10, progress_bar=False)
+        # another number of steps, ending in a partial chunk, runs the same program
+        other = ns.train(svi, random.PRNGKey(1), 25, X, Y, steps_per_call=10, progress_bar=False)
     assert not [r for r in caplog.records if "_run_chunk" in r.getMessage()]
+    reference = svi.run(random.PRNGKey(1), 25, X, Y, progress_bar=False)
+    np.testing.assert_allclose(other.losses, reference.losses, rtol=1e-10)
+    for name, value in reference.params.items():
+        np.testing.assert_allclose(other.params[name], value, rtol=1e-9)
+    # as does train_epochs with its last chunk shorter than steps_per_call: 60 rows in
+    # batches of 5 is 12 steps, chunks of 5, 5 and 2
+    ns.train_epochs(svi, random.PRNGKey(2), 1, X, Y, batch_size=5, steps_per_call=5,
+                    progress_bar=False)
+    with jax.log_compiles(True), caplog.at_level(logging.DEBUG):
+        caplog.clear()
+        epochs = ns.train_epochs(svi, random.PRNGKey(2), 2, X, Y, batch_size=5,
+                                 steps_per_call=5, progress_bar=False)
+    assert not [r for r in caplog.records if "_run_chunk" in r.getMessage()]
+    assert epochs.losses.shape == (24,) and np.all(np.isfinite(epochs.losses))
     # a new shape is a new program, and the log shows it (so the check above can fail)
     with jax.log_compiles(True), caplog.at_level(logging.DEBUG):
         caplog.clear()
