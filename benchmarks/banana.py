@@ -80,7 +80,8 @@ def main():
         @jax.jit
         def run(state, X, y):
             def step(state, _):
-                return svi.update(state, X, y)
+                # run is compiled and called within this iteration only
+                return svi.update(state, X, y)  # noqa: B023
 
             return jax.lax.scan(step, state, None, length=args.steps)
 
@@ -98,7 +99,9 @@ def main():
             jax.block_until_ready(losses)
             seconds = time.perf_counter() - start
             params = svi.get_params(state)
-            final = -float(exact.loss(jax.random.PRNGKey(0), params, model, guide, X_train, y_train))
+            final = -float(
+                exact.loss(jax.random.PRNGKey(0), params, model, guide, X_train, y_train)
+            )
             mean, _ = ns.predict_f(model, guide, params, X_test, Z_init=Z_init)
             accuracy = float(np.mean((np.asarray(mean) > 0) == (y_test > 0.5)))
             results.append((final, accuracy, seconds, float(np.std(np.asarray(losses)[-100:]))))

@@ -46,8 +46,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
-import numpyro_svgp as ns  # noqa: E402
 import step_time  # noqa: E402
+
+import numpyro_svgp as ns  # noqa: E402
 
 DEFAULT_CELLS = [
     "float64/10000/64",
@@ -87,10 +88,14 @@ def svgp_step(lib, X, y, Z):
     def model(X, y=None):
         kernel = lib.kernels.RBF(
             numpyro.param("variance", jnp.ones((), X.dtype), constraint=dist.constraints.positive),
-            numpyro.param("lengthscale", jnp.ones(D, X.dtype), constraint=dist.constraints.positive),
+            numpyro.param(
+                "lengthscale", jnp.ones(D, X.dtype), constraint=dist.constraints.positive
+            ),
         )
         f = lib.svgp("f", kernel, X, numpyro.param("Z", Z))
-        s2 = numpyro.param("noise_var", jnp.asarray(0.1, X.dtype), constraint=dist.constraints.positive)
+        s2 = numpyro.param(
+            "noise_var", jnp.asarray(0.1, X.dtype), constraint=dist.constraints.positive
+        )
         with numpyro.plate("data", X.shape[0]):
             numpyro.sample("y", dist.Normal(f, jnp.sqrt(s2)), obs=y)
 
@@ -127,7 +132,7 @@ def main():
                 print(f"| {name} | {n} | {m} | skipped (> {args.max_seconds} s/step) | | | | | |")
                 continue
             times, _ = result
-            ratios = [a / b for a, b in zip(times["tree"], times["rev"])]
+            ratios = [a / b for a, b in zip(times["tree"], times["rev"], strict=True)]
             q1, q2, q3 = statistics.quantiles(ratios, n=4)
             tree, old = statistics.median(times["tree"]), statistics.median(times["rev"])
             print(f"| {name} | {n} | {m} | {1e3 * tree:.2f} | {1e3 * old:.2f} | {tree / old:.3f} "

@@ -44,8 +44,9 @@ def main(argv=None):
     rng = np.random.default_rng(0)
     X = rng.uniform(-2.0, 2.0, size=(args.n, args.d))
     y = np.sin(X[:, 0]) * np.cos(X[:, 1]) + 0.3 * X[:, 2] + 0.1 * rng.normal(size=args.n)
-    Z0 = ns.kmeans_inducing(random.PRNGKey(0), X[rng.choice(args.n, min(args.n, 100_000), replace=False)],
-                            args.m)
+    Z0 = ns.kmeans_inducing(
+        random.PRNGKey(0), X[rng.choice(args.n, min(args.n, 100_000), replace=False)], args.m
+    )
 
     def model(X, y=None, num_data=None):
         kernel = ns.kernels.RBF(

@@ -111,7 +111,10 @@ def fit_plain_jax(X, y, Z, variance, lengthscale, noise_var, steps):
         mean = W.T @ p["m"]
         fvar = var - jnp.sum(W**2, 0) + jnp.sum((W.T @ S) ** 2, 1)
         ell = -0.5 * jnp.sum(jnp.log(2 * jnp.pi * s2) + ((y - mean) ** 2 + fvar) / s2)
-        kl = 0.5 * (jnp.sum(S**2) + jnp.sum(p["m"] ** 2) - M) - jnp.sum(jnp.log(jnp.abs(jnp.diag(S))))
+        kl = (
+            0.5 * (jnp.sum(S**2) + jnp.sum(p["m"] ** 2) - M)
+            - jnp.sum(jnp.log(jnp.abs(jnp.diag(S))))
+        )
         return kl - ell
 
     params = {
@@ -141,7 +144,8 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="fewer steps")
     args = parser.parse_args(argv)
     steps = 100 if args.quick else 300
-    print(f"| setting | numpyro_svgp | final loss | jitter needed | plain JAX | final loss | jitter |")
+    print("| setting | numpyro_svgp | final loss | jitter needed | plain JAX | final loss "
+          "| jitter |")
     print("|---|---|---|---|---|---|---|")
     for name, dtype, n, m, duplicate, variance, lengthscale, noise_var in SETTINGS:
         X, y, Z = make_problem(dtype, n, m, duplicate)

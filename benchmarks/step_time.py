@@ -76,10 +76,14 @@ def numpyro_step(X, y, Z):
     def model(X, y=None):
         kernel = ns.kernels.RBF(
             numpyro.param("variance", jnp.ones((), X.dtype), constraint=dist.constraints.positive),
-            numpyro.param("lengthscale", jnp.ones(D, X.dtype), constraint=dist.constraints.positive),
+            numpyro.param(
+                "lengthscale", jnp.ones(D, X.dtype), constraint=dist.constraints.positive
+            ),
         )
         f = ns.svgp("f", kernel, X, numpyro.param("Z", Z))
-        s2 = numpyro.param("noise_var", jnp.asarray(0.1, X.dtype), constraint=dist.constraints.positive)
+        s2 = numpyro.param(
+            "noise_var", jnp.asarray(0.1, X.dtype), constraint=dist.constraints.positive
+        )
         with numpyro.plate("data", X.shape[0]):
             numpyro.sample("y", dist.Normal(f, jnp.sqrt(s2)), obs=y)
 
@@ -118,7 +122,9 @@ def plain_step(X, y, Z, gram_vjp=False):
     def loss(p, X, y):
         var, ls, s2 = jnp.exp(p["log_var"]), jnp.exp(p["log_ls"]), jnp.exp(p["log_s2"])
         m, S = p["m"], jnp.tril(p["S"])
-        L = jnp.linalg.cholesky(rbf_diff(p["Z"], p["Z"], var, ls) + jitter * jnp.eye(M, dtype=dtype))
+        L = jnp.linalg.cholesky(
+            rbf_diff(p["Z"], p["Z"], var, ls) + jitter * jnp.eye(M, dtype=dtype)
+        )
         K_xz = rbf_gemm(X, p["Z"], var, ls)
         kl = 0.5 * (jnp.sum(S**2) + jnp.sum(m**2) - M) - jnp.sum(jnp.log(jnp.abs(jnp.diag(S))))
         if matrix_form:
@@ -233,7 +239,8 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=12)
     parser.add_argument("--max-seconds", type=float, default=2.0)
     parser.add_argument("--min-seconds", type=float, default=3.0,
-                        help="run at least this long per contender and cell (more rounds for fast steps)")
+                        help="run at least this long per contender and cell "
+                             "(more rounds for fast steps)")
     args = parser.parse_args(argv)
     jax.config.update("jax_enable_x64", True)
     on_error = os.environ.get("EQX_ON_ERROR", "raise")
@@ -257,7 +264,9 @@ def main(argv=None):
                 contenders = {"ours": numpyro_step(X, y, Z), "plain": plain_step(X, y, Z)}
                 if ns._gaussian.use_matrix_form(n, m, dtype):
                     contenders["plain_vjp"] = plain_step(X, y, Z, gram_vjp=True)
-                timed = time_interleaved(contenders, args.repeats, args.max_seconds, args.min_seconds)
+                timed = time_interleaved(
+                    contenders, args.repeats, args.max_seconds, args.min_seconds
+                )
                 if timed is None:
                     print(f"{cell} skipped (> {args.max_seconds} s/step) | | | | | | | | |")
                     continue
@@ -270,9 +279,12 @@ def main(argv=None):
                 else:
                     vjp_cells = "(same program) | "
                 gflops = nominal_flops(n, m, dtype) / ours / 1e9
-                page_faults = " / ".join(f"{statistics.median(faults[k]):.0f}" for k in ("ours", "plain"))
+                page_faults = " / ".join(
+                    f"{statistics.median(faults[k]):.0f}" for k in ("ours", "plain")
+                )
                 print(f"{cell} {1e3 * ours:.1f} | {1e3 * plain:.1f} | {ours / plain:.2f} | "
-                      f"{paired[0]:.2f}–{paired[1]:.2f} | {vjp_cells} | {gflops:.1f} | {peak:.1f} | "
+                      f"{paired[0]:.2f}–{paired[1]:.2f} | {vjp_cells} | "
+                      f"{gflops:.1f} | {peak:.1f} | "
                       f"{page_faults} |")
                 sys.stdout.flush()
 

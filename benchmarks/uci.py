@@ -10,7 +10,8 @@ Recipe (that of bayesian_benchmarks' ``variationally_sparse_gp_minibatch``, the
 published "SVGP_M100" column): for each Hernández-Lobato split, standardise X and y
 on the training part, M = 100 inducing inputs by k-means, isotropic RBF (variance
 1, lengthscale sqrt(D)), Gaussian noise variance initialised at 0.01, mini-batches of
-B = 1000 (all rows when fewer) in shuffled epochs (``ns.train_epochs``), about ``--steps`` steps of a natural gradient (γ = 0.1) on
+B = 1000 (all rows when fewer) in shuffled epochs (``ns.train_epochs``), about
+``--steps`` steps of a natural gradient (γ = 0.1) on
 q(v) with Adam(0.01) on everything else; both step sizes decay (cosine) over the last
 ``--decay`` fraction of the steps so that the final params are not one draw of the
 mini-batch noise. Reported: test RMSE and mean test log-likelihood in the original
@@ -114,7 +115,9 @@ def fit_and_score(X, y, X_test, y_test, *, seed, steps, decay, num_inducing, bat
 
 def published(root):
     out = {}
-    path = os.path.join(root, "published_results", "bayesian_benchmarks_regression_view_results.csv")
+    path = os.path.join(
+        root, "published_results", "bayesian_benchmarks_regression_view_results.csv"
+    )
     with open(path) as f:
         for row in csv.DictReader(f):
             model = row["model"].split(" ")[0]
@@ -172,7 +175,8 @@ def main(argv=None):
 
     print(f"numpyro_svgp SVGP, M = {args.num_inducing}, B = {args.batch}, {args.steps} steps, "
           f"{splits} splits, float64, jax {jax.__version__} ({jax.devices()[0].platform})")
-    print("| dataset | N | metric | numpyro_svgp | bb SVGP_M100 | bb SGPR_M100 | GPflux dgp-1 (M=256) "
+    print("| dataset | N | metric | numpyro_svgp | bb SVGP_M100 | bb SGPR_M100 "
+          "| GPflux dgp-1 (M=256) "
           "| vs bb SVGP |")
     print("|---|---|---|---|---|---|---|---|")
     for name in args.datasets:

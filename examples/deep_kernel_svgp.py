@@ -55,12 +55,16 @@ def positive(name, value):
 
 def make_model(X_train, deep, seed=0, width=32):
     """The plain RBF SVGP, or the deep-kernel one (``deep=True``, hidden layers of ``width``)."""
-    Z_input = jnp.asarray(np.quantile(np.asarray(X_train), np.linspace(0, 1, NUM_INDUCING))[:, None])
+    Z_input = jnp.asarray(
+        np.quantile(np.asarray(X_train), np.linspace(0, 1, NUM_INDUCING))[:, None]
+    )
     net0 = eqx.nn.MLP(1, 2, width, 2, activation=jnp.tanh, key=random.PRNGKey(seed))
     Z_feature = jax.vmap(net0)(Z_input)
 
     def model(X, y=None):
-        base = ns.kernels.RBF(positive("variance", 1.0), positive("lengthscale", 0.5 if deep else 0.3))
+        base = ns.kernels.RBF(
+            positive("variance", 1.0), positive("lengthscale", 0.5 if deep else 0.3)
+        )
         if deep:
             kernel = ns.kernels.Warped(base, eqx_module("net", net0))
             inducing = ns.FeatureInducingPoints(numpyro.param("Z", Z_feature))
@@ -126,10 +130,13 @@ def mcycle(data_root, steps, num_splits=5, width=8):
             times.append(seconds)
             if split == 0:
                 grid = np.linspace(X.min(), X.max(), 300)[:, None]
-                _, _, mean, sd, _ = fit_and_score(X, y, grid, np.zeros(300), steps, deep, width=width)
+                _, _, mean, sd, _ = fit_and_score(
+                    X, y, grid, np.zeros(300), steps, deep, width=width
+                )
                 curves[name] = (grid[:, 0] * sx + mx, mean * sy + my, sd * sy)
         se = np.std(scores, ddof=1) / np.sqrt(num_splits)
-        rows.append((f"mcycle ({num_splits} splits)", name, float(np.mean(scores)), se, float(np.median(times))))
+        rows.append((f"mcycle ({num_splits} splits)", name, float(np.mean(scores)), se,
+                     float(np.median(times))))
     return rows, (data[:, 0], data[:, 1], curves)
 
 

@@ -89,8 +89,11 @@ def toy(steps):
     import standard_svgp
 
     _, X, y, Z_init = standard_svgp.make_data()
-    X_test = np.sort(np.asarray(random.uniform(random.PRNGKey(11), (1000, 1), minval=-3.0, maxval=3.0)), 0)
-    y_test = np.asarray(standard_svgp.truth(X_test[:, 0])) + 0.15 * np.random.default_rng(12).normal(size=1000)
+    X_test = np.sort(
+        np.asarray(random.uniform(random.PRNGKey(11), (1000, 1), minval=-3.0, maxval=3.0)), 0
+    )
+    y_test = (np.asarray(standard_svgp.truth(X_test[:, 0]))
+              + 0.15 * np.random.default_rng(12).normal(size=1000))
     rows, curves = [], {}
     for name, inducing in (("inducing points", Z_init),
                            ("spherical harmonics", ns.SphericalHarmonicFeatures(10, 1))):
@@ -131,7 +134,7 @@ def power(data_root, steps):
 def plot(out, toy_data):
     X, y, X_test, curves, truth = toy_data
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
-    for ax, (name, (mean, var)) in zip(axes, curves.items()):
+    for ax, (name, (mean, var)) in zip(axes, curves.items(), strict=True):
         x = X_test[:, 0]
         ax.fill_between(x, mean - 2 * np.sqrt(var), mean + 2 * np.sqrt(var), alpha=0.3,
                         label="±2σ predictive")

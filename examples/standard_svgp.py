@@ -106,7 +106,7 @@ def plot(out, X, y, Z_init, losses, params, X_test, mean, var, noise_var):
     f_at_z = np.interp(params["Z"][:, 0], x, mean)
     ax.plot(params["Z"][:, 0], f_at_z, "r|", ms=14, mew=2, label="Z")
     ax.set_xlabel("x")
-    ax.set_title("SVGP posterior (M = %d)" % params["Z"].shape[0])
+    ax.set_title(f"SVGP posterior (M = {params['Z'].shape[0]:d})")
     ax.legend(loc="lower left", fontsize=8, ncol=2)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "posterior.png"), dpi=120)

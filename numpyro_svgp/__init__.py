@@ -31,14 +31,14 @@ from numpyro_svgp._features import (
     SphericalHarmonicFeatures,
 )
 from numpyro_svgp._gaussian import expected_log_likelihood, gaussian_expected_log_likelihood
+from numpyro_svgp._guide import AutoSVGP
+from numpyro_svgp._inducing import greedy_variance_inducing, kmeans_inducing
 from numpyro_svgp._linalg import (
     MAX_JITTER_ESCALATIONS,
     cholesky_with_jitter,
     default_jitter,
     jittered_cholesky,
 )
-from numpyro_svgp._guide import AutoSVGP
-from numpyro_svgp._inducing import greedy_variance_inducing, kmeans_inducing
 from numpyro_svgp._natgrad import natural_gradient
 from numpyro_svgp._predict import held_out_log_likelihood, predict_f
 from numpyro_svgp._sharding import data_sharding, shard_data

@@ -135,7 +135,9 @@ def sum_over_blocks(fn, shared, per_row, rows: int) -> jax.Array:
 
         diff_blocks, diff_rest = split_rows(diff_rows, num_points, rows)
         fixed_blocks, fixed_rest = split_rows(fixed_rows, num_points, rows)
-        value = jnp.zeros((), _value_dtype(call, values[0], split_rows(values[1], num_points, rows)[0]))
+        value = jnp.zeros(
+            (), _value_dtype(call, values[0], split_rows(values[1], num_points, rows)[0])
+        )
 
         def body(carry, blocks):
             value, grad_shared = carry

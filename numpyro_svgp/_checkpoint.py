@@ -121,7 +121,7 @@ def load_checkpoint(path, like: SVIState):
     with np.load(io.BytesIO(payload), allow_pickle=False) as archive:
         arrays = [archive[f"leaf_{i}"] for i in range(len(template))]
         losses = archive["losses"]
-    for i, (got, want) in enumerate(zip(arrays, template)):
+    for i, (got, want) in enumerate(zip(arrays, template, strict=True)):
         if got.shape != want.shape or got.dtype != want.dtype:
             raise CheckpointError(
                 f"{path}: leaf {i} has shape {got.shape} and dtype {got.dtype}, but the "
@@ -132,6 +132,6 @@ def load_checkpoint(path, like: SVIState):
         jax.random.wrap_key_data(a, impl=jax.random.key_impl(old))
         if jax.dtypes.issubdtype(jax.numpy.result_type(old), jax.dtypes.prng_key)
         else jax.numpy.asarray(a)
-        for a, old in zip(arrays, like_leaves)
+        for a, old in zip(arrays, like_leaves, strict=True)
     ]
     return jax.tree.unflatten(treedef, restored), int(header["step"]), losses

@@ -47,7 +47,14 @@ from numpyro_svgp._checks import (
     is_traced,
     raise_when_run,
 )
-from numpyro_svgp._family import ONE_GP, Family, family_map, family_shape, split_inputs, split_kernel
+from numpyro_svgp._family import (
+    ONE_GP,
+    Family,
+    family_map,
+    family_shape,
+    split_inputs,
+    split_kernel,
+)
 from numpyro_svgp._features import InducingFeatures, InducingPoints, as_inducing
 from numpyro_svgp._linalg import MAX_JITTER_ESCALATIONS, default_jitter, lower_inverse
 from numpyro_svgp.kernels import Kernel
@@ -211,7 +218,9 @@ def whitened_conditional(
             return conditional._replace(mixing=_checked_mixing(mixing, conditional, where))
         if group_index is None:
             return conditional
-        return conditional._replace(group_index=_checked_group_index(group_index, conditional, where))
+        return conditional._replace(
+            group_index=_checked_group_index(group_index, conditional, where)
+        )
     check_matrix("X", X)
     inducing = as_inducing(Z)
     inducing.check_inputs(kernel, X)
@@ -313,8 +322,12 @@ def _checked_mixing(mixing, conditional, where):
 def _member(conditional: Conditional, g) -> Conditional:
     """The single-GP conditional of member ``g`` of a family."""
     family = conditional.family
-    leaves, treedef = jax.tree.flatten((conditional.kernel, conditional.inducing, conditional.inputs))
-    picked = [leaf[g] if axis == 0 else leaf for leaf, axis in zip(leaves, family.axes, strict=True)]
+    leaves, treedef = jax.tree.flatten(
+        (conditional.kernel, conditional.inducing, conditional.inputs)
+    )
+    picked = [
+        leaf[g] if axis == 0 else leaf for leaf, axis in zip(leaves, family.axes, strict=True)
+    ]
     kernel, inducing, inputs = jax.tree.unflatten(treedef, picked)
     return Conditional(kernel, inducing, inputs, conditional.cholesky[g], conditional.jitter[g])
 
@@ -437,7 +450,9 @@ def predictive_moments(
 ) -> tuple[Float[Array, " N"], Float[Array, " N"]]:
     r"""Marginal mean and variance of :math:`f` under :math:`q(v) = \mathcal N(m, S S^\top)`.
 
-    .. math:: \mu = A m, \qquad \sigma^2_f = \operatorname{diag}(K_{xx} - A A^\top) + \operatorname{rowsum}\big((A S)^{\circ 2}\big).
+    .. math:: \mu = A m, \qquad
+        \sigma^2_f = \operatorname{diag}(K_{xx} - A A^\top)
+        + \operatorname{rowsum}\big((A S)^{\circ 2}\big).
 
     :param conditional: the output of :func:`whitened_conditional`.
     :param loc: :math:`m`, shape ``(M,)``.

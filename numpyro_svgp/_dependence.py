@@ -81,7 +81,9 @@ _ELEMENTWISE = frozenset(
     select_n sign sin sinh sqrt square stop_gradient sub tan tanh xor zeta""".split()
 )
 # elementwise primitives that are linear in their operands (under the conditions below)
-_LINEAR = frozenset("add sub neg convert_element_type copy copy_p reduce_precision real imag".split())
+_LINEAR = frozenset(
+    "add sub neg convert_element_type copy copy_p reduce_precision real imag".split()
+)
 _SHAPE_ONLY = frozenset("convert_element_type copy copy_p reduce_precision".split())
 _CALLS = frozenset(
     "jit pjit closed_call core_call custom_jvp_call custom_vjp_call custom_vjp_call_jaxpr "
@@ -154,7 +156,7 @@ def _reshape_mapping(old_shape, new_shape):
     new = [(i, s) for i, s in enumerate(new_shape) if s != 1]
     if [s for _, s in old] != [s for _, s in new]:
         return None
-    table = {i: j for (i, _), (j, _) in zip(old, new)}
+    table = {i: j for (i, _), (j, _) in zip(old, new, strict=True)}
     return table.get
 
 
@@ -290,7 +292,7 @@ def _eqn(eqn, in_tags) -> list[Tag]:
             return analyse(inner, in_tags)
     if name == "cond" and in_tags[0].kind == "const":
         branches = [analyse(b.jaxpr, in_tags[1:]) for b in eqn.params["branches"]]
-        return [_join(tags) for tags in zip(*branches)]
+        return [_join(tags) for tags in zip(*branches, strict=False)]
     if num_out == 1:
         if name in _ELEMENTWISE:
             return [_elementwise(name, in_tags, eqn)]
@@ -309,11 +311,11 @@ def analyse(jaxpr: Jaxpr, in_tags) -> list[Tag]:
     def read(v):
         return CONST if isinstance(v, Literal) else env.get(v, CONST)
 
-    for v, tag in zip(jaxpr.invars, in_tags):
+    for v, tag in zip(jaxpr.invars, in_tags, strict=False):
         env[v] = tag
     for eqn in jaxpr.eqns:
         out = _eqn(eqn, [read(v) for v in eqn.invars])
-        for v, tag in zip(eqn.outvars, out):
+        for v, tag in zip(eqn.outvars, out, strict=False):
             env[v] = tag
     return [read(v) for v in jaxpr.outvars]
 

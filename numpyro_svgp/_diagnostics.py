@@ -41,7 +41,9 @@ def svgp_diagnostics(model, guide, params, *args, rng_seed: int = 0, **kwargs) -
     return report
 
 
-def integration_report(model, guide, params, *args, elbo: SVGP_ELBO | None = None, **kwargs) -> dict:
+def integration_report(
+    model, guide, params, *args, elbo: SVGP_ELBO | None = None, **kwargs
+) -> dict:
     r"""How :class:`~numpyro_svgp.SVGP_ELBO` integrates each site that depends on an svgp output.
 
     Example::

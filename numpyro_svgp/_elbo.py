@@ -50,7 +50,8 @@ class SVGP_ELBO(ELBO):
 
     - the KL of each whitened svgp site whose guide is Gaussian (the full-rank
       :class:`~numpyro.distributions.MultivariateNormal` of :class:`~numpyro_svgp.AutoSVGP`,
-      a low-rank one, or a diagonal ``Normal(...).to_event(1)``) is :func:`kl`; other latent sites use numpyro's analytic
+      a low-rank one, or a diagonal ``Normal(...).to_event(1)``) is :func:`kl`; other
+      latent sites use numpyro's analytic
       ``kl_divergence`` where one is registered, else a Monte-Carlo estimate;
     - every site whose density depends on svgp outputs is integrated over
       :math:`q(f)`: in **closed form** for a Gaussian whose ``loc`` is an output up to
@@ -96,7 +97,9 @@ class SVGP_ELBO(ELBO):
         if isinstance(quadrature_points, bool) or not isinstance(quadrature_points, int) or not (
             1 <= quadrature_points <= 100
         ):
-            raise ValueError(f"quadrature_points must be an int in [1, 100], got {quadrature_points!r}.")
+            raise ValueError(
+                f"quadrature_points must be an int in [1, 100], got {quadrature_points!r}."
+            )
         if gaussian_form not in FORMS:
             raise ValueError(f"gaussian_form must be one of {FORMS}, got {gaussian_form!r}.")
         resolve_block_rows(block_rows, 2, 1)  # validates
@@ -116,7 +119,8 @@ class SVGP_ELBO(ELBO):
 
 
 def guide_and_plan(model, guide, args, kwargs, param_map, rng_key, options):
-    """The guide's trace and the model's :class:`~numpyro_svgp._integrate.ModelPlan` for one particle."""
+    """The guide's trace and the model's :class:`~numpyro_svgp._integrate.ModelPlan` for
+    one particle."""
     model_key, guide_key = random.split(rng_key)
     guide_trace = trace(substitute(seed(guide, guide_key), data=param_map)).get_trace(
         *args, **kwargs

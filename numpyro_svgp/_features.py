@@ -14,12 +14,14 @@ conditional, the ELBO, the guide, prediction) has one code path for all of them:
 :math:`Y_{n,j}` up to a maximum degree in the reproducing-kernel Hilbert space of a
 zonal kernel, so that
 
-.. math:: K_{uu} = \operatorname{diag}(\lambda_n^{-1}), \qquad [K_{xu}]_{:, (n,j)} = Y_{n,j}(\hat x),
+.. math:: K_{uu} = \operatorname{diag}(\lambda_n^{-1}), \qquad
+    [K_{xu}]_{:, (n,j)} = Y_{n,j}(\hat x),
 
 equivalently (scaling each :math:`u_{n,j}` by :math:`\lambda_n`)
-:math:`K_{uu} = \operatorname{diag}(\lambda_n)` and :math:`K_{xu} = Y(\hat x) \operatorname{diag}(\lambda)`,
-the form used here; the whitened projection is :math:`A = Y(\hat x) \operatorname{diag}(\sqrt{\lambda})`
-either way. :math:`K_{uu}` is diagonal: no O(M³) Cholesky, and two features can never
+:math:`K_{uu} = \operatorname{diag}(\lambda_n)` and
+:math:`K_{xu} = Y(\hat x) \operatorname{diag}(\lambda)`, the form used here; the whitened
+projection is :math:`A = Y(\hat x) \operatorname{diag}(\sqrt{\lambda})` either way.
+:math:`K_{uu}` is diagonal: no O(M³) Cholesky, and two features can never
 pile up on each other as learnt inducing points can. Truncating the kernel's Mercer
 expansion at the same degree makes :math:`Q_{xx} = K_{xx}`: the SVGP is then exact.
 """
@@ -206,7 +208,9 @@ class SphericalHarmonicFeatures(InducingFeatures):
 
     def eigenvalues(self, kernel: Zonal, dtype=None) -> Float[Array, " M"]:
         r"""The Mercer coefficient :math:`\sigma^2 \lambda_n` of each feature, shape ``(M,)``."""
-        lam = self._zonal(kernel).mercer_coefficients(self.dimension, self.max_degree, self.num_nodes)
+        lam = self._zonal(kernel).mercer_coefficients(
+            self.dimension, self.max_degree, self.num_nodes
+        )
         lam = lam if dtype is None else lam.astype(dtype)
         return lam[jnp.asarray(self.degrees)]
 
@@ -219,7 +223,7 @@ class SphericalHarmonicFeatures(InducingFeatures):
         r"""The orthonormal harmonics :math:`Y_{n,j}` (all degrees, in order) at unit
         vectors ``Xs`` of :math:`\mathbb R^{D+1}`, shape ``(N, M)``."""
         blocks = []
-        for n, (V, R_inv) in enumerate(zip(self.points, self.inverse_factors)):
+        for n, (V, R_inv) in enumerate(zip(self.points, self.inverse_factors, strict=True)):
             t = jnp.clip(Xs @ jnp.asarray(V, Xs.dtype).T, -1.0, 1.0)
             blocks.append(gegenbauer(n, self.dimension, t)[..., n] @ jnp.asarray(R_inv, Xs.dtype).T)
         return jnp.concatenate(blocks, axis=-1)

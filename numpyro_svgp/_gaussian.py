@@ -46,7 +46,8 @@ FORMS = ("auto", "matrix", "per_point")
 
 
 def expected_log_likelihood(y, mean, var, noise_var) -> jax.Array:
-    r"""Elementwise :math:`\mathbb E_{f \sim \mathcal N(\mu, \sigma^2_f)}\big[\log \mathcal N(y \mid f, \sigma^2_y)\big]`.
+    r"""Elementwise :math:`\mathbb E_{f \sim \mathcal N(\mu, \sigma^2_f)}\big[\log
+    \mathcal N(y \mid f, \sigma^2_y)\big]`.
 
     .. math:: -\tfrac12 \log(2\pi\sigma^2_y) - \frac{(y - \mu)^2 + \sigma^2_f}{2\sigma^2_y}.
 
@@ -74,7 +75,8 @@ def use_matrix_form(num_points: int, num_inducing: int, dtype) -> bool:
 def _weighted_gram(
     K_zx: Float[Array, "M N"], w: Float[Array, "*N"], u: Float[Array, " N"]
 ) -> tuple[Float[Array, "M M"], Float[Array, " M"]]:
-    r""":math:`(K_{zx} \operatorname{diag}(w) K_{xz},\ K_{zx} u)` for a scalar or ``(N,)`` weight ``w``.
+    r""":math:`(K_{zx} \operatorname{diag}(w) K_{xz},\ K_{zx} u)` for a scalar or ``(N,)``
+    weight ``w``.
 
     The derivative is written by hand because of its cost: for a cotangent
     :math:`\bar P`, :math:`\bar K_{zx} = (\bar P + \bar P^\top) K_{zx} \operatorname{diag}(w)
@@ -143,7 +145,9 @@ def _blocked_weighted_gram(
         blocks, rest = split_rows(per_row(X, w, u), num_points, rows)
         num_inducing = conditional.cholesky.shape[0]
         init = (jnp.zeros((num_inducing, num_inducing), u.dtype), jnp.zeros(num_inducing, u.dtype))
-        (P, r), _ = jax.lax.scan(lambda acc, b: (jax.tree.map(jnp.add, acc, block(b)), None), init, blocks)
+        (P, r), _ = jax.lax.scan(
+            lambda acc, b: (jax.tree.map(jnp.add, acc, block(b)), None), init, blocks
+        )
         if rest is not None:
             P, r = jax.tree.map(jnp.add, (P, r), block(rest))
         return P, r
@@ -207,7 +211,8 @@ def _is_zero(x) -> bool:
 
 
 def resolve_form(form: str, num_points: int, num_inducing: int, dtype) -> str:
-    """``"matrix"`` or ``"per_point"`` for the option ``form`` (``"auto"``: :func:`use_matrix_form`)."""
+    """``"matrix"`` or ``"per_point"`` for the option ``form`` (``"auto"``:
+    :func:`use_matrix_form`)."""
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}, got {form!r}.")
     if form == "auto":
@@ -293,7 +298,10 @@ def gaussian_expected_log_likelihood(
 
 def _per_row_or_scalar(value, num_points: int):
     value = jnp.asarray(value)
-    return jnp.reshape(value, ()) if jnp.size(value) == 1 else jnp.broadcast_to(value, (num_points,))
+    return (
+        jnp.reshape(value, ()) if jnp.size(value) == 1
+        else jnp.broadcast_to(value, (num_points,))
+    )
 
 
 def _matrix_form(conditional, loc, scale_tril, y, noise_var, weight, rows):

@@ -56,7 +56,7 @@ def _call_signature(args, kwargs):
 def _same_signature(a, b) -> bool:
     if a is None or b is None or a[0] != b[0] or len(a[1]) != len(b[1]):
         return False
-    for (kind_a, x), (kind_b, y) in zip(a[1], b[1]):
+    for (kind_a, x), (kind_b, y) in zip(a[1], b[1], strict=True):
         if kind_a != kind_b:
             return False
         if x is y:
@@ -224,7 +224,10 @@ class AutoSVGP(AutoNormal):
         """The ``(loc, scale_tril)`` parameter names of each whitened site's :math:`q(v)`
         (after the guide has seen the model)."""
         self._check_setup()
-        return [(self._param_name(n, "loc"), self._param_name(n, "scale_tril")) for n in self._whitened]
+        return [
+            (self._param_name(n, "loc"), self._param_name(n, "scale_tril"))
+            for n in self._whitened
+        ]
 
     @staticmethod
     def scale_tril(raw: jax.Array) -> jax.Array:
@@ -251,7 +254,9 @@ class AutoSVGP(AutoNormal):
                 for frame in site["cond_indep_stack"]:
                     stack.enter_context(plates[frame.name])
                 loc, scale_tril = self._whitened_params(name)
-                result[name] = numpyro.sample(name, dist.MultivariateNormal(loc, scale_tril=scale_tril))
+                result[name] = numpyro.sample(
+                    name, dist.MultivariateNormal(loc, scale_tril=scale_tril)
+                )
         return result
 
     def _check_plate_sizes(self, args, kwargs):
@@ -295,7 +300,8 @@ class AutoSVGP(AutoNormal):
         return loc, whitened_scale_tril(raw)
 
     def _constrain(self, values):
-        """Map unconstrained latent values (with any leading sample dims) to the model's supports."""
+        """Map unconstrained latent values (with any leading sample dims) to the model's
+        supports."""
         return {
             name: value if name in self._whitened
             else biject_to(self._latent_site(name)["fn"].support)(value)
@@ -328,8 +334,11 @@ class AutoSVGP(AutoNormal):
         """
         self._check_setup()
         key, *keys = jax.random.split(rng_key, len(self._whitened) + 1)
-        draws = super().sample_posterior(key, params, sample_shape=sample_shape) if self._init_locs else {}
-        for key, name in zip(keys, self._whitened):
+        draws = (
+            super().sample_posterior(key, params, sample_shape=sample_shape)
+            if self._init_locs else {}
+        )
+        for key, name in zip(keys, self._whitened, strict=True):
             loc, tril = self._whitened_q(params, name)
             draws[name] = dist.MultivariateNormal(loc, scale_tril=tril).sample(key, sample_shape)
         return draws

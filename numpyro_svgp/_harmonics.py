@@ -3,12 +3,14 @@ r"""Spherical harmonics in any dimension, from Gegenbauer polynomials.
 On the unit sphere :math:`\mathbb S^{d-1} \subset \mathbb R^d` the harmonics of degree
 :math:`n` form a space of dimension
 
-.. math:: N(d, n) = \frac{2n + d - 2}{n} \binom{n + d - 3}{n - 1} \quad (n \ge 1), \qquad N(d, 0) = 1,
+.. math:: N(d, n) = \frac{2n + d - 2}{n} \binom{n + d - 3}{n - 1} \quad (n \ge 1), \qquad
+    N(d, 0) = 1,
 
 whose orthonormal bases :math:`\{Y_{n,j}\}_j` (in :math:`L^2(\mathbb S^{d-1})` with the
 surface measure) obey the addition theorem
 
-.. math:: \sum_{j=1}^{N(d,n)} Y_{n,j}(x)\, Y_{n,j}(x') = \frac{N(d, n)}{|\mathbb S^{d-1}|}\, P_n(x^\top x'),
+.. math:: \sum_{j=1}^{N(d,n)} Y_{n,j}(x)\, Y_{n,j}(x')
+    = \frac{N(d, n)}{|\mathbb S^{d-1}|}\, P_n(x^\top x'),
 
 with :math:`P_n = C_n^{\alpha} / C_n^{\alpha}(1)` the Gegenbauer polynomial of index
 :math:`\alpha = (d - 2)/2` normalised to :math:`P_n(1) = 1` (Chebyshev :math:`T_n` when
@@ -88,7 +90,7 @@ def gegenbauer(degree: int, dimension: int, t):
             a, b = 2.0, 1.0  # Chebyshev: T_k = 2 t T_{k-1} - T_{k-2}
         values.append(a * t * values[-1] - b * values[-2])
         at_one.append(a * at_one[-1] - b * at_one[-2])
-    return xp.stack([v / c for v, c in zip(values, at_one)], axis=-1)
+    return xp.stack([v / c for v, c in zip(values, at_one, strict=True)], axis=-1)
 
 
 def gegenbauer_quadrature(dimension: int, num_nodes: int) -> tuple[np.ndarray, np.ndarray]:

@@ -104,7 +104,9 @@ def _kmeans(key, X, num_inducing, num_iters, chunk_size):
     def lloyd(_, centres):
         labels = _nearest_centre(X, centres, chunk_size)
         sums = jax.ops.segment_sum(X, labels, num_segments=num_inducing)
-        counts = jax.ops.segment_sum(jnp.ones(X.shape[0], X.dtype), labels, num_segments=num_inducing)
+        counts = jax.ops.segment_sum(
+            jnp.ones(X.shape[0], X.dtype), labels, num_segments=num_inducing
+        )
         return jnp.where(counts[:, None] > 0, sums / jnp.maximum(counts, 1)[:, None], centres)
 
     return lax.fori_loop(0, num_iters, lloyd, start)
@@ -141,7 +143,9 @@ def _greedy_indices(kernel, X, num_inducing):
         k_i = kernel(X[i][None, :], X)[0]
         d_i = residual[i]
         # d_i = 0 only when every point left is already explained (duplicates)
-        new = jnp.where(d_i > 0, (k_i - rows.T @ rows[:, i]) / jnp.sqrt(jnp.where(d_i > 0, d_i, 1.0)), 0.0)
+        new = jnp.where(
+            d_i > 0, (k_i - rows.T @ rows[:, i]) / jnp.sqrt(jnp.where(d_i > 0, d_i, 1.0)), 0.0
+        )
         residual = jnp.maximum(residual - new**2, 0.0)
         return rows.at[m].set(new), residual, taken.at[i].set(True), chosen.at[m].set(i)
 

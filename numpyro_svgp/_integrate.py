@@ -164,7 +164,7 @@ def plan_model(model, model_key, guide_trace, param_map, args, kwargs, options: 
     zeros = tuple(jnp.zeros(c.output_shape, c.dtype) for c, _ in outputs.values())
 
     def rerun(*values):
-        handler = output_values(values=dict(zip(names, values)))
+        handler = output_values(values=dict(zip(names, values, strict=True)))
         tr = _run(model, model_key, guide_trace, param_map, args, kwargs, handler)
         terms, normals = {}, {}
         for name in sites:
@@ -177,7 +177,10 @@ def plan_model(model, model_key, guide_trace, param_map, args, kwargs, options: 
                 masks = [w._mask for w in wrappers if isinstance(w, MaskedDistribution)]
                 normals[name] = (base.loc, (base.scale, site["value"], site["scale"], masks))
         inputs = {
-            o: [leaf for leaf in jax.tree.leaves((c.kernel, c.inducing, c.inputs)) if eqx.is_array(leaf)]
+            o: [
+                leaf for leaf in jax.tree.leaves((c.kernel, c.inducing, c.inputs))
+                if eqx.is_array(leaf)
+            ]
             for o, (c, _) in handler.outputs.items()
         }
         return terms, normals, inputs
@@ -239,7 +242,8 @@ def plan_model(model, model_key, guide_trace, param_map, args, kwargs, options: 
         # f given v is still integrated exactly; v itself is one draw from q
         reason = f"{why}: exact over f given v, at one draw of v"
         for name, integration in integrations.items():
-            if integration.method in ("closed form", "quadrature") and output in integration.outputs:
+            if (integration.method in ("closed form", "quadrature")
+                    and output in integration.outputs):
                 if options.strict:
                     raise ValueError(
                         f"SVGP_ELBO(strict=True): site '{name}' cannot be integrated exactly: "
@@ -275,7 +279,9 @@ def _monte_carlo(name, deps, reason, options) -> Integration:
     return Integration("Monte Carlo", deps, reason=reason)
 
 
-def _monte_carlo_plan(model, model_key, guide_trace, param_map, args, kwargs, sites, reason, options):
+def _monte_carlo_plan(
+    model, model_key, guide_trace, param_map, args, kwargs, sites, reason, options
+):
     if options.strict:
         raise ValueError(
             f"SVGP_ELBO(strict=True): the model cannot be integrated exactly: {reason}. "
@@ -342,7 +348,10 @@ def whitened_q(output, outputs, model_trace, guide_trace):
             if not auxiliary:
                 return (jnp.broadcast_to(point.v, q.shape()),
                         jnp.zeros(tuple(q.shape()) + (M,), conditional.dtype)), ""
-            return None, f"v of svgp output '{output}' is drawn through the guide's site '{auxiliary[0]}'"
+            return None, (
+                f"v of svgp output '{output}' is drawn through the guide's site "
+                f"'{auxiliary[0]}'"
+            )
         return None, f"q(v) of svgp output '{output}' is a {type(q).__name__}, not Gaussian"
     return (v, jnp.zeros(jnp.shape(v) + (M,), conditional.dtype)), ""
 
@@ -352,7 +361,9 @@ class _Evaluator:
 
     def __init__(self, closed, index, tags, names, zeros, outputs, guide_trace, model_trace,
                  model_key, options):
-        self.closed, self.index, self.tags, self.names, self.zeros = closed, index, tags, names, zeros
+        self.closed, self.index, self.tags, self.names, self.zeros = (
+            closed, index, tags, names, zeros
+        )
         self.outputs, self.guide_trace, self.model_trace = outputs, guide_trace, model_trace
         self.model_key, self.options = model_key, options
         self._moments, self._draws = {}, {}
@@ -384,7 +395,7 @@ class _Evaluator:
         return jaxpr_as_fun(prune(self.closed, list(indices)))
 
     def _with(self, replacements):
-        return tuple(replacements.get(o, z) for o, z in zip(self.names, self.zeros))
+        return tuple(replacements.get(o, z) for o, z in zip(self.names, self.zeros, strict=True))
 
     def __call__(self, name, integration):
         if integration.method == "Monte Carlo":
@@ -447,7 +458,7 @@ class _Evaluator:
         grids = [g.reshape(-1) for g in grids]
         weights = jnp.prod(jnp.stack([w[g] for g in grids]), axis=0)
         nodes = {}
-        for output, g in zip(outputs, grids):
+        for output, g in zip(outputs, grids, strict=True):
             mean, variance = self.moments(output)
             # (K^d,) + the output's shape
             nodes[output] = mean + safe_sqrt(variance) * x[g].reshape((-1,) + (1,) * mean.ndim)

@@ -171,4 +171,6 @@ def safe_sqrt(x: jax.Array) -> jax.Array:
     derivative times a zero cotangent is NaN).
     """
     positive = x > 0
-    return lax.select(positive, jnp.sqrt(lax.select(positive, x, jnp.ones_like(x))), jnp.zeros_like(x))
+    return lax.select(
+        positive, jnp.sqrt(lax.select(positive, x, jnp.ones_like(x))), jnp.zeros_like(x)
+    )

@@ -1,4 +1,5 @@
-r"""Natural gradients for the whitened :math:`q(v) = \mathcal N(m, \Sigma)`, as an optax transformation.
+r"""Natural gradients for the whitened :math:`q(v) = \mathcal N(m, \Sigma)`, as an optax
+transformation.
 
 With natural parameters :math:`\theta_1 = \Sigma^{-1} m`, :math:`\theta_2 = -\tfrac12 \Sigma^{-1}`
 and expectation parameters :math:`\eta_1 = m`, :math:`\eta_2 = \Sigma + m m^\top`, the
@@ -93,7 +94,8 @@ def natural_gradient(
     """
     if not isinstance(guide, AutoSVGP):
         raise TypeError(
-            f"natural_gradient(guide=...) needs the AutoSVGP that SVI fits, got {type(guide).__name__}."
+            "natural_gradient(guide=...) needs the AutoSVGP that SVI fits, "
+            f"got {type(guide).__name__}."
         )
     schedule = step_size if callable(step_size) else (lambda count: step_size)
 

@@ -3,7 +3,8 @@ r"""Analytic posterior predictive moments of an svgp output at new inputs.
 At new inputs :math:`X_*` the fitted SVGP gives the Gaussian marginals
 
 .. math:: \mu_* = A_* m, \qquad
-    \sigma^2_* = \operatorname{diag}(K_{**} - A_* A_*^\top) + \operatorname{rowsum}\big((A_* S)^{\circ 2}\big),
+    \sigma^2_* = \operatorname{diag}(K_{**} - A_* A_*^\top)
+    + \operatorname{rowsum}\big((A_* S)^{\circ 2}\big),
     \qquad A_* = K_{*z} L^{-\top},
 
 (Hensman et al. 2013), with no sampling. They are the moments that

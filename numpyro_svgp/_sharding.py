@@ -60,7 +60,9 @@ def shard_data(*arrays, devices=None, axis_name: str = "data"):
     num_devices = sharding.mesh.size
     lengths = [np.shape(a)[0] if np.ndim(a) else None for a in arrays]
     if None in lengths or len(set(lengths)) != 1:
-        raise ValueError(f"the arrays must share a leading (data) axis, got leading lengths {lengths}.")
+        raise ValueError(
+            f"the arrays must share a leading (data) axis, got leading lengths {lengths}."
+        )
     if lengths[0] % num_devices:
         raise ValueError(
             f"N = {lengths[0]} data points cannot be split evenly over {num_devices} "

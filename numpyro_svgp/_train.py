@@ -121,7 +121,7 @@ def _split_arguments(args: tuple, kwargs: dict):
 def _join_arguments(traced, spec):
     treedef, static = spec
     leaves = [t if s is _TRACED else (s.value if isinstance(s, _ByIdentity) else s)
-              for t, s in zip(traced, static)]
+              for t, s in zip(traced, static, strict=True)]
     return jax.tree.unflatten(treedef, leaves)
 
 
@@ -417,7 +417,9 @@ def train_epochs(
     :raises TrainingStopped: after ``max_nonfinite_in_a_row`` skipped steps in a row.
     """
     if not data:
-        raise ValueError("train_epochs needs the data arrays, e.g. train_epochs(svi, key, 10, X, y, ...).")
+        raise ValueError(
+            "train_epochs needs the data arrays, e.g. train_epochs(svi, key, 10, X, y, ...)."
+        )
     data = tuple(np.asarray(d) for d in data)
     for i, d in enumerate(data):
         if d.ndim == 0:

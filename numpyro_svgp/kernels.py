@@ -111,7 +111,8 @@ class Kernel(eqx.Module):
         return self._diag(X)
 
     def _diag(self, X: jax.Array) -> jax.Array:
-        """:meth:`diag` without the hyperparameter check; the default broadcasts :meth:`evaluate`."""
+        """:meth:`diag` without the hyperparameter check; the default broadcasts
+        :meth:`evaluate`."""
         X = _as_inputs("X", X)
         return jax.vmap(lambda x: self.evaluate(x, x))(X)
 
@@ -186,7 +187,9 @@ def _scaled_sq_dist_matrix(X1, X2, lengthscale) -> jax.Array:
     # XLA:CPU runs about 30 times slower than the same sum as a matrix product.
     ones_a, ones_b = jnp.ones((a.shape[0], 1), a.dtype), jnp.ones((b.shape[0], 1), b.dtype)
     left = jnp.concatenate([a, jnp.sum(jnp.square(a), axis=1, keepdims=True), ones_a], axis=1)
-    right = jnp.concatenate([-2.0 * b, ones_b, jnp.sum(jnp.square(b), axis=1, keepdims=True)], axis=1)
+    right = jnp.concatenate(
+        [-2.0 * b, ones_b, jnp.sum(jnp.square(b), axis=1, keepdims=True)], axis=1
+    )
     return jnp.maximum(left @ right.T, 0.0)
 
 
@@ -282,7 +285,8 @@ class Matern12(Stationary):
 class Matern32(Stationary):
     r"""Matérn kernel with smoothness 3/2
 
-    .. math:: k(x, x') = \sigma^2 (1 + \sqrt3 r)\, e^{-\sqrt3 r}, \qquad r = \big\|(x - x') / \ell\big\|.
+    .. math:: k(x, x') = \sigma^2 (1 + \sqrt3 r)\, e^{-\sqrt3 r}, \qquad
+        r = \big\|(x - x') / \ell\big\|.
 
     :param variance: signal variance :math:`\sigma^2 > 0`.
     :param lengthscale: :math:`\ell > 0`, scalar or ``(D,)`` (ARD).
@@ -311,7 +315,8 @@ class Matern52(Stationary):
 class Periodic(Kernel):
     r"""Periodic kernel (MacKay 1998)
 
-    .. math:: k(x, x') = \sigma^2 \exp\!\Big(-2 \sum_d \sin^2\!\big(\pi (x_d - x'_d) / p_d\big) / \ell_d^2\Big).
+    .. math:: k(x, x') = \sigma^2
+        \exp\!\Big(-2 \sum_d \sin^2\!\big(\pi (x_d - x'_d) / p_d\big) / \ell_d^2\Big).
 
     :param variance: signal variance :math:`\sigma^2 > 0`.
     :param lengthscale: :math:`\ell > 0`, scalar or ``(D,)``.
@@ -536,7 +541,9 @@ class SphericalMatern(Zonal):
 
     def __init__(self, smoothness: float = 1.5, variance=1.0, lengthscale=1.0, bias=1.0):
         if smoothness not in (0.5, 1.5, 2.5):
-            raise ValueError(f"SphericalMatern smoothness must be 0.5, 1.5 or 2.5, got {smoothness}.")
+            raise ValueError(
+                f"SphericalMatern smoothness must be 0.5, 1.5 or 2.5, got {smoothness}."
+            )
         self.smoothness = smoothness
         self.variance = check_positive("variance", variance)
         self.lengthscale = check_positive("lengthscale", lengthscale)
@@ -591,7 +598,9 @@ class Warped(Kernel):
         """:math:`g` applied to every row of ``X``."""
         G = jax.vmap(self.warp)(X)
         if G.ndim != 2:
-            raise ValueError(f"the warp must map one input (D,) to (F,), got output shape {G.shape[1:]}.")
+            raise ValueError(
+                f"the warp must map one input (D,) to (F,), got output shape {G.shape[1:]}."
+            )
         return G
 
     def evaluate(self, x1, x2):

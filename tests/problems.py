@@ -12,7 +12,6 @@ estimate at the final params) and the dtype the fit ran in.
 import os
 import sys
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import numpyro

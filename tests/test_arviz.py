@@ -32,7 +32,9 @@ def test_to_inference_data_with_dims_summary_and_hdi():
     svi = SVI(model, guide, optax.adam(3e-2), ns.SVGP_ELBO())
     result = svi.run(random.PRNGKey(0), 300, X, y, progress_bar=False)
     post = guide.sample_posterior(random.PRNGKey(1), result.params, sample_shape=(200,))
-    pred = Predictive(model, guide=guide, params=result.params, num_samples=200)(random.PRNGKey(2), X)
+    pred = Predictive(model, guide=guide, params=result.params, num_samples=200)(
+        random.PRNGKey(2), X
+    )
     idata = ns.to_inference_data(
         post,
         posterior_predictive={"y": pred["y"], "f": pred["f"]},
@@ -50,7 +52,9 @@ def test_to_inference_data_with_dims_summary_and_hdi():
 
     summary = az.summary(idata, var_names=["lengthscale", "f_whitened"], kind="stats")
     assert summary.shape[0] == 1 + 6
-    assert np.isclose(summary.loc["lengthscale", "mean"], float(np.mean(post["lengthscale"])), atol=1e-3)
+    assert np.isclose(
+        summary.loc["lengthscale", "mean"], float(np.mean(post["lengthscale"])), atol=1e-3
+    )
     ax = az.plot_hdi(X[:, 0], idata.posterior_predictive["f"], hdi_prob=0.9)
     assert ax is not None
     matplotlib.pyplot.close("all")

@@ -103,7 +103,9 @@ def test_nonfinite_inputs_are_refused_naming_argument_and_index(which, bad, n, m
     rows, cols = arrays[which].shape
     i, j = data.draw(st.integers(0, rows - 1)), data.draw(st.integers(0, cols - 1))
     arrays[which][i, j] = bad
-    with pytest.raises(ValueError, match=rf"{which} contains NaN or inf .*first at index \({i}, {j}\)"):
+    with pytest.raises(
+        ValueError, match=rf"{which} contains NaN or inf .*first at index \({i}, {j}\)"
+    ):
         ns.whitened_conditional(ns.kernels.RBF(), arrays["X"], arrays["Z"])
 
 
@@ -117,11 +119,15 @@ def test_empty_arrays():
         ns.whitened_conditional(ns.kernels.RBF(), np.zeros((4, 0)), np.zeros((2, 0)))
 
 
-@pytest.mark.parametrize("which, shape", [("X", (5,)), ("X", (5, 1, 1)), ("Z", (3,)), ("Z", (3, 1, 1))])
+@pytest.mark.parametrize(
+    "which, shape", [("X", (5,)), ("X", (5, 1, 1)), ("Z", (3,)), ("Z", (3, 1, 1))]
+)
 def test_wrong_ranks_are_refused(which, shape):
     arrays = {"X": np.zeros((5, 1)), "Z": np.arange(3.0)[:, None]}
     arrays[which] = np.zeros(shape)
-    with pytest.raises(ValueError, match=rf"{which} must be a 2-D array of shape \(num_points, num_features\)"):
+    with pytest.raises(
+        ValueError, match=rf"{which} must be a 2-D array of shape \(num_points, num_features\)"
+    ):
         ns.whitened_conditional(ns.kernels.RBF(), arrays["X"], arrays["Z"])
 
 
@@ -142,7 +148,10 @@ def test_ard_lengthscale_length_must_match_features(d, length):
     if length == d:
         assert kernel(X).shape == (3, 3)
     else:
-        with pytest.raises(ValueError, match=rf"lengthscale has shape \({length},\) but the inputs have {d} features"):
+        with pytest.raises(
+            ValueError,
+            match=rf"lengthscale has shape \({length},\) but the inputs have {d} features",
+        ):
             kernel(X)
 
 
@@ -176,7 +185,11 @@ def test_minibatches_of_different_sizes_are_refused(batch_x, batch_y):
     if batch_x == batch_y:
         assert np.isfinite(_elbo_loss(X, y))
     else:
-        with pytest.raises(ValueError, match=rf"observed site 'y' has shape \({batch_y},\) but its distribution has shape \({batch_x},\)"):
+        with pytest.raises(
+            ValueError,
+            match=rf"observed site 'y' has shape \({batch_y},\) "
+            rf"but its distribution has shape \({batch_x},\)",
+        ):
             _elbo_loss(X, y)
 
 
@@ -185,6 +198,8 @@ def test_minibatches_of_different_sizes_are_refused(batch_x, batch_y):
 def test_nonfinite_observations_are_refused_naming_the_site(i, bad):
     y = Y_FULL.copy()
     y[i] = bad
-    with pytest.raises(ValueError, match=rf"observed site 'y' contains NaN or inf .*first at index \({i},\)"):
+    with pytest.raises(
+        ValueError, match=rf"observed site 'y' contains NaN or inf .*first at index \({i},\)"
+    ):
         _elbo_loss(X_FULL, y)
 

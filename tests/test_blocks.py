@@ -116,7 +116,9 @@ def _warped_model(dtype, num_inducing):
     def model(X, y=None):
         kernel = ns.kernels.Warped(ns.kernels.Matern32(numpyro.param("variance", 1.0), 1.0),
                                    eqx_module("net", net0))
-        f = ns.svgp("f", kernel, X, ns.FeatureInducingPoints(numpyro.param("Z", jnp.asarray(Z0, dtype))))
+        f = ns.svgp(
+            "f", kernel, X, ns.FeatureInducingPoints(numpyro.param("Z", jnp.asarray(Z0, dtype)))
+        )
         with numpyro.plate("data", X.shape[0]):
             numpyro.sample("y", dist.Normal(f, 0.3), obs=y)
 
@@ -157,6 +159,6 @@ def test_blocked_elbo_equals_the_whole_one_for_inducing_features(make_model, num
     assert float(value) == pytest.approx(float(whole_value), rel=rtol)
     leaves, expected = jax.tree.leaves(grads), jax.tree.leaves(whole_grads)
     assert len(leaves) == len(expected) > 3
-    for got, want in zip(leaves, expected):
+    for got, want in zip(leaves, expected, strict=True):
         scale = float(jnp.max(jnp.abs(want)))
         np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * scale)

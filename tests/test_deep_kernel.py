@@ -73,7 +73,9 @@ def test_gradients_reach_the_network_and_it_trains_on_minibatches_with_predictiv
     assert "net$params" in params
     # at q(v) = p(v) the ELBO does not depend on the projection at all; move q first
     moved_q = dict(params, f_whitened_auto_loc=params["f_whitened_auto_loc"] + 0.3)
-    grads = jax.grad(lambda p: ns.SVGP_ELBO().loss(random.PRNGKey(0), p, model, guide, X, y))(moved_q)
+    grads = jax.grad(
+        lambda p: ns.SVGP_ELBO().loss(random.PRNGKey(0), p, model, guide, X, y)
+    )(moved_q)
     leaves = jax.tree.leaves(grads["net$params"])
     assert leaves and all(np.all(np.isfinite(g)) for g in leaves)
     assert sum(float(jnp.sum(jnp.abs(g))) for g in leaves) > 1e-3
@@ -85,10 +87,14 @@ def test_gradients_reach_the_network_and_it_trains_on_minibatches_with_predictiv
                                          result.params["net$params"], params["net$params"]))
     assert max(float(m) for m in moved) > 1e-3
     X_new = np.linspace(-3, 3, 11)[:, None]
-    draws = Predictive(model, guide=guide, params=result.params, num_samples=50)(random.PRNGKey(3), X_new)
+    draws = Predictive(model, guide=guide, params=result.params, num_samples=50)(
+        random.PRNGKey(3), X_new
+    )
     assert draws["f"].shape == (50, 11) and draws["y"].shape == (50, 11)
     mean, var = ns.predict_f(model, guide, result.params, X_new)
-    np.testing.assert_allclose(np.asarray(draws["f"]).mean(0), mean, atol=5 * np.sqrt(float(np.max(var)) / 50) + 1e-6)
+    np.testing.assert_allclose(
+        np.asarray(draws["f"]).mean(0), mean, atol=5 * np.sqrt(float(np.max(var)) / 50) + 1e-6
+    )
 
 
 def test_feature_inducing_points_errors():
@@ -104,7 +110,8 @@ def test_feature_inducing_points_errors():
 
 SCRIPT = textwrap.dedent(
     """
-    import jax, jax.numpy as jnp, numpy as np, numpyro, numpyro.distributions as dist, optax, equinox as eqx
+    import jax, jax.numpy as jnp, numpy as np, numpyro
+    import numpyro.distributions as dist, optax, equinox as eqx
     from jax import random
     from numpyro.contrib.module import eqx_module
     from numpyro.infer import SVI

@@ -34,7 +34,9 @@ def _setup(Z, jitter, X, y):
 
 
 def _with_q(params, m, S):
-    return dict(params, f_whitened_auto_loc=jnp.asarray(m), f_whitened_auto_scale_tril=jnp.asarray(S))
+    return dict(
+        params, f_whitened_auto_loc=jnp.asarray(m), f_whitened_auto_scale_tril=jnp.asarray(S)
+    )
 
 
 def _elbo(params, model, guide, X, y, key=0, elbo=None):
@@ -210,7 +212,9 @@ def test_expected_log_likelihood_matches_gauss_hermite_quadrature():
     y, mean = rng.normal(size=4), rng.normal(size=4)
     var, noise_var = rng.uniform(0.1, 2, size=4), rng.uniform(0.05, 1, size=4)
     f = mean[:, None] + np.sqrt(var)[:, None] * nodes[None, :]
-    logpdf = -0.5 * (np.log(2 * np.pi * noise_var)[:, None] + (y[:, None] - f) ** 2 / noise_var[:, None])
+    logpdf = -0.5 * (
+        np.log(2 * np.pi * noise_var)[:, None] + (y[:, None] - f) ** 2 / noise_var[:, None]
+    )
     quadrature = logpdf @ weights
     got = np.asarray(ns.expected_log_likelihood(y, mean, var, noise_var))
     np.testing.assert_allclose(got, quadrature, rtol=1e-12)
@@ -252,7 +256,9 @@ def test_gradients_equal_finite_differences_of_dense_reference(
     }
 
     def model(X, y=None):
-        kernel = ns.kernels.RBF(numpyro.param("variance", 1.0), numpyro.param("lengthscale", jnp.ones(2)))
+        kernel = ns.kernels.RBF(
+            numpyro.param("variance", 1.0), numpyro.param("lengthscale", jnp.ones(2))
+        )
         f = ns.svgp("f", kernel, X, numpyro.param("Z", theta["Z"]), jitter=jitter)
         noise_var = numpyro.param("noise_var", theta["noise_var"])
         with numpyro.plate("data", X.shape[0]), numpyro.handlers.scale(scale=weight):
@@ -281,7 +287,8 @@ def test_gradients_equal_finite_differences_of_dense_reference(
             up[name][index] += h
             down[name][index] -= h
             expected[index] = (
-                _reference_elbo(up, X, y, weight, jitter) - _reference_elbo(down, X, y, weight, jitter)
+                _reference_elbo(up, X, y, weight, jitter)
+                - _reference_elbo(down, X, y, weight, jitter)
             ) / (2 * h)
         got = np.asarray(grads[name])
         scale = np.max(np.abs(expected))

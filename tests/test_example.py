@@ -23,7 +23,7 @@ def test_standard_svgp_example_tiny(tmp_path):
     lines = run.stdout.strip().splitlines()
     names = ["final -ELBO", "fitted variance", "fitted lengthscale", "fitted noise std"]
     assert len(lines) == 4
-    for line, name in zip(lines, names):
+    for line, name in zip(lines, names, strict=True):
         assert re.fullmatch(re.escape(name) + r" = -?\d+\.\d+", line), line
     for name in ("loss.png", "inducing.png", "posterior.png", "params.npz"):
         assert (out / name).stat().st_size > 0

@@ -25,17 +25,23 @@ SCRIPT = textwrap.dedent(
         k = ns.kernels.Matern52(
             numpyro.param("variance", 1.0, constraint=dist.constraints.positive),
             numpyro.param("lengthscale", 0.6, constraint=dist.constraints.positive))
-        f = ns.svgp("f", k, X, numpyro.param("Z", jnp.linspace(-3, 3, 16, dtype=jnp.float32)[:, None]))
+        f = ns.svgp(
+            "f", k, X, numpyro.param("Z", jnp.linspace(-3, 3, 16, dtype=jnp.float32)[:, None])
+        )
         s2 = numpyro.param("noise_var", 0.05, constraint=dist.constraints.positive)
         with numpyro.plate("data", X.shape[0]):
             numpyro.sample("y", dist.Normal(f, jnp.sqrt(s2)), obs=y)
     guide = ns.AutoSVGP(model)
-    res = SVI(model, guide, optax.adam(5e-2), ns.SVGP_ELBO()).run(random.PRNGKey(0), 1500, X, y, progress_bar=False)
+    res = SVI(model, guide, optax.adam(5e-2), ns.SVGP_ELBO()).run(
+        random.PRNGKey(0), 1500, X, y, progress_bar=False
+    )
     assert res.losses.dtype == jnp.float32, res.losses.dtype
     assert np.all(np.isfinite(res.losses))
     p = res.params
     assert all(v.dtype == jnp.float32 for v in p.values())
-    bound = float(ns.titsias_bound(ns.kernels.Matern52(p["variance"], p["lengthscale"]), X, y, p["Z"], p["noise_var"]))
+    bound = float(ns.titsias_bound(
+        ns.kernels.Matern52(p["variance"], p["lengthscale"]), X, y, p["Z"], p["noise_var"]
+    ))
     assert -float(res.losses[-1]) <= bound + 1e-3 * abs(bound)
     assert abs(-float(res.losses[-1]) - bound) < 0.01 * abs(bound), (res.losses[-1], bound)
     mean, var = ns.predict_f(model, guide, p, X[:10])
@@ -48,7 +54,9 @@ SCRIPT = textwrap.dedent(
 
 @pytest.mark.slow
 def test_float32_training_smoke():
-    run = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=600)
+    run = subprocess.run(
+        [sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=600
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert "float32 ok" in run.stdout
 
@@ -67,7 +75,7 @@ def test_float32_training_is_within_one_percent_of_float64(tmp_path):
         for flag in ("1", "0")
     }
     results = {}
-    for flag, proc in runs.items():
+    for _flag, proc in runs.items():
         out, err = proc.communicate(timeout=900)
         assert proc.returncode == 0, err[-3000:]
         for line in out.strip().splitlines():

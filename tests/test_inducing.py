@@ -49,7 +49,9 @@ def test_greedy_variance_choice_beats_random_subsets():
     assert len({tuple(z) for z in Z}) == 25  # distinct rows of X
     assert all(any(np.array_equal(z, x) for x in X) for z in Z)
     greedy_gap = _trace_gap(X, Z, 1.0, 0.8)
-    random_gaps = [_trace_gap(X, X[rng.choice(300, 25, replace=False)], 1.0, 0.8) for _ in range(20)]
+    random_gaps = [
+        _trace_gap(X, X[rng.choice(300, 25, replace=False)], 1.0, 0.8) for _ in range(20)
+    ]
     assert greedy_gap < min(random_gaps)
 
 
@@ -69,7 +71,9 @@ def test_initialisers_check_their_arguments(fn):
             return ns.kmeans_inducing(random.PRNGKey(0), X, m)
         return ns.greedy_variance_inducing(ns.kernels.RBF(), X, m)
 
-    with pytest.raises(ValueError, match=r"num_inducing must be between 1 and the number of points \(10\)"):
+    with pytest.raises(
+        ValueError, match=r"num_inducing must be between 1 and the number of points \(10\)"
+    ):
         call(np.zeros((10, 1)), 11)
     with pytest.raises(ValueError, match="X must be a 2-D array"):
         call(np.zeros(10), 3)

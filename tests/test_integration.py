@@ -146,14 +146,18 @@ def test_quadrature_equals_scipy_quad_and_is_deterministic(name):
     points = 50 if name == "student_t_narrow" else 20
     elbo = ns.SVGP_ELBO(quadrature_points=points)
     report = ns.integration_report(model, guide, params, X, y, elbo=elbo)
-    assert report == {"y": {"integration": f"quadrature ({points} points)", "outputs": ("f",), "reason": ""}}
+    assert report == {
+        "y": {"integration": f"quadrature ({points} points)", "outputs": ("f",), "reason": ""}
+    }
     expected = _quad_expectation(log_lik(y), mean, var) - _dense_kl(m, S)
     got = -float(elbo.loss(random.PRNGKey(0), params, model, guide, X, y))
     assert got == pytest.approx(expected, rel=1e-6)
     # deterministic: bit-identical for another key
     assert -float(elbo.loss(random.PRNGKey(123), params, model, guide, X, y)) == got
     # fewer points are less exact (the option is used)
-    coarse = -float(ns.SVGP_ELBO(quadrature_points=2).loss(random.PRNGKey(0), params, model, guide, X, y))
+    coarse = -float(
+        ns.SVGP_ELBO(quadrature_points=2).loss(random.PRNGKey(0), params, model, guide, X, y)
+    )
     assert coarse != got
 
 
@@ -207,7 +211,8 @@ def test_heteroscedastic_site_equals_two_dimensional_integral():
         sf, sg = np.sqrt(var_f[n]), np.sqrt(var_g[n])
         f = mean_f[n] + 10 * sf * nodes
         g = mean_g[n] + 10 * sg * nodes
-        density = (stats.norm.pdf(f, mean_f[n], sf)[:, None] * stats.norm.pdf(g, mean_g[n], sg)[None, :]
+        density = (stats.norm.pdf(f, mean_f[n], sf)[:, None]
+                   * stats.norm.pdf(g, mean_g[n], sg)[None, :]
                    * stats.norm.logpdf(y[n], f[:, None], np.exp(g)[None, :]))
         expected += 100 * sf * sg * weights @ density @ weights
     expected -= _dense_kl(m_f, S_f) + _dense_kl(m_g, S_g)
@@ -383,11 +388,11 @@ def test_the_elbo_forms_no_n_by_m_array_in_blocks():
         svi = SVI(model, guide, optax.adam(1e-2), elbo)
         params = svi.get_params(svi.init(random.PRNGKey(0), X, y))
         closed = jax.make_jaxpr(
-            jax.grad(lambda p: elbo.loss(random.PRNGKey(0), p, model, guide, X, y))
+            jax.grad(lambda p, elbo=elbo: elbo.loss(random.PRNGKey(0), p, model, guide, X, y))
         )(params)
         shapes = set()
 
-        def walk(jaxpr):
+        def walk(jaxpr, shapes=shapes):
             for eqn in jaxpr.eqns:
                 shapes.update(tuple(v.aval.shape) for v in eqn.outvars)
                 for value in eqn.params.values():
@@ -411,7 +416,9 @@ def test_inducing_points_are_the_raw_array():
     for inducing in (Z, ns.InducingPoints(Z)):
         model = _one_gp_model(likelihood, inducing)
         guide, params = _params(model, X, (y > 0) * 1.0, m, S)
-        losses.append(float(ns.SVGP_ELBO().loss(random.PRNGKey(0), params, model, guide, X, (y > 0) * 1.0)))
+        losses.append(float(
+            ns.SVGP_ELBO().loss(random.PRNGKey(0), params, model, guide, X, (y > 0) * 1.0)
+        ))
     assert losses[0] == losses[1]
     conditional = ns.whitened_conditional(ns.kernels.RBF(VAR, LS), X, Z, jitter=JITTER)
     assert conditional._fields == (
@@ -423,7 +430,8 @@ def test_inducing_points_are_the_raw_array():
 
 @pytest.mark.slow
 def test_autosvgp_is_an_autonormal_with_its_subsample_handling():
-    """A local latent under a subsampled plate gets a full-size parameter, as AutoNormal gives it."""
+    """A local latent under a subsampled plate gets a full-size parameter, as AutoNormal
+    gives it."""
     rng, X, Z = _inputs(11)
     y = np.sin(2 * X[:, 0])
 
@@ -469,12 +477,16 @@ def test_natural_gradient_touches_only_the_guides_own_pairs():
     state = svi.init(random.PRNGKey(0), X, y)
     params = svi.get_params(state)
     assert {"auto_loc", "auto_scale_tril", "f_whitened_auto_loc"} <= set(params)
-    assert svgp_part.whitened_param_names() == [("f_whitened_auto_loc", "f_whitened_auto_scale_tril")]
+    assert svgp_part.whitened_param_names() == [
+        ("f_whitened_auto_loc", "f_whitened_auto_scale_tril")
+    ]
     grads = jax.tree.map(jnp.ones_like, params)
     updates, _ = optimizer.update(grads, optimizer.init(params), params)
     # plain SGD on the AutoMultivariateNormal's loc and scale_tril, untouched by natgrad
     np.testing.assert_allclose(updates["auto_loc"], -0.1 * np.ones_like(params["auto_loc"]))
-    np.testing.assert_allclose(updates["auto_scale_tril"], -0.1 * np.ones_like(params["auto_scale_tril"]))
+    np.testing.assert_allclose(
+        updates["auto_scale_tril"], -0.1 * np.ones_like(params["auto_scale_tril"])
+    )
     assert not np.allclose(updates["f_whitened_auto_loc"], -0.1)
     with pytest.raises(TypeError, match="AutoSVGP"):
         ns.natural_gradient(optax.sgd(0.1), guide=guide)
@@ -501,7 +513,7 @@ def test_quadrature_in_float32_is_close_to_float64():
         model = _one_gp_model(likelihood, Zd)
         cast = (jnp.asarray(X, dtype), jnp.asarray(y, dtype))
         guide, params = _params(model, *cast, m, S)
-        params = jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
+        params = jax.tree.map(lambda a, dtype=dtype: jnp.asarray(a, dtype), params)
         loss = ns.SVGP_ELBO().loss(random.PRNGKey(0), params, model, guide, *cast)
         values[dtype] = float(loss)
         assert np.isfinite(values[dtype])
@@ -612,8 +624,10 @@ def test_a_non_gaussian_q_of_v_is_reported_and_refused_under_strict():
     with pytest.raises(ValueError, match=r"strict=True.*site 'y'.*not Gaussian"):
         ns.SVGP_ELBO(strict=True).loss(random.PRNGKey(0), {"loc": jnp.zeros(M)}, model, guide, X, y)
     # still an unbiased estimate: quadrature over f given the drawn v
-    losses = {float(ns.SVGP_ELBO().loss(random.PRNGKey(k), {"loc": jnp.zeros(M)}, model, guide, X, y))
-              for k in range(3)}
+    losses = {
+        float(ns.SVGP_ELBO().loss(random.PRNGKey(k), {"loc": jnp.zeros(M)}, model, guide, X, y))
+        for k in range(3)
+    }
     assert len(losses) == 3
 
 

@@ -167,9 +167,13 @@ def test_input_shape_errors():
     with pytest.raises(ValueError, match="lengthscale has shape"):
         K.RBF(lengthscale=np.ones(2))(X1, X2)
     # more axes than one GP's are a family's (svgp inside plates), refused when called directly
-    with pytest.raises(ValueError, match=r"RBF.lengthscale has shape \(2, 2\).*a scalar or a \(D,\) vector"):
+    with pytest.raises(
+        ValueError, match=r"RBF.lengthscale has shape \(2, 2\).*a scalar or a \(D,\) vector"
+    ):
         K.RBF(lengthscale=np.ones((2, 2)))(X1, X2)
-    with pytest.raises(ValueError, match=r"RBF.variance has shape \(2,\).*one GP's variance: a scalar"):
+    with pytest.raises(
+        ValueError, match=r"RBF.variance has shape \(2,\).*one GP's variance: a scalar"
+    ):
         (2.0 * K.RBF(variance=np.ones(2))).diag(X1)
     with pytest.raises(ValueError, match="same number of features"):
         K.RBF()(X1, X2[:, :2])
@@ -189,7 +193,9 @@ def test_k_zz_under_jit_equals_the_dense_matrix_and_needs_no_extra_jitter(name):
         Z = np.random.default_rng(0).uniform(-3, 3, size=(m, 1))
         r = np.abs(Z - Z.T) / 0.8
         s = np.sqrt(3.0 if name == "Matern32" else 5.0) * r
-        dense = 0.9 * ((1 + s) * np.exp(-s) if name == "Matern32" else (1 + s + s**2 / 3) * np.exp(-s))
+        dense = 0.9 * (
+            (1 + s) * np.exp(-s) if name == "Matern32" else (1 + s + s**2 / 3) * np.exp(-s)
+        )
 
         def factor(Z):
             K_zz = kernel(Z, Z)

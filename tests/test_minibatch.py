@@ -86,14 +86,22 @@ def test_host_side_batches_are_unbiased_and_exact_at_full_batch():
     params = _params(host_batches, guide, X[:B], Y[:B], num_data=N)
     elbo = ns.SVGP_ELBO()
     full = float(elbo.loss(random.PRNGKey(0), params, host_batches, guide, X, Y))
-    assert float(elbo.loss(random.PRNGKey(0), params, host_batches, guide, X, Y, num_data=N)) == full
-    loss = jax.jit(lambda Xb, yb: elbo.loss(random.PRNGKey(0), params, host_batches, guide, Xb, yb, num_data=N))
+    assert float(
+        elbo.loss(random.PRNGKey(0), params, host_batches, guide, X, Y, num_data=N)
+    ) == full
+    loss = jax.jit(
+        lambda Xb, yb: elbo.loss(
+            random.PRNGKey(0), params, host_batches, guide, Xb, yb, num_data=N
+        )
+    )
     rng = np.random.default_rng(6)
     batches = [jnp.asarray(rng.choice(N, B, replace=False)) for _ in range(3000)]
     _check_unbiased([float(loss(X[i], Y[i])) for i in batches], full)
 
 
-@pytest.mark.parametrize("model, kwargs", [(in_model, {"batch_size": B}), (host_batches, {"num_data": N})])
+@pytest.mark.parametrize(
+    "model, kwargs", [(in_model, {"batch_size": B}), (host_batches, {"num_data": N})]
+)
 @pytest.mark.slow
 def test_minibatch_training_reaches_the_full_batch_fit(model, kwargs):
     import optax
@@ -101,7 +109,9 @@ def test_minibatch_training_reaches_the_full_batch_fit(model, kwargs):
 
     guide = ns.AutoSVGP(model)
     # a decaying step size lets the mini-batch noise settle
-    svi = SVI(model, guide, optax.adam(optax.cosine_decay_schedule(2e-2, 3000, 0.05)), ns.SVGP_ELBO())
+    svi = SVI(
+        model, guide, optax.adam(optax.cosine_decay_schedule(2e-2, 3000, 0.05)), ns.SVGP_ELBO()
+    )
     if model is in_model:
         result = svi.run(random.PRNGKey(0), 3000, X, Y, progress_bar=False, **kwargs)
     else:

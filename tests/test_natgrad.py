@@ -1,4 +1,5 @@
-"""Natural gradients for q(v): one full step on a Gaussian likelihood reaches the closed-form optimum."""
+"""Natural gradients for q(v): one full step on a Gaussian likelihood reaches the closed-form
+optimum."""
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +32,12 @@ def test_one_natural_step_of_size_one_reaches_the_optimal_q(start):
     model = gaussian_model(Z0, VAR, LS, NOISE, jitter=1e-6)
     guide = ns.AutoSVGP(model)
     # the other params must not move: set_to_zero
-    svi = SVI(model, guide, ns.natural_gradient(optax.set_to_zero(), step_size=1.0, guide=guide), ns.SVGP_ELBO())
+    svi = SVI(
+        model,
+        guide,
+        ns.natural_gradient(optax.set_to_zero(), step_size=1.0, guide=guide),
+        ns.SVGP_ELBO(),
+    )
     state = svi.init(random.PRNGKey(0), X, Y)
     if start == "random":
         rng = np.random.default_rng(1)
@@ -48,10 +54,15 @@ def test_one_natural_step_of_size_one_reaches_the_optimal_q(start):
     S = np.asarray(params["f_whitened_auto_scale_tril"])
     np.testing.assert_allclose(S @ S.T, S_opt @ S_opt.T, rtol=1e-6, atol=1e-10)
     for name in ("variance", "lengthscale", "noise_var", "Z"):
-        assert np.all(np.asarray(params[name]) == np.asarray(svi.get_params(svi.init(random.PRNGKey(0), X, Y))[name]))
+        assert np.all(
+            np.asarray(params[name])
+            == np.asarray(svi.get_params(svi.init(random.PRNGKey(0), X, Y))[name])
+        )
     # and at the optimum the ELBO is the Titsias bound
     bound = float(ns.titsias_bound(ns.kernels.RBF(VAR, LS), X, Y, Z0, NOISE, jitter=1e-6))
-    assert -float(ns.SVGP_ELBO().loss(random.PRNGKey(0), params, model, guide, X, Y)) == pytest.approx(bound, rel=1e-8)
+    assert -float(
+        ns.SVGP_ELBO().loss(random.PRNGKey(0), params, model, guide, X, Y)
+    ) == pytest.approx(bound, rel=1e-8)
 
 
 @pytest.mark.slow
@@ -69,6 +80,8 @@ def test_natural_gradient_with_adam_on_minibatches_fits():
     assert result.num_skipped == 0
     p = result.params
     full = -float(ns.SVGP_ELBO().loss(random.PRNGKey(0), p, in_model, guide, Xm, Ym))
-    bound = float(ns.titsias_bound(ns.kernels.RBF(p["variance"], p["lengthscale"]), Xm, Ym, p["Z"], p["noise_var"]))
+    bound = float(ns.titsias_bound(
+        ns.kernels.RBF(p["variance"], p["lengthscale"]), Xm, Ym, p["Z"], p["noise_var"]
+    ))
     assert full <= bound + 1e-6 and bound - full < 1.0
     assert jax.tree.all(jax.tree.map(lambda v: bool(jnp.all(jnp.isfinite(v))), p))

@@ -22,7 +22,9 @@ def _fitted_at_optimum(X, y, Z, jitter):
     K_zz = ref.rbf(Z, Z, VAR, LS) + jitter * np.eye(len(Z))
     mu, Sigma = ref.optimal_q_u(ref.rbf(X, Z, VAR, LS), K_zz, y, NOISE)
     m, S = ref.whiten(mu, Sigma, K_zz)
-    params = dict(params, f_whitened_auto_loc=jnp.asarray(m), f_whitened_auto_scale_tril=jnp.asarray(S))
+    params = dict(
+        params, f_whitened_auto_loc=jnp.asarray(m), f_whitened_auto_scale_tril=jnp.asarray(S)
+    )
     return model, guide, params
 
 
@@ -50,7 +52,9 @@ def test_predictive_sample_moments_match_analytic_moments():
     model, guide, params = _fitted_at_optimum(X, y, Z, jitter=1e-6)
     mean, var = ns.predict_f(model, guide, params, X_test)
     n = 20000
-    samples = Predictive(model, guide=guide, params=params, num_samples=n)(random.PRNGKey(0), X_test)
+    samples = Predictive(model, guide=guide, params=params, num_samples=n)(
+        random.PRNGKey(0), X_test
+    )
     assert samples["f"].shape == (n, 15) and samples["y"].shape == (n, 15)
     f = np.asarray(samples["f"])
     # mean within 4 standard errors, variance within 4 standard errors of a Gaussian variance

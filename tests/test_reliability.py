@@ -9,7 +9,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import numpyro
-import numpyro.distributions as dist
 import optax
 import pytest
 from jax import random
@@ -69,7 +68,9 @@ def test_cholesky_derivative_matches_finite_differences_and_jax(escalates):
     )(K)
     grad = jax.jit(jax.grad(objective))(K)
     assert np.all(np.isfinite(grad))
-    np.testing.assert_allclose(0.5 * (grad + grad.T), 0.5 * (reference + reference.T), rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(
+        0.5 * (grad + grad.T), 0.5 * (reference + reference.T), rtol=1e-9, atol=1e-9
+    )
     # forward mode through the same rule
     tangent = jax.jvp(objective, (K,), (E,))[1]
     h = 1e-6
@@ -150,7 +151,9 @@ def test_nonfinite_steps_are_skipped_and_counted():
     assert all(np.all(np.isfinite(v)) for v in result.params.values())
     clean = ns.train(_svi(gaussian_model(Z0)), random.PRNGKey(1), 400, X, Y, progress_bar=False)
     # the fit still converges to the same place
-    assert result.losses[np.isfinite(result.losses)][-1] == pytest.approx(clean.losses[-1], rel=1e-2)
+    assert result.losses[np.isfinite(result.losses)][-1] == pytest.approx(
+        clean.losses[-1], rel=1e-2
+    )
 
 
 def _nan_updates_from(step):
@@ -223,7 +226,9 @@ def test_bad_checkpoints_are_refused(tmp_path):
     refused(os.urandom(256), "not a numpyro_svgp checkpoint")
     other = gaussian_model(np.linspace(-3, 3, 5)[:, None])  # M = 5 instead of 8
     refused(blob, "leaf .* has shape", _svi(other).init(random.PRNGKey(0), X, Y))
-    bigger = SVI(model, ns.AutoSVGP(model), optax.chain(optax.clip(1.0), optax.adam(1e-2)), ns.SVGP_ELBO())
+    bigger = SVI(
+        model, ns.AutoSVGP(model), optax.chain(optax.clip(1.0), optax.adam(1e-2)), ns.SVGP_ELBO()
+    )
     refused(blob, "another structure", bigger.init(random.PRNGKey(0), X, Y))
 
 

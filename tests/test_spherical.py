@@ -215,7 +215,8 @@ def test_features_train_predict_and_refuse_wrong_kernels():
     svi = SVI(model, ns.AutoSVGP(model), optax.adam(2e-2), ns.SVGP_ELBO())
     result = ns.train_epochs(svi, random.PRNGKey(0), 30, X, y, batch_size=40,
                              num_data=len(X), progress_bar=False)
-    assert np.all(np.isfinite(result.losses)) and result.losses[-20:].mean() < result.losses[:3].mean()
+    assert (np.all(np.isfinite(result.losses))
+            and result.losses[-20:].mean() < result.losses[:3].mean())
     mean, var = ns.predict_f(model, svi.guide, result.params, X[:7])
     assert mean.shape == (7,) and np.all(np.asarray(var) >= 0)
     assert result.params["f_whitened_auto_loc"].shape == (features.num_features,)
@@ -225,7 +226,8 @@ def test_features_train_predict_and_refuse_wrong_kernels():
         ns.whitened_conditional(ns.kernels.ArcCosine(1), X[:, :1], features)
 
 
-@pytest.mark.parametrize("kernel", [ns.kernels.ArcCosine(0, 1.2, 0.7), ns.kernels.ArcCosine(1, 1.2, 0.7),
+@pytest.mark.parametrize("kernel", [ns.kernels.ArcCosine(0, 1.2, 0.7),
+                                    ns.kernels.ArcCosine(1, 1.2, 0.7),
                                     ns.kernels.SphericalMatern(0.5, 1.2, 0.6, 0.7)],
                          ids=["arccos0", "arccos1", "matern12"])
 def test_zonal_kernels_match_formulas_and_have_finite_gradients(kernel):

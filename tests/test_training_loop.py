@@ -110,7 +110,9 @@ def test_nonfinite_host_data_is_refused_naming_the_row():
     y_bad = y_big.copy()
     y_bad[150] = np.nan
     svi = _svi(gaussian_model(Z0))
-    with pytest.raises(ValueError, match=r"data\[1\] has a non-finite value \(NaN or inf\) at row 150:"):
+    with pytest.raises(
+        ValueError, match=r"data\[1\] has a non-finite value \(NaN or inf\) at row 150:"
+    ):
         ns.train_epochs(svi, random.PRNGKey(0), 1, X_big, y_bad, batch_size=50)
     X_bad = X_big.copy()
     X_bad[[7, 9]] = np.inf
@@ -190,7 +192,10 @@ def test_predict_f_refuses_what_is_not_the_fitted_params():
         ns.predict_f(model, svi.guide, {}, X)
     params = svi.get_params(state)
     partial = {k: v for k, v in params.items() if k != "lengthscale"}
-    with pytest.raises(ValueError, match=r"the model has params that are not in the given params: \['lengthscale'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"the model has params that are not in the given params: \['lengthscale'\]",
+    ):
         ns.predict_f(model, svi.guide, partial, X)
     with pytest.raises(TypeError, match="needs the fitted params as a dict"):
         ns.held_out_log_likelihood(model, svi.guide, state, X, Y, rng_key=random.PRNGKey(0))
