@@ -189,3 +189,31 @@ def test_svgp_elbo_refuses_mutable_state_and_honours_site_scale():
     full_loss = ns.SVGP_ELBO().loss(random.PRNGKey(0), params, model, guide, X, Y)
     half_loss = ns.SVGP_ELBO().loss(random.PRNGKey(0), params, half, half_guide, X, Y)
     assert float(half_loss) == pytest.approx(0.5 * float(full_loss), rel=1e-12)
+
+
+def test_autosvgp_sets_up_from_one_run_of_the_model_and_names_a_bad_initial_value():
+    """The guide's prototype is one run of the model (numpyro's initialisation ran it
+    three times, differentiating its log density op by op, each op compiled alone),
+    with the whitened site at 0 and nothing drawn for the svgp output."""
+    runs = []
+
+    def model(X, y=None):
+        runs.append(1)
+        kernel = ns.kernels.RBF(1.0, numpyro.sample("lengthscale", dist.LogNormal(0.0, 0.3)))
+        f = ns.svgp("f", kernel, X, jnp.asarray(Z0))
+        noise = numpyro.sample("noise", dist.HalfNormal(1.0))
+        with numpyro.plate("data", X.shape[0]):
+            numpyro.sample("y", dist.Normal(f, noise + 0.1), obs=y)
+
+    guide = ns.AutoSVGP(model, init_loc_fn=numpyro.infer.init_to_value(values={"lengthscale": 0.7}))
+    with numpyro.handlers.seed(rng_seed=0):
+        guide(X, Y)
+    assert len(runs) == 1
+    params = initial_params(model, guide, X, Y)
+    np.testing.assert_allclose(params["lengthscale_auto_loc"], np.log(0.7), rtol=1e-12)
+    np.testing.assert_array_equal(params["f_whitened_auto_loc"], np.zeros(len(Z0)))
+
+    # an initial value outside the support (log 0 in unconstrained space) is named
+    bad = ns.AutoSVGP(model, init_loc_fn=numpyro.infer.init_to_value(values={"noise": 0.0}))
+    with pytest.raises(ValueError, match="initial value of site 'noise' is not finite"):
+        initial_params(model, bad, X, Y)
