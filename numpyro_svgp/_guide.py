@@ -156,7 +156,7 @@ class AutoSVGP(AutoNormal):
                 substitute_fn=self._initial_value,
             )).get_trace(*args, **kwargs)
         whitened, self._init_locs = OrderedDict(), {}
-        self._prototype_frames, self._prototype_plate_sizes = {}, {}
+        self._prototype_frames = {}
         for name, site in prototype.items():
             if site["type"] == "plate":
                 self._prototype_frame_full_sizes[name] = site["args"][0]

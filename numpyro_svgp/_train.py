@@ -155,17 +155,11 @@ def _run_chunk(state, in_a_row, skipped, traced, batches, active,
     positional arguments in front of the fixed ones."""
     args, kwargs = _join_arguments(traced, spec)
 
-    def update(state, batch):
-        return svi.update(state, *(args if batch is None else (*batch, *args)), **kwargs)
-
-    # the loss's dtype, for the branch that skips a step (traced once per compilation)
-    no_loss = jnp.full((), jnp.nan, jax.eval_shape(
-        update, state, None if batches is None else jax.tree.map(lambda b: b[0], batches)
-    )[1].dtype)
-
+    @jax.jit  # so that asking for its output's dtype and then calling it trace it once
     def take(carry, batch):
         state, in_a_row, skipped = carry
-        new_state, loss = update(state, batch)
+        new_state, loss = svi.update(state, *(args if batch is None else (*batch, *args)),
+                                     **kwargs)
         ok = jnp.isfinite(loss) & _all_finite(new_state.optim_state)
 
         def keep(new, old):
@@ -181,6 +175,8 @@ def _run_chunk(state, in_a_row, skipped, traced, batches, active,
         index, batch = xs
         # past the run's end, or stopped: no work at all (a cond runs one branch)
         stopped = (carry[1] >= max_in_a_row) | (index >= active)
+        # the branch that skips a step returns a NaN loss of the step's dtype
+        no_loss = jnp.full((), jnp.nan, take.eval_shape(carry, batch)[1].dtype)
         carry, loss = lax.cond(stopped, lambda c, b: (c, no_loss), take, carry, batch)
         return carry, (loss, stopped)
 
