@@ -489,6 +489,8 @@ def predictive_covariance(
     mixed outputs are refused (their joint covariance couples rows across GPs).
 
     :return: ``(mean, covariance)`` of shapes ``(..., N)`` and ``(..., N, N)``.
+
+    **Reference**: Hensman, Fusi & Lawrence (2013), *Gaussian processes for big data*.
     """
     if conditional.group_index is not None or conditional.mixing is not None:
         form = "group_index" if conditional.group_index is not None else "mixing"
