@@ -41,6 +41,7 @@ from numpyro_svgp._linalg import (
 )
 from numpyro_svgp._natgrad import natural_gradient
 from numpyro_svgp._predict import held_out_log_likelihood, predict_f
+from numpyro_svgp._sgpmc import sgpmc
 from numpyro_svgp._sharding import data_sharding, shard_data
 from numpyro_svgp._svgp import svgp
 from numpyro_svgp._train import EpochsResult, TrainingStopped, TrainResult, train, train_epochs
@@ -82,6 +83,7 @@ __all__ = [
     "predictive_moments",
     "projection",
     "save_checkpoint",
+    "sgpmc",
     "shard_data",
     "svgp",
     "svgp_diagnostics",

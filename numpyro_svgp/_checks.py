@@ -4,14 +4,53 @@ Shape problems are raised as :class:`ValueError` while tracing. Value problems
 (NaN, inf, non-positive hyperparameters) are raised at once when the value is
 concrete, and otherwise attached to the traced value with
 :func:`equinox.error_if`, which raises when the compiled program runs.
+
+Under :class:`nan_on_failed_checks` (which :func:`~numpyro_svgp.sgpmc` installs) a
+traced check that fails makes the value NaN instead: an MCMC proposal outside the
+model's range (a lengthscale that overflows, a factor that cannot be found) then has a
+NaN log density, which NUTS and HMC record as a divergence, rather than stopping the run.
 """
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from numpyro.primitives import _PYRO_STACK, Messenger, apply_stack
 
 __all__ = []
+
+_RAISE, _NAN = "raise", "nan"
+
+
+class nan_on_failed_checks(Messenger):
+    """Within ``fn``, traced value checks that fail give NaN rather than an error
+    (see the module docstring). Put it innermost around the model, inside any
+    ``block``, so that its answer reaches every check."""
+
+    def process_message(self, msg):
+        if msg["type"] == "svgp_failed_check":
+            msg["value"] = _NAN
+
+
+def failed_check_action() -> str:
+    """``"nan"`` under :class:`nan_on_failed_checks`, else ``"raise"``. It is read while
+    tracing, so a compiled function that checks values takes it as a static argument."""
+    if not _PYRO_STACK:
+        return _RAISE
+    msg = apply_stack({
+        "type": "svgp_failed_check", "fn": lambda: _RAISE, "args": (), "kwargs": {},
+        "value": None, "cond_indep_stack": [],
+    })
+    return msg["value"]
+
+
+def fail_if(x: jax.Array, failed: jax.Array, message: str) -> jax.Array:
+    """``x`` with a traced check: an error when the compiled program runs if ``failed``
+    holds, or, under :class:`nan_on_failed_checks`, NaN in place of a floating ``x``
+    (an integer cannot hold NaN: it keeps the error)."""
+    if jnp.issubdtype(x.dtype, jnp.floating) and failed_check_action() == _NAN:
+        return jnp.where(failed, jnp.asarray(jnp.nan, x.dtype), x)
+    return eqx.error_if(x, failed, message)
 
 
 def is_traced(x) -> bool:
@@ -42,7 +81,7 @@ def raise_when_run(x: jax.Array, failed: jax.Array, message: str) -> jax.Array:
     through ``error_if`` is replicated on every device, and data arrays may be sharded
     along N (see :mod:`numpyro_svgp._sharding`).
     """
-    return x + eqx.error_if(jnp.zeros((), x.dtype), failed, message)
+    return x + fail_if(jnp.zeros((), x.dtype), failed, message)
 
 
 def check_finite(name: str, x: jax.Array) -> jax.Array:
@@ -63,10 +102,8 @@ def check_positive(name: str, x) -> jax.Array:
     """Return ``x`` as a float array, raising unless every entry is finite and > 0."""
     x = as_float_array(name, x)
     if is_traced(x):
-        return eqx.error_if(
-            x,
-            ~jnp.all(jnp.isfinite(x) & (x > 0)),
-            f"{name} must be positive and finite.",
+        return fail_if(
+            x, ~jnp.all(jnp.isfinite(x) & (x > 0)), f"{name} must be positive and finite."
         )
     values = np.asarray(x)
     if not np.all(np.isfinite(values) & (values > 0)):

@@ -44,6 +44,7 @@ from numpyro_svgp._checks import (
     as_float_array,
     check_finite,
     check_matrix,
+    failed_check_action,
     is_traced,
     raise_when_run,
 )
@@ -145,12 +146,14 @@ def compiled(fn):
     concrete values (NumPy on its fields) cannot be traced: then ``fn`` runs as it is,
     exactly as without this wrapper.
     """
-    jitted = eqx.filter_jit(fn)
+    # what a failed value check does is read while tracing (see _checks), so it is
+    # part of the cache key: a program traced to raise is not reused where NaN is asked
+    jitted = eqx.filter_jit(lambda action, *args: fn(*args))
 
     @functools.wraps(fn)
     def call(*args):
         try:
-            return jitted(*args)
+            return jitted(failed_check_action(), *args)
         except _NEEDS_CONCRETE_VALUES:
             return fn(*args)
 

@@ -34,7 +34,14 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-from numpyro_svgp._checks import as_float_array, check_finite, check_matrix, is_traced
+from numpyro_svgp._checks import (
+    as_float_array,
+    check_finite,
+    check_matrix,
+    fail_if,
+    failed_check_action,
+    is_traced,
+)
 from numpyro_svgp._harmonics import fundamental_system, gegenbauer, num_harmonics
 from numpyro_svgp._linalg import cholesky_with_jitter
 from numpyro_svgp.kernels import Kernel, Warped, Zonal
@@ -114,7 +121,8 @@ class InducingPoints(InducingFeatures):
 
     def cholesky(self, kernel, dtype, jitter, max_escalations):
         Z = check_finite("Z", self.Z)
-        return cholesky_with_jitter(kernel(Z, Z), jitter, max_escalations=max_escalations)
+        return cholesky_with_jitter(kernel(Z, Z), jitter, max_escalations=max_escalations,
+                                    on_failure=failed_check_action())
 
     def cross_covariance(self, kernel, X):
         return kernel(X, self.Z)
@@ -230,7 +238,7 @@ class SphericalHarmonicFeatures(InducingFeatures):
 
     def cholesky(self, kernel, dtype, jitter, max_escalations):
         variances = self.eigenvalues(kernel, dtype) + jitter
-        root = eqx.error_if(
+        root = fail_if(
             jnp.sqrt(variances),
             ~jnp.all(variances > 0),
             "K_uu of the SphericalHarmonicFeatures has a zero or negative entry (a kernel "
@@ -287,7 +295,8 @@ class FeatureInducingPoints(InducingFeatures):
     def cholesky(self, kernel, dtype, jitter, max_escalations):
         base = self._warped(kernel).kernel
         Z = check_finite("Z", self.Z)
-        return cholesky_with_jitter(base(Z, Z), jitter, max_escalations=max_escalations)
+        return cholesky_with_jitter(base(Z, Z), jitter, max_escalations=max_escalations,
+                                    on_failure=failed_check_action())
 
     def cross_covariance(self, kernel, X):
         warped = self._warped(kernel)

@@ -53,6 +53,13 @@ def _all_finite(A: jax.Array) -> jax.Array:
     return jnp.all(jnp.isfinite(A))
 
 
+def _fail_if(x: jax.Array, failed: jax.Array, message: str | None) -> jax.Array:
+    """``x`` with an error when run if ``failed``; with ``message=None``, NaN instead."""
+    if message is None:
+        return jnp.where(failed, jnp.asarray(jnp.nan, x.dtype), x)
+    return eqx.error_if(x, failed, message)
+
+
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3))
 def _escalating_cholesky(
     K: Float[Array, "M M"], jitter: float, limit: int, message: str
@@ -68,7 +75,7 @@ def _escalating_cholesky(
 
     if limit == 0:
         L = factor(0)
-        return eqx.error_if(L, ~_all_finite(L), message), jnp.asarray(jitter, K.dtype)
+        return _fail_if(L, ~_all_finite(L), message), jnp.asarray(jitter, K.dtype)
 
     def keep_going(state):
         k, L_k = state
@@ -82,7 +89,7 @@ def _escalating_cholesky(
     # becomes a select that runs both branches, and two batched LAPACK calls running
     # at once can deadlock XLA:CPU's thread pool (each waits for workers the other holds).
     k, L = lax.while_loop(keep_going, next_try, (0, factor(0)))
-    L = eqx.error_if(L, ~_all_finite(L), message)
+    L = _fail_if(L, ~_all_finite(L), message)
     return L, jnp.asarray(jitter, K.dtype) * jnp.asarray(10.0, K.dtype) ** k
 
 
@@ -110,6 +117,7 @@ def cholesky_with_jitter(
     *,
     name: str = "K_zz",
     max_escalations: int = MAX_JITTER_ESCALATIONS,
+    on_failure: str = "raise",
 ) -> tuple[Float[Array, "M M"], Float[Array, ""]]:
     r"""Lower Cholesky factor of :math:`K + \epsilon I` that raises the jitter when it must.
 
@@ -126,6 +134,8 @@ def cholesky_with_jitter(
     :param jitter: the base :math:`\epsilon \ge 0` added to the diagonal.
     :param name: what to call the matrix in the error message.
     :param max_escalations: how many tenfold increases to try; 0 disables escalation.
+    :param on_failure: ``"raise"``, or ``"nan"`` for a NaN factor instead of the error
+        (an MCMC proposal outside the model's range is then a divergence).
     :return: ``(L, jitter_used)``.
     :raises: (when the compiled program runs) an error naming the matrix, its size
         and dtype, the largest jitter tried and the likely causes, if no factor is finite.
@@ -133,6 +143,8 @@ def cholesky_with_jitter(
     **Reference**: Murray (2016), *Differentiation of the Cholesky decomposition*,
     arXiv:1602.07527.
     """
+    if on_failure not in ("raise", "nan"):
+        raise ValueError(f"on_failure must be 'raise' or 'nan', got {on_failure!r}.")
     jitter = float(jitter)
     M = K.shape[-1]
     limit = max_escalations if jitter > 0 else 0
@@ -146,7 +158,7 @@ def cholesky_with_jitter(
         "inducing points. Remedies: a larger `jitter`, float64 "
         "(jax.config.update('jax_enable_x64', True)), or re-initialising Z."
     )
-    return _escalating_cholesky(K, jitter, limit, message)
+    return _escalating_cholesky(K, jitter, limit, message if on_failure == "raise" else None)
 
 
 def jittered_cholesky(

@@ -12,13 +12,19 @@ SVGP posterior (see :mod:`numpyro_svgp._conditional`). The whitened site's
 prior, a :class:`WhitenedPrior`, carries the conditional, which is what lets
 :class:`~numpyro_svgp.SVGP_ELBO` and :class:`~numpyro_svgp.AutoSVGP` find it.
 
-The draw is made only when the output is asked for. ``svgp`` sends a nameless
-``"svgp_output"`` message through NumPyro's effect stack (as ``numpyro.prng_key``
-does); its default action is the draw above, and :class:`output_values` (which
-:class:`~numpyro_svgp.SVGP_ELBO` installs) answers it instead with values of its
-own: a placeholder, quadrature nodes, or a draw of its own making. Then no
-``(N, M)`` array is formed unless the output is sampled (``Predictive``,
-``TraceMeanField_ELBO``).
+The draw is made only when the output is asked for. The output is a ``deterministic``
+message whose value is left empty (marked ``"svgp_output"``); its default action is the
+draw above, taken only if no handler answers first: ``substitute`` with a value for
+``name`` (``Predictive`` samples, ``log_likelihood``), or :class:`output_values` (which
+:class:`~numpyro_svgp.SVGP_ELBO` installs) with values of its own: a placeholder,
+quadrature nodes, or a draw of its own making. Then no ``(N, M)`` array is formed unless
+the output is sampled (``Predictive``, ``TraceMeanField_ELBO``).
+
+The draw needs a random key for :math:`\varepsilon` from a ``seed`` handler. Run
+without one (the potential of NUTS or HMC, to which numpyro gives a fixed default key),
+the output has no honest value: leaving :math:`\varepsilon` out, or fixing
+it, biases the log density. That run raises an error naming :func:`~numpyro_svgp.sgpmc`,
+which integrates :math:`\varepsilon` out.
 """
 
 import jax
@@ -27,7 +33,7 @@ import numpyro
 import numpyro.distributions as dist
 from jaxtyping import Array, Float
 from numpyro.handlers import block, seed, substitute, trace
-from numpyro.primitives import Messenger, apply_stack
+from numpyro.primitives import _PYRO_STACK, Messenger, apply_stack
 
 from numpyro_svgp._conditional import (
     Conditional,
@@ -195,15 +201,16 @@ def svgp(
             f"{batch_shape + (num_inducing,)} (the plates' batch shape, then M)."
         )
     msg = apply_stack({
-        "type": "svgp_output",
-        "output": name,
+        "type": "deterministic",
+        "name": name,
+        "svgp_output": name,
         "fn": draw_output,
         "args": (conditional, v),
         "kwargs": {},
         "value": None,
         "cond_indep_stack": [],
     })
-    return numpyro.deterministic(name, msg["value"])
+    return msg["value"]
 
 
 def _refuse_data_plate(name, X, plates) -> None:
@@ -223,12 +230,32 @@ def _refuse_data_plate(name, X, plates) -> None:
 
 def draw_output(conditional: Conditional, v: Float[Array, " M"]) -> Float[Array, " N"]:
     r""":math:`A v + \sqrt{\operatorname{diag}(K_{xx} - A A^\top)}\,\varepsilon`, with
-    :math:`\varepsilon` from ``numpyro.prng_key()`` (left out when there is no key)."""
+    :math:`\varepsilon` from ``numpyro.prng_key()``; without a key, an error (see the
+    module docstring)."""
     key = numpyro.prng_key()
-    if key is not None and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+    # numpyro's potential (MCMC, log_density under initialize_model) hands the model a
+    # fixed default key when nothing seeds it: a draw with that key would be frozen
+    # noise in the log density, so a draw needs a seed handler on the stack
+    if key is None or not any(isinstance(h, seed) for h in _PYRO_STACK):
+        raise _keyless_error()
+    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
         # one compiled draw for numpyro's typed and raw keys alike
         key = jax.random.key_data(key)
     return _draw(conditional, v, key)
+
+
+def _keyless_error() -> RuntimeError:
+    return RuntimeError(
+        "an svgp output was evaluated without a random seed, as the potential of MCMC "
+        "(NUTS, HMC) and numpyro.infer.util.log_density evaluate a model. Its value "
+        "A v + sqrt(diag(K_xx - Q_xx)) * eps needs a draw of eps, and leaving eps out "
+        "or fixing it (numpyro's default key) would bias the log density. For MCMC, "
+        "run the model through ns.sgpmc: MCMC(NUTS(ns.sgpmc(model)), ...), whose log "
+        "density integrates eps out (Hensman et al. 2015). To evaluate the model at "
+        "given outputs, substitute them (numpyro.handlers.substitute(model, {'f': f}), "
+        "or posterior samples that hold 'f' from Predictive); to draw them, seed the "
+        "model (numpyro.handlers.seed)."
+    )
 
 
 def draw_with_key(conditional: Conditional, v, key) -> jax.Array:
@@ -277,9 +304,9 @@ class output_values(Messenger):
         super().__init__(fn)
 
     def process_message(self, msg):
-        if msg["type"] != "svgp_output":
+        name = msg.get("svgp_output")
+        if name is None or msg["type"] != "deterministic":
             return
-        name = msg["output"]
         conditional, v = msg["args"]
         self.outputs[name] = (conditional, v)
         if name in self.values:

@@ -1,0 +1,155 @@
+r"""MCMC on SVGP models: the SGPMC log density.
+
+A model with an :func:`~numpyro_svgp.svgp` site has latent whitened inducing values
+:math:`v`, its other latents :math:`\theta` (kernel hyperparameters, noise, ...), and
+observed sites that depend on :math:`f(X)`. Given :math:`v` and :math:`\theta`, the
+values of :math:`f` at the data are independent Gaussians,
+
+.. math:: p(f_n \mid v, \theta) = \mathcal N\big(a_n^\top v,\; k_{nn} - a_n^\top a_n\big),
+    \qquad A = K_{xz} L^{-\top},
+
+and Hensman, Matthews, Filippone & Ghahramani (2015) sample :math:`(v, \theta)` by MCMC
+from the density
+
+.. math:: \log p(v) + \log p(\theta) + \sum_n \mathbb E_{p(f_n \mid v, \theta)}
+    \big[\log p(y_n \mid f_n, \theta)\big],
+
+which, with :math:`p(f \mid v, \theta)` for :math:`q`, is the data term of the ELBO at a
+point mass :math:`q(v) = \delta_v`. :class:`sgpmc` makes a model's log density this one.
+Each observed site's expectation is taken by :mod:`numpyro_svgp._integrate`: in closed
+form for a Gaussian, by Gauss–Hermite quadrature for a likelihood that depends on one or
+two outputs point by point, and never by sampling: a site that would need Monte Carlo is
+refused. With :math:`Z = X` (and a Gaussian likelihood) the conditional variance is zero
+and the density is the exact GP's, written in the whitened coordinates.
+
+**Reference**: Hensman, Matthews, Filippone & Ghahramani (2015), *MCMC for
+variationally sparse Gaussian processes*, NeurIPS.
+"""
+
+import jax
+import numpyro
+from numpyro.handlers import block, trace
+from numpyro.primitives import Messenger
+
+from numpyro_svgp._checks import nan_on_failed_checks
+from numpyro_svgp._integrate import _Options, plan_model
+from numpyro_svgp._svgp import output_values
+
+__all__ = ["sgpmc"]
+
+
+class sgpmc:
+    r"""The model with the SGPMC log density, for NUTS, HMC and HMCGibbs.
+
+    Example::
+
+        mcmc = MCMC(NUTS(ns.sgpmc(model)), num_warmup=500, num_samples=500)
+        mcmc.run(jax.random.PRNGKey(0), X, y)
+        samples = mcmc.get_samples()                        # v ("f_whitened") and θ
+        draws = Predictive(model, samples)(jax.random.PRNGKey(1), X_test)   # f, y
+
+    Warm start from an SVI fit (the guide's median as the initial values)::
+
+        NUTS(ns.sgpmc(model), init_strategy=init_to_value(values=guide.median(params)))
+
+    The result runs ``model`` with the same latent sites (each svgp's whitened site and
+    every other latent) and replaces the model's observed sites by one factor each,
+    ``f"{name}_sgpmc"``, holding :math:`\mathbb E_{p(f \mid v, \theta)}[\log p(y \mid f)]`
+    (the module docstring). Its log density is deterministic: nothing is drawn. Outputs
+    and deterministic sites are not recorded (their values would be placeholders): draw
+    them from the samples with ``Predictive(model, samples)``.
+
+    A traced value check that fails (a lengthscale that overflows, a factor of
+    :math:`K_{zz}` that cannot be found even with the largest jitter) makes the log
+    density NaN, which NUTS and HMC record as a divergence, instead of raising.
+
+    :param fn: the model, which calls :func:`~numpyro_svgp.svgp`.
+    :param int quadrature_points: Gauss–Hermite points per svgp output for the observed
+        sites that are not Gaussian in an output (default 20).
+    :raises ValueError: (when the model runs) if it has no svgp site, if a latent site
+        depends on an svgp output, or if an observed site cannot be integrated exactly
+        (it depends on an output other than point by point, on more than two outputs,
+        or on an svgp whose inputs come from another svgp's output).
+
+    **Reference**: Hensman, Matthews, Filippone & Ghahramani (2015), *MCMC for
+    variationally sparse Gaussian processes*.
+    """
+
+    def __init__(self, fn=None, *, quadrature_points: int = 20):
+        if isinstance(quadrature_points, bool) or not isinstance(quadrature_points, int) or not (
+            1 <= quadrature_points <= 100
+        ):
+            raise ValueError(
+                f"quadrature_points must be an int in [1, 100], got {quadrature_points!r}."
+            )
+        if fn is not None and not callable(fn):
+            raise TypeError(f"ns.sgpmc needs the model (a callable), got {type(fn).__name__}.")
+        self.fn = fn
+        self.options = _Options(quadrature_points, "auto", "auto", False)
+
+    def __call__(self, *args, **kwargs):
+        if self.fn is None:
+            raise TypeError("ns.sgpmc() was given no model: use ns.sgpmc(model).")
+        model = nan_on_failed_checks(self.fn)
+        placeholders = output_values(placeholder=True)
+        latents = trace(_likelihood_hidden(placeholders(model))).get_trace(*args, **kwargs)
+        if not placeholders.outputs:
+            raise ValueError(
+                "ns.sgpmc: the model has no ns.svgp site; run MCMC on the model itself."
+            )
+        values = {
+            name: site["value"] for name, site in latents.items()
+            if site["type"] == "param" or (site["type"] == "sample" and not site["is_observed"])
+        }
+        with block():
+            plan = plan_model(model, jax.random.PRNGKey(0), {}, values, args, kwargs,
+                              self.options)
+        for name, integration in plan.integrations.items():
+            _check_integrable(name, plan.model_trace[name], integration)
+        for name, site in plan.model_trace.items():
+            if site["type"] == "sample" and site["is_observed"]:
+                numpyro.factor(f"{name}_sgpmc", plan.log_density(name))
+
+
+def _check_integrable(name, site, integration) -> None:
+    if integration.method == "exact":
+        return
+    outputs = ", ".join(f"'{o}'" for o in integration.outputs)
+    if not site["is_observed"]:
+        raise ValueError(
+            f"ns.sgpmc: the latent site '{name}' depends on svgp output {outputs}. The "
+            "SGPMC density integrates an output given its inducing values in observed "
+            "sites only: observe the site, or write its distribution without the output."
+        )
+    if integration.method == "Monte Carlo":
+        raise ValueError(
+            f"ns.sgpmc: the observed site '{name}' cannot be integrated exactly: "
+            f"{integration.reason}. The SGPMC density takes E[log p(y | f)] in closed form "
+            "or by quadrature only; write the site's distribution as a function of the "
+            "output at each point (e.g. Normal(f, s), Bernoulli(logits=f))."
+        )
+
+
+class _likelihood_hidden(Messenger):
+    """Hides the model's observed and deterministic sites from the handlers outside.
+
+    Sites that those handlers send themselves while processing one of the model's
+    sites pass: numpyro's potential adds each latent site's log-Jacobian as a factor
+    from inside its ``substitute``, and that factor belongs to the density.
+    """
+
+    def __init__(self, fn=None):
+        self._passed = []
+        super().__init__(fn)
+
+    def process_message(self, msg):
+        if self._passed:
+            return  # sent by an outer handler while it processes a site of the model
+        if msg["type"] == "deterministic" or (msg["type"] == "sample" and msg["is_observed"]):
+            msg["stop"] = True
+        else:
+            self._passed.append(msg)
+
+    def postprocess_message(self, msg):
+        if self._passed and self._passed[-1] is msg:
+            self._passed.pop()
