@@ -41,6 +41,12 @@ from numpyro_svgp._linalg import (
 )
 from numpyro_svgp._natgrad import natural_gradient
 from numpyro_svgp._predict import held_out_log_likelihood, predict_f
+from numpyro_svgp._predict_y import (
+    YPrediction,
+    pointwise_log_likelihood,
+    predict_log_density,
+    predict_y,
+)
 from numpyro_svgp._sgpmc import sgpmc
 from numpyro_svgp._sharding import data_sharding, shard_data
 from numpyro_svgp._svgp import svgp
@@ -61,6 +67,7 @@ __all__ = [
     "SphericalHarmonicFeatures",
     "TrainResult",
     "TrainingStopped",
+    "YPrediction",
     "cholesky_with_jitter",
     "conditional_variance",
     "data_sharding",
@@ -78,7 +85,10 @@ __all__ = [
     "kl",
     "load_checkpoint",
     "natural_gradient",
+    "pointwise_log_likelihood",
     "predict_f",
+    "predict_log_density",
+    "predict_y",
     "predictive_covariance",
     "predictive_moments",
     "projection",

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from numpyro.handlers import seed, trace
 
+from numpyro_svgp._predict_y import pointwise_log_likelihood
 from numpyro_svgp._svgp import svgp_site
 
 __all__ = ["to_inference_data"]
@@ -51,8 +52,10 @@ def to_inference_data(
     model_kwargs: dict | None = None,
     coords: dict | None = None,
     dims: dict | None = None,
+    log_likelihood: bool = False,
+    params: dict | None = None,
 ) -> "arviz.InferenceData":
-    """Package SVI results as an :class:`arviz.InferenceData`.
+    r"""Package SVI results as an :class:`arviz.InferenceData`.
 
     Example::
 
@@ -64,6 +67,13 @@ def to_inference_data(
         az.summary(idata, var_names=["lengthscale"])
         az.plot_hdi(X[:, 0], idata.posterior_predictive["y"])
 
+    Model comparison (PSIS-LOO, WAIC)::
+
+        post = guide.sample_posterior(key, svi_result.params, sample_shape=(1000,))
+        idata = ns.to_inference_data(post, model=model, model_args=(X, y),
+                                     log_likelihood=True, params=svi_result.params)
+        az.loo(idata)
+
     :param dict posterior_samples: site name to draws with a leading sample axis,
         e.g. from :meth:`AutoSVGP.sample_posterior` or ``Predictive(guide)``.
     :param dict posterior_predictive: site name to draws with a leading sample
@@ -73,9 +83,19 @@ def to_inference_data(
         and svgp sites by tracing ``model(*model_args, **model_kwargs)``.
     :param dict coords: arviz coords, e.g. ``{"data": X[:, 0]}``.
     :param dict dims: arviz dims; override the ones derived from the model.
+    :param bool log_likelihood: add a ``log_likelihood`` group: for each observed site and
+        posterior draw, :math:`\log p(y_n \mid v_s, \theta_s)` with :math:`f_n` integrated
+        over its conditional given the draw (see
+        :func:`~numpyro_svgp.pointwise_log_likelihood`). ``posterior_samples`` must then
+        hold every latent site, the whitened ones included, and ``model_args`` /
+        ``model_kwargs`` the observations.
+    :param dict params: the model's ``numpyro.param`` values (the SVI params), for
+        ``log_likelihood``.
     :return: an :class:`arviz.InferenceData` with groups ``posterior``,
-        ``posterior_predictive`` and ``observed_data`` as given.
+        ``posterior_predictive``, ``observed_data`` and ``log_likelihood`` as given.
     """
+    if log_likelihood and model is None:
+        raise ValueError("to_inference_data(log_likelihood=True) needs the model (model=...).")
     derived = {} if model is None else _site_dims(model, model_args, model_kwargs or {})
     all_dims = {**derived, **(dims or {})}
 
@@ -97,6 +117,10 @@ def to_inference_data(
         "observed_data": None
         if observed_data is None
         else {k: np.asarray(v) for k, v in observed_data.items()},
+        "log_likelihood": with_chain(
+            pointwise_log_likelihood(model, posterior_samples, *model_args, params=params,
+                                     **(model_kwargs or {}))
+        ) if log_likelihood else None,
     }
     present = {group: data for group, data in groups.items() if data is not None}
     used = {name for data in present.values() for name in data}

@@ -131,6 +131,10 @@ class ModelPlan:
         self.integrations = integrations
         self._evaluate = evaluate
 
+    def moments(self, output: str) -> tuple[jax.Array, jax.Array]:
+        """Mean and variance of an svgp output under the guide's :math:`q`."""
+        return self._evaluate.moments(output)
+
     def log_density(self, name: str) -> jax.Array:
         r"""The site's :math:`\mathbb E_{q(f)}[\sum \text{scale} \cdot \log p]` (its plain
         log density where it does not depend on any svgp output)."""

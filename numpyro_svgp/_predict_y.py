@@ -1,0 +1,428 @@
+r"""Predictions of an observed site: its mean, variance and quantiles, and log densities.
+
+At new inputs the fitted SVGP gives each output Gaussian marginals
+:math:`q(f_n) = \mathcal N(\mu_n, \sigma^2_n)`, and an observed site :math:`y` has the
+predictive distribution
+
+.. math:: p(y_n) = \frac1S \sum_{s=1}^S \int p(y_n \mid f_n, \theta_s)\,
+    q(f_n \mid \theta_s)\, df_n, \qquad \theta_s \sim q(\theta),
+
+where :math:`\theta` are the model's other latent sites (one term, :math:`S = 1`, when
+there are none). The integral over :math:`f` is taken as
+:class:`~numpyro_svgp.SVGP_ELBO` takes its expectations: for a ``Normal`` whose ``loc``
+is the output (up to shape-only changes and an offset) it is the Gaussian
+:math:`\mathcal N(y_n \mid \mu_n + c_n, s^2 + \sigma^2_n)`, in closed form; for any
+likelihood that depends on one or two outputs point by point, Gauss–Hermite quadrature
+turns it into a mixture of the likelihood at the nodes. Its moments follow from those of
+the components; its quantiles are found by bisection on the mixture's CDF.
+
+**Reference**: Hensman, Matthews & Ghahramani (2015), *Scalable variational Gaussian
+process classification* (predictive densities by quadrature).
+"""
+
+from typing import NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.scipy.special import logsumexp
+from numpy.polynomial.hermite_e import hermegauss
+from numpyro.distributions import Normal
+from numpyro.handlers import block, condition, seed, substitute, trace
+
+from numpyro_svgp._integrate import _Options, _peel, _rewrap, _run, plan_model
+from numpyro_svgp._linalg import safe_sqrt
+from numpyro_svgp._predict import _check_params, _explain_plate_size
+from numpyro_svgp._svgp import output_values, svgp_site
+
+__all__ = ["YPrediction", "pointwise_log_likelihood", "predict_log_density", "predict_y"]
+
+BISECTION_STEPS = 60
+"""Halvings of the bracket of each quantile (a relative width of about 1e-18)."""
+
+
+class YPrediction(NamedTuple):
+    """What :func:`predict_y` returns, each of the observed site's shape."""
+
+    mean: jax.Array
+    """:math:`\\mathbb E[y_n]`."""
+    variance: jax.Array
+    """:math:`\\operatorname{Var}[y_n]` (the likelihood's noise included)."""
+    quantiles: "jax.Array | None"
+    """The requested quantiles, with a leading axis of their number (``None`` if none)."""
+
+
+def predict_y(
+    model, guide, params, *args, site: str | None = None, quantiles=None,
+    num_samples: int = 100, quadrature_points: int = 20, rng_key=None, **kwargs,
+) -> YPrediction:
+    r"""Predictive mean, variance and quantiles of an observed site at the model's inputs.
+
+    Example::
+
+        pred = ns.predict_y(model, guide, svi_result.params, X_test, quantiles=(0.05, 0.95))
+        pred.mean            # class probabilities for Bernoulli, rates for Poisson
+        pred.quantiles[0]    # the 5 % quantile at each point
+
+    The site's distribution is integrated over :math:`q(f)` as described in the module
+    docstring: exactly for a Gaussian, by Gauss–Hermite quadrature otherwise. Other
+    latent sites of the model (hyperparameters with priors) are integrated with
+    ``num_samples`` draws from the guide, as ``Predictive`` does.
+
+    :param model: the NumPyro model, run with ``*args, **kwargs`` (typically new inputs,
+        no observations).
+    :param guide: its fitted guide (e.g. :class:`~numpyro_svgp.AutoSVGP`).
+    :param dict params: the SVI params.
+    :param str site: the observed site; default the only one that depends on an svgp output.
+    :param quantiles: levels in (0, 1), or ``None``. For a discrete site each quantile is
+        the smallest value whose CDF reaches the level.
+    :param int num_samples: draws of the other latent sites (unused when there are none).
+    :param int quadrature_points: Gauss–Hermite points per svgp output.
+    :param rng_key: a JAX random key for those draws (default ``PRNGKey(0)``).
+    :return: a :class:`YPrediction` ``(mean, variance, quantiles)``.
+    :raises ValueError: if the site depends on its outputs in a way that only Monte Carlo
+        could integrate, or a quantile is requested of a distribution without a CDF.
+    """
+    _check_params(params, "predict_y")
+    levels = None
+    if quantiles is not None:
+        levels = np.atleast_1d(np.asarray(quantiles, dtype=float))
+        if levels.ndim != 1 or not np.all((levels > 0) & (levels < 1)):
+            raise ValueError(f"quantiles must be levels in (0, 1), got {quantiles!r}.")
+    components = _components_of(model, guide, params, args, kwargs, site, num_samples,
+                                 quadrature_points, rng_key, "predict_y")
+    return _moments_and_quantiles(components, levels)
+
+
+def predict_log_density(
+    model, guide, params, *args, site: str | None = None, num_samples: int = 100,
+    quadrature_points: int = 20, rng_key=None, **kwargs,
+) -> jax.Array:
+    r"""Pointwise log predictive density :math:`\log p(y_n)` of observed values.
+
+    Example::
+
+        log_p = ns.predict_log_density(model, guide, svi_result.params, X_test, y_test)
+        log_p.mean()         # mean log predictive density of the test set
+
+    :math:`p(y_n)` is the predictive distribution of the module docstring: for a Gaussian
+    likelihood :math:`\mathcal N(y_n \mid \mu_n + c_n, s^2 + \sigma^2_n)` exactly, for any
+    other a Gauss–Hermite sum :math:`\sum_k w_k\, p(y_n \mid \mu_n + \sigma_n x_k)`;
+    averaged over ``num_samples`` draws of any other latent sites.
+
+    :param model: the NumPyro model, run with ``*args, **kwargs`` (inputs and the
+        observations to score).
+    :param guide: its fitted guide.
+    :param dict params: the SVI params.
+    :param str site: the observed site; default the only one that depends on an svgp output.
+    :param int num_samples: draws of the other latent sites (unused when there are none).
+    :param int quadrature_points: Gauss–Hermite points per svgp output.
+    :param rng_key: a JAX random key for those draws (default ``PRNGKey(0)``).
+    :return: :math:`\log p(y_n)`, of the site's shape (sum or average it as needed).
+    """
+    _check_params(params, "predict_log_density")
+    log_w, stats = _components_of(model, guide, params, args, kwargs, site, num_samples,
+                                  quadrature_points, rng_key, "predict_log_density")
+    if stats["log_prob"] is None:
+        raise ValueError(
+            "predict_log_density needs the observations: pass them as the model's "
+            "observed argument (e.g. predict_log_density(model, guide, params, X, y))."
+        )
+    return logsumexp(_expand(log_w, stats["log_prob"]) + stats["log_prob"], axis=0)
+
+
+def pointwise_log_likelihood(
+    model, samples: dict, *args, params: dict | None = None, quadrature_points: int = 20,
+    **kwargs,
+) -> dict:
+    r"""Log likelihood of each observation at each posterior draw, for PSIS-LOO and WAIC.
+
+    For a draw :math:`(v_s, 	heta_s)` (every latent site, the whitened ones included, from
+    a guide's ``sample_posterior`` or from MCMC on :func:`~numpyro_svgp.sgpmc`), the
+    likelihood of :math:`y_n` integrates :math:`f_n` over its conditional
+    :math:`p(f_n \mid v_s, 	heta_s) = \mathcal N(a_n^	op v_s, k_{nn} - a_n^	op a_n)`:
+
+    .. math:: \log p(y_n \mid v_s, 	heta_s) = \log \int p(y_n \mid f_n, 	heta_s)\,
+        p(f_n \mid v_s, 	heta_s)\, df_n,
+
+    in closed form for a Gaussian, by Gauss–Hermite quadrature otherwise. Sites that do
+    not depend on an svgp output give their own log density.
+
+    :param model: the NumPyro model, run with ``*args, **kwargs`` (inputs and observations).
+    :param dict samples: site name to draws with a leading sample axis.
+    :param dict params: the model's ``numpyro.param`` values (SVI params), if it has any.
+    :param int quadrature_points: Gauss–Hermite points per svgp output.
+    :return: observed site name to an array of shape ``(S,) + site_shape``.
+    """
+    if not samples:
+        raise ValueError("pointwise_log_likelihood: samples is empty.")
+    sizes = {int(jnp.shape(v)[0]) for v in samples.values()}
+    if len(sizes) != 1:
+        raise ValueError(
+            f"pointwise_log_likelihood: all samples need the same number of draws on axis 0, "
+            f"got {sorted(sizes)}."
+        )
+    if isinstance(quadrature_points, bool) or not isinstance(quadrature_points, int) or not (
+        1 <= quadrature_points <= 100
+    ):
+        raise ValueError(
+            f"quadrature_points must be an int in [1, 100], got {quadrature_points!r}."
+        )
+    try:
+        return _pointwise_log_likelihood(model, dict(samples), dict(params or {}), args, kwargs,
+                                         quadrature_points)
+    except TypeError as error:
+        _explain_plate_size(error, "pointwise_log_likelihood")
+        raise
+
+
+@eqx.filter_jit
+def _pointwise_log_likelihood(model, samples, params, args, kwargs, points):
+    options = _Options(points, "auto", "auto", False)
+    key = jax.random.PRNGKey(0)
+
+    def one_draw(draw):
+        values = {**params, **draw}
+        with block():
+            # no guide: every whitened site is the point mass at its draw
+            plan = plan_model(model, key, {}, values, args, kwargs, options)
+            result = {}
+            for name, site in plan.model_trace.items():
+                if site["type"] != "sample" or not site["is_observed"]:
+                    continue
+                integration = plan.integrations.get(name)
+                if integration is None or integration.method == "exact":
+                    result[name] = site["fn"].log_prob(site["value"])
+                    continue
+                _check_integrable(integration, name, "pointwise_log_likelihood")
+                log_w, stats = _site_components(plan, {}, model, values, args, kwargs, key,
+                                                name, integration, points, True)
+                result[name] = logsumexp(_expand(log_w, stats["log_prob"]) + stats["log_prob"],
+                                         axis=0)
+            return result
+
+    return jax.lax.map(one_draw, samples)
+
+
+def _expand(log_w, x):
+    return log_w.reshape(log_w.shape + (1,) * (jnp.ndim(x) - 1))
+
+
+def _components_of(model, guide, params, args, kwargs, site, num_samples, points, rng_key,
+                   caller):
+    if isinstance(points, bool) or not isinstance(points, int) or not 1 <= points <= 100:
+        raise ValueError(f"quadrature_points must be an int in [1, 100], got {points!r}.")
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}.")
+    rng_key = jax.random.PRNGKey(0) if rng_key is None else rng_key
+    try:
+        return _components(model, guide, params, args, kwargs, site, num_samples, points,
+                           rng_key, caller)
+    except TypeError as error:
+        _explain_plate_size(error, caller)
+        raise
+
+
+@eqx.filter_jit
+def _components(model, guide, params, args, kwargs, site, num_samples, points, rng_key,
+                caller):
+    """``(log_weights, stats)`` of the mixture that is the site's predictive distribution:
+    one component per (draw of the other latents, quadrature node), with each
+    component's mean, variance, log density of the observed value and the distribution
+    itself (batched over the components) for its CDF."""
+    options = _Options(points, "auto", "auto", False)
+    draw_key, key = jax.random.split(rng_key)
+    with block():
+        first, guide_trace = _plan(model, guide, params, args, kwargs, {}, key, options)
+    site = _pick_site(first, guide_trace, site, caller)
+    observed = first.model_trace[site]["is_observed"]
+    if not observed:
+        # observed at a placeholder, the site's density has a fixed value, which is what
+        # lets the engine see a Gaussian in an output (closed form, not quadrature)
+        value = first.model_trace[site]["value"]
+        model = condition(model, data={site: jnp.zeros(jnp.shape(value), jnp.result_type(value))})
+        with block():
+            first, guide_trace = _plan(model, guide, params, args, kwargs, {}, key, options)
+    integration = first.integrations[site]
+    _check_integrable(integration, site, caller)
+    others = [n for n, s in guide_trace.items()
+              if s["type"] == "sample" and not s["is_observed"] and n in first.model_trace
+              and svgp_site(first.model_trace[n]) is None]
+    if not others:
+        num_samples = 1
+    draws = guide.sample_posterior(draw_key, params, *args, sample_shape=(num_samples,),
+                                   **kwargs)
+    draws = {n: draws[n] for n in others}
+
+    def one_draw(values):
+        with block():
+            plan, guide_trace = _plan(model, guide, params, args, kwargs, values, key, options)
+            return _site_components(plan, guide_trace, model, params, args, kwargs, key, site,
+                                    integration, points, observed)
+
+    log_w, stats = jax.vmap(one_draw, axis_size=num_samples)(draws)
+    flat = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), stats)
+    return log_w.reshape(-1) - jnp.log(num_samples), flat
+
+
+def _plan(model, guide, params, args, kwargs, values, key, options):
+    guide_trace = trace(substitute(seed(guide, key), data={**params, **values})).get_trace(
+        *args, **kwargs
+    )
+    return plan_model(model, key, guide_trace, params, args, kwargs, options), guide_trace
+
+
+def _pick_site(plan, guide_trace, site, caller):
+    # the site's values are data: observed, or left unobserved (y=None) to be predicted
+    # (then it is latent in the model but the guide does not cover it)
+    candidates = [n for n, s in plan.model_trace.items()
+                  if s["type"] == "sample" and n not in guide_trace and n in plan.integrations
+                  and plan.integrations[n].method != "exact"]
+    if site is None:
+        if len(candidates) != 1:
+            raise ValueError(
+                f"{caller}: the model has {len(candidates)} likelihood sites that depend on "
+                f"svgp outputs ({candidates}); name one with site=."
+            )
+        return candidates[0]
+    if site not in plan.model_trace or plan.model_trace[site]["type"] != "sample":
+        raise ValueError(f"{caller}: the model has no sample site '{site}'.")
+    if site not in candidates:
+        raise ValueError(
+            f"{caller}: site '{site}' is not a likelihood site that depends on an svgp "
+            f"output; those are {candidates}."
+        )
+    return site
+
+
+def _check_integrable(integration, site, caller):
+    if integration.method == "Monte Carlo":
+        raise ValueError(
+            f"{caller}: site '{site}' cannot be integrated over q(f) exactly: "
+            f"{integration.reason}. Draw it with numpyro.infer.Predictive instead."
+        )
+
+
+def _site_components(plan, guide_trace, model, params, args, kwargs, key, site, integration,
+                     points, observed):
+    """The components of one draw: ``(log_weights (C,), stats with leading C)``."""
+    outputs = integration.outputs
+
+    def run_at(values):
+        handler = output_values(values=values, placeholder=True)
+        return _run(model, key, guide_trace, params, args, kwargs, handler)[site]
+
+    if integration.method == "closed form":
+        output = outputs[0]
+        mean, variance = plan.moments(output)
+
+        def base_loc(f):
+            _, base = _peel(run_at({output: f})["fn"])
+            return jnp.broadcast_to(base.loc, base.batch_shape)
+
+        loc, spread = jax.jvp(base_loc, (mean,), (variance,))
+        at_mean = run_at({output: mean})
+        wrappers, base = _peel(at_mean["fn"])
+        fn = _rewrap(wrappers, Normal(loc, jnp.sqrt(jnp.square(base.scale) + spread)))
+        stats = _stats(fn, at_mean, observed)
+        return jnp.zeros((1,), loc.dtype), jax.tree.map(lambda x: x[None], stats)
+
+    x, w = hermegauss(points)
+    dtype = plan.moments(outputs[0])[0].dtype
+    x, log_w = jnp.asarray(x, dtype), jnp.asarray(np.log(w / np.sum(w)), dtype)
+    grids = [g.reshape(-1) for g in jnp.meshgrid(*[jnp.arange(points)] * len(outputs),
+                                                   indexing="ij")]
+    nodes = {}
+    for output, g in zip(outputs, grids, strict=True):
+        mean, variance = plan.moments(output)
+        nodes[output] = mean + safe_sqrt(variance) * x[g].reshape((-1,) + (1,) * mean.ndim)
+    weights = jnp.sum(jnp.stack([log_w[g] for g in grids]), axis=0)
+
+    def at(node_values):
+        at_node = run_at(node_values)
+        return _stats(at_node["fn"], at_node, observed)
+
+    return weights, jax.vmap(at)(nodes)
+
+
+def _stats(fn, site, observed):
+    """Pointwise statistics of the site's distribution ``fn`` at one component. The
+    distribution kept for the CDF is the base one, without the plates' ``expand``,
+    ``to_event`` and masks (pointwise quantities are the same)."""
+    value = site["value"] if observed else None
+    shape = fn.batch_shape + fn.event_shape
+    _, base = _peel(fn)
+    return {
+        "mean": jnp.broadcast_to(base.mean, shape),
+        "variance": jnp.broadcast_to(base.variance, shape),
+        "log_prob": None if value is None else fn.log_prob(value),
+        "fn": base,
+    }
+
+
+def _moments_and_quantiles(components, levels):
+    log_w, stats = components
+    weights = jnp.exp(_expand(log_w, stats["mean"]))
+    mean = jnp.sum(weights * stats["mean"], axis=0)
+    second = jnp.sum(weights * (stats["variance"] + jnp.square(stats["mean"])), axis=0)
+    variance = jnp.maximum(second - jnp.square(mean), 0.0)
+    if levels is None:
+        return YPrediction(mean, variance, None)
+    quantiles = _quantiles(stats["fn"], stats["mean"], weights, mean, variance, levels)
+    return YPrediction(mean, variance, quantiles)
+
+
+def _quantiles(fn, component_mean, weights, mean, variance, levels):
+    """Bisection on the mixture CDF :math:`\\sum_c w_c F_c(y)` for each level and point."""
+    discrete = fn.support.is_discrete
+    cdf = _cdf_of(fn)
+    spread = 10.0 * jnp.sqrt(variance) + 10.0
+    levels = jnp.asarray(levels, mean.dtype).reshape((-1,) + (1,) * mean.ndim)
+    low = jnp.broadcast_to(mean - spread, levels.shape[:1] + mean.shape)
+    high = jnp.broadcast_to(mean + spread, low.shape)
+    if discrete:
+        low, high = jnp.floor(low) - 1.0, jnp.ceil(high)
+
+    def component_cdf(y):
+        if not discrete:
+            return cdf(y)
+        # outside a discrete support a CDF formula may not hold (Poisson's at y < 0):
+        # there the CDF is 0 below the values and 1 above them
+        return jnp.where(fn.support(y), cdf(y), jnp.where(y < component_mean, 0.0, 1.0))
+
+    def mixture_cdf(y):
+        # y: (Q, ...) -> (Q, ...); the components' axis is summed out
+        return jax.vmap(lambda v: jnp.sum(weights * component_cdf(v[None]), axis=0))(y)
+
+    def step(_, bracket):
+        low, high = bracket
+        middle = 0.5 * (low + high)
+        if discrete:
+            middle = jnp.floor(middle)
+        below = mixture_cdf(middle) < levels
+        return jnp.where(below, middle, low), jnp.where(below, high, middle)
+
+    low, high = jax.lax.fori_loop(0, BISECTION_STEPS, step, (low, high))
+    return high
+
+
+def _cdf_of(fn):
+    """``y -> F(y)`` for a distribution batched over components, from its ``cdf`` or, for a
+    finite discrete support, by summing the probabilities of the values up to ``y``."""
+    try:
+        fn.cdf(jnp.zeros(()))
+        return fn.cdf
+    except NotImplementedError:
+        pass
+    if fn.support.is_discrete and fn.has_enumerate_support:
+        values = np.unique(np.asarray(fn.enumerate_support(expand=False)))
+
+        def cdf(y):
+            return sum(jnp.where(v <= y, jnp.exp(fn.log_prob(v)), 0.0) for v in values)
+
+        return cdf
+    raise ValueError(
+        f"predict_y: {type(fn).__name__} has no CDF, so its quantiles cannot be found; "
+        "ask for the mean and variance only (quantiles=None)."
+    )

@@ -1,0 +1,165 @@
+"""ns.predict_y and ns.predict_log_density against closed forms, scipy.integrate.quad
+and dense NumPy marginals of q(f)."""
+
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+import pytest
+from scipy import integrate, stats
+from scipy.special import expit
+
+import numpyro_svgp as ns
+
+from . import reference as ref
+from .helpers import initial_params
+
+VAR, LS, JITTER = 1.3, 0.8, 1e-8
+Z = np.linspace(-2.5, 2.5, 6)[:, None]
+X_TEST = np.linspace(-3, 3, 9)[:, None]
+
+
+def _model(likelihood, noise=None):
+    def model(X, y=None, num_data=None):
+        kernel = ns.kernels.RBF(numpyro.param("variance", VAR), numpyro.param("lengthscale", LS))
+        f = ns.svgp("f", kernel, X, jnp.asarray(Z), jitter=JITTER)
+        if likelihood == "gaussian":
+            s = noise if noise is not None else numpyro.sample("noise", dist.LogNormal(-1.5, 0.3))
+        size = X.shape[0]
+        # the README's mini-batch form: it runs on new inputs without num_data
+        with numpyro.plate("data", num_data or size, subsample_size=size):
+            if likelihood == "gaussian":
+                numpyro.sample("y", dist.Normal(f + 0.5, s), obs=y)
+            elif likelihood == "bernoulli":
+                numpyro.sample("y", dist.Bernoulli(logits=f), obs=y)
+            else:
+                numpyro.sample("y", dist.Poisson(jnp.exp(f)), obs=y)
+
+    return model
+
+
+def _with_q(model, X, y):
+    """The model's guide with a known q(v) = N(m, S S^T), and the dense marginals of q(f)
+    at X_TEST."""
+    guide = ns.AutoSVGP(model)
+    params = initial_params(model, guide, X, y, num_data=len(X))
+    rng = np.random.default_rng(5)
+    m = rng.normal(size=len(Z))
+    S = np.tril(0.3 * rng.normal(size=(len(Z), len(Z)))) + 0.5 * np.eye(len(Z))
+    params = dict(params, f_whitened_auto_loc=jnp.asarray(m),
+                  f_whitened_auto_scale_tril=jnp.asarray(S))
+    mean, var, _, _ = ref.whitened_svgp_marginals(X_TEST, Z, VAR, LS, m, S, JITTER)
+    return guide, params, mean, var
+
+
+def _train_data(likelihood):
+    rng = np.random.default_rng(0)
+    X = np.sort(rng.uniform(-3, 3, size=(30, 1)), axis=0)
+    f = np.sin(2 * X[:, 0])
+    y = {"gaussian": f + 0.2 * rng.normal(size=30),
+         "bernoulli": (rng.uniform(size=30) < expit(2 * f)).astype(np.float64),
+         "poisson": rng.poisson(np.exp(f)).astype(np.float64)}[likelihood]
+    return X, y
+
+
+def test_gaussian_is_exact():
+    noise = 0.3
+    model = _model("gaussian", noise)
+    guide, params, mean, var = _with_q(model, *_train_data("gaussian"))
+    levels = (0.05, 0.5, 0.9)
+    pred = ns.predict_y(model, guide, params, X_TEST, quantiles=levels)
+    np.testing.assert_allclose(pred.mean, mean + 0.5, rtol=1e-10)
+    np.testing.assert_allclose(pred.variance, var + noise**2, rtol=1e-10)
+    want = [stats.norm.ppf(q, mean + 0.5, np.sqrt(var + noise**2)) for q in levels]
+    np.testing.assert_allclose(pred.quantiles, want, rtol=1e-9, atol=1e-12)
+    y_test = np.linspace(-1, 2, len(X_TEST))
+    log_p = ns.predict_log_density(model, guide, params, X_TEST, y_test)
+    np.testing.assert_allclose(
+        log_p, stats.norm.logpdf(y_test, mean + 0.5, np.sqrt(var + noise**2)), rtol=1e-10
+    )
+
+
+def test_bernoulli_against_quad():
+    model = _model("bernoulli")
+    guide, params, mean, var = _with_q(model, *_train_data("bernoulli"))
+    pred = ns.predict_y(model, guide, params, X_TEST, quantiles=(0.3, 0.7))
+    sd = np.sqrt(var)
+    prob = np.array([
+        integrate.quad(lambda t, m=m, s=s: expit(t) * stats.norm.pdf(t, m, s),
+                       m - 12 * s, m + 12 * s, epsabs=1e-14)[0]
+        for m, s in zip(mean, sd, strict=True)
+    ])
+    np.testing.assert_allclose(pred.mean, prob, rtol=1e-8)
+    np.testing.assert_allclose(pred.variance, prob * (1 - prob), rtol=1e-8)
+    # a Bernoulli quantile is 0 while the level is at most P(y = 0), else 1
+    np.testing.assert_array_equal(pred.quantiles, [(q > 1 - prob).astype(float)
+                                                   for q in (0.3, 0.7)])
+    y_test = (np.arange(len(X_TEST)) % 2).astype(np.float64)
+    log_p = ns.predict_log_density(model, guide, params, X_TEST, y_test)
+    np.testing.assert_allclose(log_p, np.log(np.where(y_test == 1, prob, 1 - prob)), rtol=1e-8)
+
+
+def test_poisson_moments_are_the_lognormal_ones():
+    model = _model("poisson")
+    guide, params, mean, var = _with_q(model, *_train_data("poisson"))
+    levels = (0.1, 0.5, 0.95)
+    pred = ns.predict_y(model, guide, params, X_TEST, quantiles=levels, quadrature_points=40)
+    rate = np.exp(mean + var / 2)  # E[exp f]
+    np.testing.assert_allclose(pred.mean, rate, rtol=1e-9)
+    np.testing.assert_allclose(pred.variance, rate + (np.exp(var) - 1) * rate**2, rtol=1e-8)
+    # quantiles against the mixture's CDF, each probability by quad
+    for n, (m, s) in enumerate(zip(mean, np.sqrt(var), strict=True)):
+        pmf = [integrate.quad(lambda t, k=k, m=m, s=s: stats.poisson.pmf(k, np.exp(t))
+                              * stats.norm.pdf(t, m, s), m - 12 * s, m + 12 * s)[0]
+               for k in range(60)]
+        cdf = np.concatenate([[0.0], np.cumsum(pmf)])  # cdf[k + 1] = P(y <= k)
+        for q, got in zip(levels, np.asarray(pred.quantiles[:, n]), strict=True):
+            # the smallest k with P(y <= k) >= q, up to the quadrature's error in the CDF
+            k = int(got)
+            assert got == k and cdf[k + 1] >= q - 1e-4 and cdf[k] < q + 1e-4, (n, q, k, cdf)
+
+
+def test_other_latents_are_integrated_with_the_guides_draws():
+    """The noise is latent: p(y_n) = int N(y_n | mu_n + 0.5, sigma_n^2 + s^2) q(s) ds, with
+    q(s) the guide's LogNormal, by quad; the library averages over draws of s."""
+    model = _model("gaussian")
+    X, y = _train_data("gaussian")
+    guide, params, mean, var = _with_q(model, X, y)
+    params = dict(params, noise_auto_loc=jnp.asarray(-1.2), noise_auto_scale=jnp.asarray(0.25))
+    q_s = stats.lognorm(s=0.25, scale=np.exp(-1.2))
+    y_test = np.linspace(-1, 2, len(X_TEST))
+    want = np.log([
+        integrate.quad(lambda s, n=n: stats.norm.pdf(y_test[n], mean[n] + 0.5,
+                                                     np.sqrt(var[n] + s**2)) * q_s.pdf(s),
+                       0, 5)[0]
+        for n in range(len(X_TEST))
+    ])
+    log_p = ns.predict_log_density(model, guide, params, X_TEST, y_test, num_samples=4000)
+    # Monte-Carlo error of a mean of 4000 densities, each varying by a few per cent
+    np.testing.assert_allclose(log_p, want, atol=5e-3)
+    pred = ns.predict_y(model, guide, params, X_TEST, num_samples=4000)
+    np.testing.assert_allclose(pred.mean, mean + 0.5, rtol=1e-10)
+    np.testing.assert_allclose(pred.variance, var + q_s.moment(2), rtol=1e-2)
+
+
+def test_bad_requests_are_refused():
+    model = _model("gaussian", 0.3)
+    guide, params, _, _ = _with_q(model, *_train_data("gaussian"))
+    with pytest.raises(ValueError, match="quantiles must be levels in"):
+        ns.predict_y(model, guide, params, X_TEST, quantiles=(0.5, 1.0))
+    with pytest.raises(ValueError, match="no sample site 'z'"):
+        ns.predict_y(model, guide, params, X_TEST, site="z")
+    with pytest.raises(ValueError, match="needs the observations"):
+        ns.predict_log_density(model, guide, params, X_TEST)
+    with pytest.raises(ValueError, match="quadrature_points"):
+        ns.predict_y(model, guide, params, X_TEST, quadrature_points=0)
+
+    def joint(X, y=None):
+        f = ns.svgp("f", ns.kernels.RBF(1.0, 1.0), X, jnp.asarray(Z))
+        numpyro.sample("y", dist.MultivariateNormal(f, jnp.eye(X.shape[0])), obs=y)
+
+    X, y = _train_data("gaussian")
+    joint_guide = ns.AutoSVGP(joint)
+    joint_params = initial_params(joint, joint_guide, X, y)
+    with pytest.raises(ValueError, match="cannot be integrated over q\\(f\\) exactly"):
+        ns.predict_y(joint, joint_guide, joint_params, X_TEST)
