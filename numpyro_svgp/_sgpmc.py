@@ -97,10 +97,10 @@ class sgpmc:
             raise ValueError(
                 "ns.sgpmc: the model has no ns.svgp site; run MCMC on the model itself."
             )
-        values = {
-            name: site["value"] for name, site in latents.items()
-            if site["type"] == "param" or (site["type"] == "sample" and not site["is_observed"])
-        }
+        # every site that reached the outer handlers, with their values: latent ones, and
+        # ones they observe (HMCGibbs conditions its Gibbs sites from outside)
+        values = {name: site["value"] for name, site in latents.items()
+                  if site["type"] in ("param", "sample")}
         with block():
             plan = plan_model(model, jax.random.PRNGKey(0), {}, values, args, kwargs,
                               self.options)

@@ -269,3 +269,55 @@ def test_float32_sgpmc_smoke():
                          timeout=600, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "float32 sgpmc ok" in run.stdout
+
+
+def test_hmcgibbs_runs_sgpmc_with_a_conjugate_gibbs_site():
+    """HMCGibbs: NUTS on the GP's sites, an exact Gibbs update of a conjugate mean elsewhere
+    in the model; the Gibbs site's draws have the conjugate posterior's mean."""
+    from numpyro.infer import HMCGibbs
+
+    X, f, rng = _data(n=15)
+    y = f + 0.2 * rng.normal(size=len(X))
+    w = rng.normal(1.0, 1.0, size=50)
+    gp = _model(jnp.linspace(-2, 2, 5)[:, None])
+
+    def model(X, y, w):
+        gp(X, y)
+        mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
+        with numpyro.plate("w", w.shape[0]):
+            numpyro.sample("w_obs", dist.Normal(mu, 1.0), obs=w)
+
+    def gibbs_fn(rng_key, gibbs_sites, hmc_sites):
+        # N(0, 1) prior, unit-variance observations: N(sum w / (n + 1), 1 / (n + 1))
+        n = w.shape[0]
+        return {"mu": jnp.sum(w) / (n + 1) + random.normal(rng_key) / jnp.sqrt(n + 1)}
+
+    kernel = HMCGibbs(NUTS(ns.sgpmc(model)), gibbs_fn=gibbs_fn, gibbs_sites=["mu"])
+    mcmc = MCMC(kernel, num_warmup=100, num_samples=400, progress_bar=False)
+    mcmc.run(random.PRNGKey(0), X, y, w)
+    mu = np.asarray(mcmc.get_samples()["mu"])
+    exact = np.sum(w) / (len(w) + 1)
+    assert abs(mu.mean() - exact) < 4 / np.sqrt((len(w) + 1) * len(mu))
+    assert np.all(np.isfinite(np.asarray(mcmc.get_samples()["lengthscale"])))
+
+
+def test_sites_observed_from_outside_keep_their_values():
+    """A site conditioned outside ns.sgpmc (as HMCGibbs conditions its Gibbs sites) enters
+    the integrated likelihood at its conditioned value."""
+    X, f, rng = _data(n=20)
+    y = f + 0.3 + 0.2 * rng.normal(size=len(X))
+    Z = np.linspace(-2.5, 2.5, 5)[:, None]
+
+    def model(X, y):
+        f = ns.svgp("f", ns.kernels.RBF(1.1, 0.9), X, jnp.asarray(Z), jitter=JITTER)
+        shift = numpyro.sample("shift", dist.Normal(0.0, 1.0))
+        with numpyro.plate("data", X.shape[0]):
+            numpyro.sample("y", dist.Normal(f + shift, 0.2), obs=y)
+
+    v = rng.normal(size=5)
+    conditioned = numpyro.handlers.condition(ns.sgpmc(model), {"shift": 0.3})
+    got = float(log_density(conditioned, (X, y), {}, {"f_whitened": jnp.asarray(v)})[0])
+    A, cond_var = _conditional(X, Z, 1.1, 0.9)
+    expected = (np.sum(stats.norm.logpdf(v)) + stats.norm.logpdf(0.3)
+                + np.sum(stats.norm.logpdf(y, A @ v + 0.3, 0.2) - cond_var / (2 * 0.04)))
+    np.testing.assert_allclose(got, expected, rtol=1e-10)
