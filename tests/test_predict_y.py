@@ -163,3 +163,33 @@ def test_bad_requests_are_refused():
     joint_params = initial_params(joint, joint_guide, X, y)
     with pytest.raises(ValueError, match="cannot be integrated over q\\(f\\) exactly"):
         ns.predict_y(joint, joint_guide, joint_params, X_TEST)
+
+
+def test_two_outputs_heteroscedastic_moments():
+    """y = Normal(f, exp(g)): E[y] = mu_f, Var[y] = sigma_f^2 + E[exp(2 g)], a lognormal
+    moment; the product rule over both outputs gives them."""
+    rng = np.random.default_rng(2)
+    X = np.sort(rng.uniform(-3, 3, size=(25, 1)), axis=0)
+    y = np.sin(X[:, 0]) + 0.3 * rng.normal(size=25)
+
+    def model(X, y=None):
+        kernel = ns.kernels.RBF(VAR, LS)
+        f = ns.svgp("f", kernel, X, jnp.asarray(Z), jitter=JITTER)
+        g = ns.svgp("g", kernel, X, jnp.asarray(Z), jitter=JITTER)
+        with numpyro.plate("data", X.shape[0]):
+            numpyro.sample("y", dist.Normal(f, jnp.exp(g - 1.0)), obs=y)
+
+    guide = ns.AutoSVGP(model)
+    params = initial_params(model, guide, X, y)
+    moments = {}
+    for name, seed_ in (("f", 1), ("g", 2)):
+        r = np.random.default_rng(seed_)
+        m = r.normal(size=len(Z))
+        S = np.tril(0.2 * r.normal(size=(len(Z), len(Z)))) + 0.4 * np.eye(len(Z))
+        params[f"{name}_whitened_auto_loc"] = jnp.asarray(m)
+        params[f"{name}_whitened_auto_scale_tril"] = jnp.asarray(S)
+        moments[name] = ref.whitened_svgp_marginals(X_TEST, Z, VAR, LS, m, S, JITTER)[:2]
+    (mf, vf), (mg, vg) = moments["f"], moments["g"]
+    pred = ns.predict_y(model, guide, params, X_TEST, quadrature_points=30)
+    np.testing.assert_allclose(pred.mean, mf, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(pred.variance, vf + np.exp(2 * (mg - 1.0) + 2 * vg), rtol=1e-8)

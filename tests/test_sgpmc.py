@@ -321,3 +321,30 @@ def test_sites_observed_from_outside_keep_their_values():
     expected = (np.sum(stats.norm.logpdf(v)) + stats.norm.logpdf(0.3)
                 + np.sum(stats.norm.logpdf(y, A @ v + 0.3, 0.2) - cond_var / (2 * 0.04)))
     np.testing.assert_allclose(got, expected, rtol=1e-10)
+
+
+def test_a_family_of_gps_is_the_sum_of_its_members():
+    """svgp inside a group plate with per-group lengthscales: the SGPMC density is the
+    dense formula summed over the groups."""
+    X, _, rng = _data(n=14)
+    Y = np.stack([np.sin(2 * X[:, 0]), np.cos(X[:, 0])]) + 0.2 * rng.normal(size=(2, 14))
+    Z = np.linspace(-2.5, 2.5, 5)[:, None]
+
+    def model(X, Y):
+        with numpyro.plate("group", 2, dim=-2):
+            lengthscale = numpyro.sample("lengthscale", dist.LogNormal(0.0, 1.0))
+            f = ns.svgp("f", ns.kernels.RBF(1.2, lengthscale), X, jnp.asarray(Z), jitter=JITTER)
+            with numpyro.plate("data", X.shape[0], dim=-1):
+                numpyro.sample("y", dist.Normal(f, 0.3), obs=Y)
+
+    v = rng.normal(size=(2, 1, 5))
+    lengthscales = np.array([[0.7], [1.4]])
+    values = {"lengthscale": jnp.asarray(lengthscales), "f_whitened": jnp.asarray(v)}
+    got = float(log_density(ns.sgpmc(model), (X, Y), {}, values)[0])
+    expected = 0.0
+    for g in range(2):
+        A, cond_var = _conditional(X, Z, 1.2, lengthscales[g, 0])
+        expected += (stats.lognorm(s=1.0).logpdf(lengthscales[g, 0])
+                     + np.sum(stats.norm.logpdf(v[g, 0]))
+                     + np.sum(stats.norm.logpdf(Y[g], A @ v[g, 0], 0.3) - cond_var / 0.18))
+    np.testing.assert_allclose(got, expected, rtol=1e-10)
