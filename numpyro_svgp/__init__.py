@@ -40,6 +40,7 @@ from numpyro_svgp._linalg import (
     jittered_cholesky,
 )
 from numpyro_svgp._natgrad import natural_gradient
+from numpyro_svgp._pathwise import pathwise
 from numpyro_svgp._predict import held_out_log_likelihood, predict_f
 from numpyro_svgp._predict_y import (
     YPrediction,
@@ -85,6 +86,7 @@ __all__ = [
     "kl",
     "load_checkpoint",
     "natural_gradient",
+    "pathwise",
     "pointwise_log_likelihood",
     "predict_f",
     "predict_log_density",
