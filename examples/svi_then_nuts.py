@@ -109,7 +109,7 @@ def main(argv=None):
     axes = az.plot_density(idatas, data_labels=["SVI (AutoSVGP)", "NUTS (ns.sgpmc)"],
                            var_names=list(HYPERPARAMETERS), shade=0.2, figsize=(11, 3.5))
     fig = np.ravel(axes)[0].figure
-    fig.suptitle("Hyperparameter posteriors")
+    fig.tight_layout()
     fig.savefig(os.path.join(args.out, "svi_nuts_hyperparameters.png"), dpi=120)
     plt.close(fig)
 

@@ -21,7 +21,7 @@ from numpyro.distributions import MultivariateNormal
 from numpyro.handlers import block, seed, substitute, trace
 
 from numpyro_svgp._conditional import predictive_covariance, predictive_moments
-from numpyro_svgp._svgp import fitted_model_trace, svgp_site
+from numpyro_svgp._svgp import fitted_model_trace, output_values, svgp_site
 
 __all__ = ["predict_f", "held_out_log_likelihood"]
 
@@ -67,14 +67,18 @@ def _explain_plate_size(error: Exception, caller: str) -> None:
 
 def predict_f(
     model, guide, params, *args, name: str = "f", rng_seed: int = 0, full_cov: bool = False,
-    **kwargs,
+    num_samples: int | None = 100, **kwargs,
 ):
     r"""Posterior mean and variance (or covariance) of the svgp output ``name`` at the
     model's inputs.
 
     Runs ``model(*args, **kwargs)`` (typically with new inputs) with the fitted
     params and reads off the moments under :math:`q(v)`. Latent sites other than the
-    whitened one (e.g. hyperparameters with priors) are fixed at the guide's median.
+    whitened ones (e.g. hyperparameters with priors) are integrated with ``num_samples``
+    draws :math:`	heta_s` from the guide, as ``Predictive`` does: the moments are those of
+    the mixture, :math:`\mu = \frac1S\sum_s \mu_s` and
+    :math:`\Sigma = \frac1S\sum_s \big(\Sigma_s + (\mu_s - \mu)(\mu_s - \mu)^\top\big)`.
+    With ``num_samples=None`` they are fixed at the guide's median instead (a plug-in).
 
     Example::
 
@@ -85,15 +89,21 @@ def predict_f(
     :param guide: the fitted guide (an :class:`~numpyro_svgp.AutoSVGP`).
     :param dict params: the SVI params (``svi_result.params``).
     :param str name: the svgp output site; default ``"f"``.
-    :param int rng_seed: seed for any randomness the model needs while tracing.
+    :param int rng_seed: seed for the guide's draws and any randomness the model needs.
     :param bool full_cov: return the joint covariance
         :math:`K_{**} - A_* A_*^\top + A_* S S^\top A_*^\top` of the outputs instead of
         their variances (one ``(N, N)`` matrix per GP of a family).
+    :param num_samples: draws of the other latent sites (unused when there are none), or
+        ``None`` for their median.
     :return: ``(mean, variance)``, each of the output's shape ``(N,)``, or with
         ``full_cov`` ``(mean, covariance)`` with covariance ``(..., N, N)``; neither
         includes the likelihood's noise.
     """
     _check_params(params, "predict_f")
+    if num_samples is not None and (
+        isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1
+    ):
+        raise ValueError(f"num_samples must be an int >= 1 or None, got {num_samples!r}.")
     whitened = f"{name}_whitened"
     try:
         guide_trace = trace(seed(substitute(guide, data=params), rng_seed)).get_trace(
@@ -115,10 +125,44 @@ def predict_f(
             f"predict_f needs a MultivariateNormal q({whitened}), as AutoSVGP makes; "
             f"the guide gave {type(q).__name__}."
         )
+    others = [n for n, site in guide_trace.items()
+              if site["type"] == "sample" and not site["is_observed"] and n in model_trace
+              and svgp_site(model_trace[n]) is None]
+    if others and num_samples is not None:
+        return _integrated_moments(model, guide, params, args, kwargs, whitened, tuple(others),
+                                   jax.random.PRNGKey(rng_seed), num_samples, full_cov)
     info = svgp_site(model_trace[whitened])
     if full_cov:
         return predictive_covariance(info.conditional, q.loc, q.scale_tril)
     return predictive_moments(info.conditional, q.loc, q.scale_tril)
+
+
+@eqx.filter_jit
+def _integrated_moments(model, guide, params, args, kwargs, whitened, others, key,
+                        num_samples, full_cov):
+    draw_key, key = jax.random.split(key)
+    draws = guide.sample_posterior(draw_key, params, *args, sample_shape=(num_samples,),
+                                   **kwargs)
+
+    def one_draw(draw):
+        values = {**params, **draw}
+        with block():
+            q = trace(substitute(seed(guide, key), data=values)).get_trace(*args, **kwargs)
+            model_trace = trace(seed(substitute(output_values(model, placeholder=True),
+                                                data=values), key)).get_trace(*args, **kwargs)
+        conditional = svgp_site(model_trace[whitened]).conditional
+        q = q[whitened]["fn"]
+        moments = predictive_covariance if full_cov else predictive_moments
+        return moments(conditional, q.loc, q.scale_tril)
+
+    means, spreads = jax.lax.map(one_draw, {n: draws[n] for n in others})
+    mean = jnp.mean(means, axis=0)
+    centred = means - mean
+    if full_cov:
+        between = jnp.einsum("s...i,s...j->...ij", centred, centred) / num_samples
+    else:
+        between = jnp.mean(jnp.square(centred), axis=0)
+    return mean, jnp.mean(spreads, axis=0) + between
 
 
 def held_out_log_likelihood(

@@ -100,3 +100,18 @@ def test_hierarchical_example_tiny(tmp_path):
     for row in rows:
         assert all(np.isfinite(float(cell)) for cell in row.split("|")[2:5])
     assert (out / "forest.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_svi_then_nuts_example_tiny(tmp_path):
+    out = tmp_path / "figs"
+    run = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "examples", "svi_then_nuts.py"), "--out", str(out),
+         "--steps", "200", "--warmup", "50", "--samples", "50"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    table = run.stdout.strip().splitlines()
+    assert len(table) == 4 and table[2].startswith("| SVI |") and "NUTS (sgpmc)" in table[3]
+    for name in ("svi_nuts_hyperparameters.png", "svi_nuts_paths.png"):
+        assert (out / name).stat().st_size > 0

@@ -101,3 +101,54 @@ def test_full_covariance_equals_the_dense_svgp_posterior_and_the_exact_gp_at_z_e
     K_sx = ref.rbf(X_test, Xg, VAR, LS)
     exact = ref.rbf(X_test, X_test, VAR, LS) - K_sx @ np.linalg.solve(K, K_sx.T)
     np.testing.assert_allclose(cov, exact, rtol=1e-5, atol=1e-8)
+
+
+def test_other_latents_are_integrated_with_the_guides_draws():
+    """A latent lengthscale with q(l) LogNormal: predict_f's moments are those of the mixture
+    over q(l), here by quadrature over l of the dense marginals; num_samples=None gives the
+    plug-in at the median."""
+    import numpyro
+    import numpyro.distributions as dist
+    from scipy import integrate, stats
+
+    X, y = toy_data(30, seed=4)
+    Z = np.linspace(-2.5, 2.5, 6)[:, None]
+    X_test = np.linspace(-3, 3, 7)[:, None]
+
+    def model(X, y=None):
+        lengthscale = numpyro.sample("lengthscale", dist.LogNormal(0.0, 1.0))
+        f = ns.svgp("f", ns.kernels.RBF(VAR, lengthscale), X, Z, jitter=1e-8)
+        with numpyro.plate("data", X.shape[0]):
+            numpyro.sample("y", dist.Normal(f, 0.2), obs=y)
+
+    guide = ns.AutoSVGP(model)
+    params = initial_params(model, guide, X, y)
+    rng = np.random.default_rng(0)
+    m, S = rng.normal(size=6), np.tril(0.3 * rng.normal(size=(6, 6))) + 0.5 * np.eye(6)
+    params = dict(params, f_whitened_auto_loc=jnp.asarray(m),
+                  f_whitened_auto_scale_tril=jnp.asarray(S),
+                  lengthscale_auto_loc=jnp.asarray(-0.2), lengthscale_auto_scale=jnp.asarray(0.2))
+    q = stats.lognorm(s=0.2, scale=np.exp(-0.2))
+
+    def moments(ls):
+        mean, var, _, _ = ref.whitened_svgp_marginals(X_test, Z, VAR, ls, m, S, 1e-8)
+        return mean, var
+
+    def integral(fn):
+        return np.array([integrate.quad(lambda ls, i=i: fn(ls)[i] * q.pdf(ls), 0.2, 3.0)[0]
+                         for i in range(len(X_test))])
+
+    want_mean = integral(lambda ls: moments(ls)[0])
+    want_var = integral(lambda ls: moments(ls)[1] + moments(ls)[0] ** 2) - want_mean**2
+    mean, var = ns.predict_f(model, guide, params, X_test, num_samples=4000)
+    np.testing.assert_allclose(mean, want_mean, atol=0.01)
+    np.testing.assert_allclose(var, want_var, rtol=0.03, atol=2e-3)
+    mean_c, cov = ns.predict_f(model, guide, params, X_test, num_samples=4000, full_cov=True)
+    np.testing.assert_allclose(np.diagonal(cov), var, rtol=1e-9)
+    np.testing.assert_allclose(mean_c, mean, rtol=1e-12)
+    plug_in, plug_var = ns.predict_f(model, guide, params, X_test, num_samples=None)
+    np.testing.assert_allclose(plug_in, moments(np.exp(-0.2))[0], rtol=1e-9)
+    np.testing.assert_allclose(plug_var, moments(np.exp(-0.2))[1], rtol=1e-9)
+    # the plug-in is off the mixture by more than the tolerances above (the test can tell)
+    assert np.max(np.abs(want_var - plug_var)) > 0.02
+    assert np.max(np.abs(want_mean - plug_in)) > 0.02
