@@ -99,6 +99,7 @@ def test_bernoulli_against_quad():
     np.testing.assert_allclose(log_p, np.log(np.where(y_test == 1, prob, 1 - prob)), rtol=1e-8)
 
 
+@pytest.mark.slow
 def test_poisson_moments_are_the_lognormal_ones():
     model = _model("poisson")
     guide, params, mean, var = _with_q(model, *_train_data("poisson"))

@@ -139,6 +139,7 @@ def test_an_impossible_proposal_is_a_divergence_not_a_crash():
     assert np.asarray(mcmc.get_extra_fields()["diverging"]).all()
 
 
+@pytest.mark.slow
 def test_warm_start_from_the_guide_median():
     X, f, rng = _data(n=20)
     y = f + 0.2 * rng.normal(size=len(X))
@@ -271,6 +272,7 @@ def test_float32_sgpmc_smoke():
     assert "float32 sgpmc ok" in run.stdout
 
 
+@pytest.mark.slow
 def test_hmcgibbs_runs_sgpmc_with_a_conjugate_gibbs_site():
     """HMCGibbs: NUTS on the GP's sites, an exact Gibbs update of a conjugate mean elsewhere
     in the model; the Gibbs site's draws have the conjugate posterior's mean."""
