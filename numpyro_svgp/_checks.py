@@ -11,11 +11,12 @@ model's range (a lengthscale that overflows, a factor that cannot be found) then
 NaN log density, which NUTS and HMC record as a divergence, rather than stopping the run.
 """
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 from numpyro.primitives import _PYRO_STACK, Messenger, apply_stack
+
+from numpyro_svgp._linalg import fail_if as nan_or_error
 
 __all__ = []
 
@@ -48,9 +49,8 @@ def fail_if(x: jax.Array, failed: jax.Array, message: str) -> jax.Array:
     """``x`` with a traced check: an error when the compiled program runs if ``failed``
     holds, or, under :class:`nan_on_failed_checks`, NaN in place of a floating ``x``
     (an integer cannot hold NaN: it keeps the error)."""
-    if jnp.issubdtype(x.dtype, jnp.floating) and failed_check_action() == _NAN:
-        return jnp.where(failed, jnp.asarray(jnp.nan, x.dtype), x)
-    return eqx.error_if(x, failed, message)
+    nan = jnp.issubdtype(x.dtype, jnp.floating) and failed_check_action() == _NAN
+    return nan_or_error(x, failed, None if nan else message)
 
 
 def is_traced(x) -> bool:

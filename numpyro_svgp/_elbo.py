@@ -21,7 +21,13 @@ from numpyro.infer.elbo import ELBO
 from numpyro.util import check_model_guide_match
 
 from numpyro_svgp._gaussian import FORMS, resolve_block_rows
-from numpyro_svgp._integrate import _Options, gaussian_q, plan_model, site_log_prob
+from numpyro_svgp._integrate import (
+    _Options,
+    check_quadrature_points,
+    gaussian_q,
+    plan_model,
+    site_log_prob,
+)
 from numpyro_svgp._svgp import svgp_site
 
 __all__ = ["kl", "SVGP_ELBO"]
@@ -94,12 +100,7 @@ class SVGP_ELBO(ELBO):
         block_rows: "int | str | None" = "auto",
         strict: bool = False,
     ):
-        if isinstance(quadrature_points, bool) or not isinstance(quadrature_points, int) or not (
-            1 <= quadrature_points <= 100
-        ):
-            raise ValueError(
-                f"quadrature_points must be an int in [1, 100], got {quadrature_points!r}."
-            )
+        check_quadrature_points(quadrature_points)
         if gaussian_form not in FORMS:
             raise ValueError(f"gaussian_form must be one of {FORMS}, got {gaussian_form!r}.")
         resolve_block_rows(block_rows, 2, 1)  # validates

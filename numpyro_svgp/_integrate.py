@@ -50,7 +50,14 @@ from numpyro_svgp._gaussian import gaussian_expected_log_likelihood
 from numpyro_svgp._linalg import safe_sqrt
 from numpyro_svgp._svgp import draw_with_key, output_values, svgp_site
 
-__all__ = ["Integration", "ModelPlan", "plan_model", "site_log_prob"]
+__all__ = [
+    "Integration",
+    "ModelPlan",
+    "check_quadrature_points",
+    "hermite_grid",
+    "plan_model",
+    "site_log_prob",
+]
 
 MAX_QUADRATURE_OUTPUTS = 2
 """Most svgp outputs one site may depend on for quadrature (a product rule of K^d nodes)."""
@@ -454,21 +461,37 @@ class _Evaluator:
 
     def _quadrature(self, name, integration):
         term = self.function([self.index[0][name]])
-        outputs = integration.outputs
-        dtype = self.zeros[self.names.index(outputs[0])].dtype
-        x, w = hermegauss(integration.points)
-        x, w = jnp.asarray(x, dtype), jnp.asarray(w / np.sum(w), dtype)
-        grids = jnp.meshgrid(*[jnp.arange(len(x))] * len(outputs), indexing="ij")
-        grids = [g.reshape(-1) for g in grids]
-        weights = jnp.prod(jnp.stack([w[g] for g in grids]), axis=0)
-        nodes = {}
-        for output, g in zip(outputs, grids, strict=True):
-            mean, variance = self.moments(output)
-            # (K^d,) + the output's shape
-            nodes[output] = mean + safe_sqrt(variance) * x[g].reshape((-1,) + (1,) * mean.ndim)
+        moments = {output: self.moments(output) for output in integration.outputs}
+        nodes, log_weights = hermite_grid(moments, integration.points)
 
         def at(node_values):
             return term(*self._with(node_values))[0]
 
-        return jnp.sum(weights * jax.vmap(at)(nodes))
+        return jnp.sum(jnp.exp(log_weights) * jax.vmap(at)(nodes))
 
+
+def check_quadrature_points(points) -> int:
+    """``points`` if it is a valid number of Gauss–Hermite points per output."""
+    if isinstance(points, bool) or not isinstance(points, int) or not 1 <= points <= 100:
+        raise ValueError(f"quadrature_points must be an int in [1, 100], got {points!r}.")
+    return points
+
+
+def hermite_grid(moments: dict, points: int):
+    r"""Gauss–Hermite product nodes for outputs with Gaussian marginals.
+
+    :param dict moments: output name to ``(mean, variance)``, all of one dtype.
+    :param int points: :math:`K`, nodes per output.
+    :return: ``(nodes, log_weights)``: output name to its values at the :math:`K^d` nodes,
+        shape ``(K^d,) +`` the output's shape, and the log weights ``(K^d,)`` (they sum to 1).
+    """
+    dtype = next(iter(moments.values()))[0].dtype
+    x, w = hermegauss(points)
+    x, log_w = jnp.asarray(x, dtype), jnp.asarray(np.log(w / np.sum(w)), dtype)
+    grids = jnp.meshgrid(*[jnp.arange(points)] * len(moments), indexing="ij")
+    grids = [g.reshape(-1) for g in grids]
+    nodes = {
+        output: mean + safe_sqrt(variance) * x[g].reshape((-1,) + (1,) * jnp.ndim(mean))
+        for (output, (mean, variance)), g in zip(moments.items(), grids, strict=True)
+    }
+    return nodes, jnp.sum(jnp.stack([log_w[g] for g in grids]), axis=0)

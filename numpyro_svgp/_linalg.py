@@ -23,6 +23,7 @@ __all__ = [
     "MAX_JITTER_ESCALATIONS",
     "cholesky_with_jitter",
     "default_jitter",
+    "fail_if",
     "jittered_cholesky",
     "lower_inverse",
     "safe_sqrt",
@@ -53,8 +54,10 @@ def _all_finite(A: jax.Array) -> jax.Array:
     return jnp.all(jnp.isfinite(A))
 
 
-def _fail_if(x: jax.Array, failed: jax.Array, message: str | None) -> jax.Array:
-    """``x`` with an error when run if ``failed``; with ``message=None``, NaN instead."""
+def fail_if(x: jax.Array, failed: jax.Array, message: str | None) -> jax.Array:
+    """``x`` with an error raised when the compiled program runs if ``failed`` holds; with
+    ``message=None``, NaN in place of ``x`` instead (an MCMC proposal out of range is then
+    a divergence, see :mod:`numpyro_svgp._checks`)."""
     if message is None:
         return jnp.where(failed, jnp.asarray(jnp.nan, x.dtype), x)
     return eqx.error_if(x, failed, message)
@@ -75,7 +78,7 @@ def _escalating_cholesky(
 
     if limit == 0:
         L = factor(0)
-        return _fail_if(L, ~_all_finite(L), message), jnp.asarray(jitter, K.dtype)
+        return fail_if(L, ~_all_finite(L), message), jnp.asarray(jitter, K.dtype)
 
     def keep_going(state):
         k, L_k = state
@@ -89,7 +92,7 @@ def _escalating_cholesky(
     # becomes a select that runs both branches, and two batched LAPACK calls running
     # at once can deadlock XLA:CPU's thread pool (each waits for workers the other holds).
     k, L = lax.while_loop(keep_going, next_try, (0, factor(0)))
-    L = _fail_if(L, ~_all_finite(L), message)
+    L = fail_if(L, ~_all_finite(L), message)
     return L, jnp.asarray(jitter, K.dtype) * jnp.asarray(10.0, K.dtype) ** k
 
 

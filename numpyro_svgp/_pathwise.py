@@ -71,6 +71,7 @@ inputs of one model run only: it is not a function that can be evaluated elsewhe
 2. Rahimi & Recht (2007), *Random features for large-scale kernel machines*, NeurIPS.
 """
 
+import functools
 import operator
 import os
 import sys
@@ -81,14 +82,14 @@ import jax.numpy as jnp
 import numpyro
 from jax import lax
 from jaxtyping import Array, Float
-from numpyro.handlers import seed
-from numpyro.primitives import _PYRO_STACK, Messenger
+from numpyro.primitives import Messenger
 
 from numpyro_svgp._checks import failed_check_action
 from numpyro_svgp._conditional import Conditional, compiled, mix, projection
 from numpyro_svgp._family import family_map
 from numpyro_svgp._features import InducingPoints
 from numpyro_svgp._linalg import MAX_JITTER_ESCALATIONS, cholesky_with_jitter, default_jitter
+from numpyro_svgp._svgp import seeded_key
 from numpyro_svgp.kernels import RBF, Kernel, Matern12, Matern32, Matern52
 
 __all__ = ["MAX_EXACT_POINTS", "pathwise"]
@@ -170,17 +171,19 @@ class pathwise(Messenger):
                 "of that form are not implemented. Give X one set of rows per group, shape "
                 "(G, N, D) (padded), or draw without ns.pathwise (marginals only)."
             )
-        key = numpyro.prng_key()
-        if key is None or not any(isinstance(h, seed) for h in _PYRO_STACK):
+        # the draw replaces the default action, so that a value given by an outer handler
+        # (substitute, the ELBO's) still wins and nothing is drawn then
+        msg["fn"] = functools.partial(self._draw, name)
+
+    def _draw(self, name, conditional, v):
+        key = seeded_key()
+        if key is None:
             raise RuntimeError(
                 f"ns.pathwise draws the svgp output '{name}' from a random key, and none was "
                 "given: run the model under numpyro.handlers.seed, or through Predictive."
             )
-        if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
-            key = jax.random.key_data(key)
         if _has_random_features(conditional):
-            msg["value"] = _draw_pathwise(conditional, v, key, self.num_features)
-            return
+            return _draw_pathwise(conditional, v, key, self.num_features)
         kernel = type(conditional.kernel).__name__
         inducing = type(conditional.inducing).__name__
         reason = (f"kernel {kernel}" if not _is_spectral(conditional.kernel)
@@ -203,7 +206,7 @@ class pathwise(Messenger):
             UserWarning,
             stacklevel=_user_stack_level(),
         )
-        msg["value"] = _draw_exact(conditional, v, key, failed_check_action())
+        return _draw_exact(conditional, v, key, failed_check_action())
 
 
 def _user_stack_level() -> int:

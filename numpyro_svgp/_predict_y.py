@@ -27,19 +27,30 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.scipy.special import logsumexp
-from numpy.polynomial.hermite_e import hermegauss
-from numpyro.distributions import Normal
+from numpyro.distributions import MaskedDistribution, Normal
 from numpyro.handlers import block, condition, seed, substitute, trace
 
-from numpyro_svgp._integrate import _Options, _peel, _rewrap, _run, plan_model
-from numpyro_svgp._linalg import safe_sqrt
+from numpyro_svgp._integrate import (
+    _Options,
+    _peel,
+    _rewrap,
+    _run,
+    check_quadrature_points,
+    hermite_grid,
+    plan_model,
+)
 from numpyro_svgp._predict import _check_params, _explain_plate_size
 from numpyro_svgp._svgp import output_values, svgp_site
 
 __all__ = ["YPrediction", "pointwise_log_likelihood", "predict_log_density", "predict_y"]
 
-BISECTION_STEPS = 60
-"""Halvings of the bracket of each quantile (a relative width of about 1e-18)."""
+BISECTION_STEPS = 100
+"""Halvings of the bracket of each quantile (enough for any bracket a float can hold to
+shrink to the float's resolution)."""
+
+WIDENINGS = 12
+"""Doublings of the bracket's half-width, from 4 standard deviations, while the bracket does
+not hold the quantile (a factor of 4096, for heavy-tailed mixtures)."""
 
 
 class YPrediction(NamedTuple):
@@ -138,13 +149,13 @@ def pointwise_log_likelihood(
 ) -> dict:
     r"""Log likelihood of each observation at each posterior draw, for PSIS-LOO and WAIC.
 
-    For a draw :math:`(v_s, 	heta_s)` (every latent site, the whitened ones included, from
+    For a draw :math:`(v_s, \theta_s)` (every latent site, the whitened ones included, from
     a guide's ``sample_posterior`` or from MCMC on :func:`~numpyro_svgp.sgpmc`), the
     likelihood of :math:`y_n` integrates :math:`f_n` over its conditional
-    :math:`p(f_n \mid v_s, 	heta_s) = \mathcal N(a_n^	op v_s, k_{nn} - a_n^	op a_n)`:
+    :math:`p(f_n \mid v_s, \theta_s) = \mathcal N(a_n^\top v_s, k_{nn} - a_n^\top a_n)`:
 
-    .. math:: \log p(y_n \mid v_s, 	heta_s) = \log \int p(y_n \mid f_n, 	heta_s)\,
-        p(f_n \mid v_s, 	heta_s)\, df_n,
+    .. math:: \log p(y_n \mid v_s, \theta_s) = \log \int p(y_n \mid f_n, \theta_s)\,
+        p(f_n \mid v_s, \theta_s)\, df_n,
 
     in closed form for a Gaussian, by Gauss–Hermite quadrature otherwise. Sites that do
     not depend on an svgp output give their own log density.
@@ -163,12 +174,7 @@ def pointwise_log_likelihood(
             f"pointwise_log_likelihood: all samples need the same number of draws on axis 0, "
             f"got {sorted(sizes)}."
         )
-    if isinstance(quadrature_points, bool) or not isinstance(quadrature_points, int) or not (
-        1 <= quadrature_points <= 100
-    ):
-        raise ValueError(
-            f"quadrature_points must be an int in [1, 100], got {quadrature_points!r}."
-        )
+    check_quadrature_points(quadrature_points)
     try:
         return _pointwise_log_likelihood(model, dict(samples), dict(params or {}), args, kwargs,
                                          quadrature_points)
@@ -181,6 +187,7 @@ def pointwise_log_likelihood(
 def _pointwise_log_likelihood(model, samples, params, args, kwargs, points):
     options = _Options(points, "auto", "auto", False)
     key = jax.random.PRNGKey(0)
+    samples = _latent_draws(model, samples, params, args, kwargs, key)
 
     def one_draw(draw):
         values = {**params, **draw}
@@ -193,16 +200,47 @@ def _pointwise_log_likelihood(model, samples, params, args, kwargs, points):
                     continue
                 integration = plan.integrations.get(name)
                 if integration is None or integration.method == "exact":
-                    result[name] = site["fn"].log_prob(site["value"])
+                    result[name] = _pointwise(site["fn"], site["value"], name,
+                                              "pointwise_log_likelihood")
                     continue
-                _check_integrable(integration, name, "pointwise_log_likelihood")
+                _refuse_inexact(integration, name, "pointwise_log_likelihood")
                 log_w, stats = _site_components(plan, {}, model, values, args, kwargs, key,
-                                                name, integration, points, True)
+                                                name, integration, points, True,
+                                                "pointwise_log_likelihood")
                 result[name] = logsumexp(_expand(log_w, stats["log_prob"]) + stats["log_prob"],
                                          axis=0)
             return result
 
     return jax.lax.map(one_draw, samples)
+
+
+def _latent_draws(model, samples, params, args, kwargs, key):
+    """``samples`` restricted to the model's latent sites, after checking that they and
+    ``params`` cover every latent and param site: a missing one would otherwise be drawn
+    from its prior or left at its initial value, silently."""
+    first = jax.tree.map(lambda x: x[0], samples)
+    with block():
+        model_trace = trace(seed(substitute(output_values(model, placeholder=True),
+                                            data={**params, **first}), key)).get_trace(
+            *args, **kwargs)
+    latent = [n for n, site in model_trace.items()
+              if site["type"] == "sample" and not site["is_observed"]]
+    missing = [n for n in latent if n not in samples]
+    if missing:
+        raise ValueError(
+            f"pointwise_log_likelihood: samples has no draws of the latent sites {missing}; "
+            "pass every latent site, the whitened ones included (guide.sample_posterior, "
+            "mcmc.get_samples())."
+        )
+    unset = [n for n, site in model_trace.items() if site["type"] == "param" and n not in params]
+    if unset:
+        raise ValueError(
+            f"pointwise_log_likelihood: the model's params {unset} are not in params; pass "
+            "the fitted ones (params=svi_result.params)."
+        )
+    # observations, outputs and deterministic sites among the samples would replace the
+    # values the likelihood is computed from
+    return {n: samples[n] for n in latent}
 
 
 def _expand(log_w, x):
@@ -211,8 +249,7 @@ def _expand(log_w, x):
 
 def _components_of(model, guide, params, args, kwargs, site, num_samples, points, rng_key,
                    caller):
-    if isinstance(points, bool) or not isinstance(points, int) or not 1 <= points <= 100:
-        raise ValueError(f"quadrature_points must be an int in [1, 100], got {points!r}.")
+    check_quadrature_points(points)
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}.")
     rng_key = jax.random.PRNGKey(0) if rng_key is None else rng_key
@@ -245,7 +282,7 @@ def _components(model, guide, params, args, kwargs, site, num_samples, points, r
         with block():
             first, guide_trace = _plan(model, guide, params, args, kwargs, {}, key, options)
     integration = first.integrations[site]
-    _check_integrable(integration, site, caller)
+    _refuse_inexact(integration, site, caller)
     others = [n for n, s in guide_trace.items()
               if s["type"] == "sample" and not s["is_observed"] and n in first.model_trace
               and svgp_site(first.model_trace[n]) is None]
@@ -259,9 +296,13 @@ def _components(model, guide, params, args, kwargs, site, num_samples, points, r
         with block():
             plan, guide_trace = _plan(model, guide, params, args, kwargs, values, key, options)
             return _site_components(plan, guide_trace, model, params, args, kwargs, key, site,
-                                    integration, points, observed)
+                                    integration, points, observed, caller)
 
-    log_w, stats = jax.vmap(one_draw, axis_size=num_samples)(draws)
+    # one draw at a time: each holds (nodes, N) arrays and its distributions
+    if draws:
+        log_w, stats = jax.lax.map(one_draw, draws)
+    else:
+        log_w, stats = jax.tree.map(lambda x: x[None], one_draw({}))
     flat = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), stats)
     return log_w.reshape(-1) - jnp.log(num_samples), flat
 
@@ -296,16 +337,23 @@ def _pick_site(plan, guide_trace, site, caller):
     return site
 
 
-def _check_integrable(integration, site, caller):
+def _refuse_inexact(integration, site, caller):
     if integration.method == "Monte Carlo":
         raise ValueError(
             f"{caller}: site '{site}' cannot be integrated over q(f) exactly: "
             f"{integration.reason}. Draw it with numpyro.infer.Predictive instead."
         )
+    if integration.reason:
+        # closed form or quadrature over f given v, but v itself only as one draw
+        raise ValueError(
+            f"{caller}: site '{site}' cannot be integrated exactly: {integration.reason}. "
+            "Use a Gaussian guide for the whitened sites (ns.AutoSVGP), or draw with "
+            "numpyro.infer.Predictive."
+        )
 
 
 def _site_components(plan, guide_trace, model, params, args, kwargs, key, site, integration,
-                     points, observed):
+                     points, observed, caller):
     """The components of one draw: ``(log_weights (C,), stats with leading C)``."""
     outputs = integration.outputs
 
@@ -325,38 +373,48 @@ def _site_components(plan, guide_trace, model, params, args, kwargs, key, site, 
         at_mean = run_at({output: mean})
         wrappers, base = _peel(at_mean["fn"])
         fn = _rewrap(wrappers, Normal(loc, jnp.sqrt(jnp.square(base.scale) + spread)))
-        stats = _stats(fn, at_mean, observed)
+        stats = _stats(fn, at_mean, observed, site, caller)
         return jnp.zeros((1,), loc.dtype), jax.tree.map(lambda x: x[None], stats)
 
-    x, w = hermegauss(points)
-    dtype = plan.moments(outputs[0])[0].dtype
-    x, log_w = jnp.asarray(x, dtype), jnp.asarray(np.log(w / np.sum(w)), dtype)
-    grids = [g.reshape(-1) for g in jnp.meshgrid(*[jnp.arange(points)] * len(outputs),
-                                                   indexing="ij")]
-    nodes = {}
-    for output, g in zip(outputs, grids, strict=True):
-        mean, variance = plan.moments(output)
-        nodes[output] = mean + safe_sqrt(variance) * x[g].reshape((-1,) + (1,) * mean.ndim)
-    weights = jnp.sum(jnp.stack([log_w[g] for g in grids]), axis=0)
+    nodes, log_weights = hermite_grid({o: plan.moments(o) for o in outputs}, points)
 
     def at(node_values):
         at_node = run_at(node_values)
-        return _stats(at_node["fn"], at_node, observed)
+        return _stats(at_node["fn"], at_node, observed, site, caller)
 
-    return weights, jax.vmap(at)(nodes)
+    return log_weights, jax.vmap(at)(nodes)
 
 
-def _stats(fn, site, observed):
+def _pointwise(fn, value, site, caller):
+    """``log p(value)`` element by element, of the site's full shape: the base
+    distribution's, without the sum of ``to_event`` (a masked element gives 0)."""
+    wrappers, base = _peel(fn)
+    if base.event_shape:
+        raise ValueError(
+            f"{caller}: site '{site}' has a {type(base).__name__} with event shape "
+            f"{base.event_shape}; pointwise predictions need a distribution of one value "
+            "per point."
+        )
+    log_prob = jnp.broadcast_to(base.log_prob(value), fn.batch_shape + fn.event_shape)
+    for wrapper in wrappers:
+        if isinstance(wrapper, MaskedDistribution):
+            mask = jnp.reshape(wrapper._mask, jnp.shape(wrapper._mask)
+                               + (1,) * len(fn.event_shape))
+            log_prob = jnp.where(mask, log_prob, 0.0)
+    return log_prob
+
+
+def _stats(fn, site, observed, name, caller):
     """Pointwise statistics of the site's distribution ``fn`` at one component. The
     distribution kept for the CDF is the base one, without the plates' ``expand``,
     ``to_event`` and masks (pointwise quantities are the same)."""
-    value = site["value"] if observed else None
     shape = fn.batch_shape + fn.event_shape
+    log_prob = _pointwise(fn, site["value"], name, caller) if observed else None
     _, base = _peel(fn)
     return {
         "mean": jnp.broadcast_to(base.mean, shape),
         "variance": jnp.broadcast_to(base.variance, shape),
-        "log_prob": None if value is None else fn.log_prob(value),
+        "log_prob": log_prob,
         "fn": base,
     }
 
@@ -374,32 +432,40 @@ def _moments_and_quantiles(components, levels):
 
 
 def _quantiles(fn, component_mean, weights, mean, variance, levels):
-    """Bisection on the mixture CDF :math:`\\sum_c w_c F_c(y)` for each level and point."""
+    """Bisection on the mixture CDF :math:`\\sum_c w_c F_c(y)` for each level and point,
+    from a bracket widened until it holds the level."""
     discrete = fn.support.is_discrete
     cdf = _cdf_of(fn)
-    spread = 10.0 * jnp.sqrt(variance) + 10.0
     levels = jnp.asarray(levels, mean.dtype).reshape((-1,) + (1,) * mean.ndim)
-    low = jnp.broadcast_to(mean - spread, levels.shape[:1] + mean.shape)
-    high = jnp.broadcast_to(mean + spread, low.shape)
-    if discrete:
-        low, high = jnp.floor(low) - 1.0, jnp.ceil(high)
 
     def component_cdf(y):
-        if not discrete:
-            return cdf(y)
-        # outside a discrete support a CDF formula may not hold (Poisson's at y < 0):
-        # there the CDF is 0 below the values and 1 above them
+        # outside the support a CDF formula may not hold (NaN for a Gamma at y < 0, not 0
+        # for Poisson's): there the CDF is 0 below the values and 1 above them
         return jnp.where(fn.support(y), cdf(y), jnp.where(y < component_mean, 0.0, 1.0))
 
     def mixture_cdf(y):
         # y: (Q, ...) -> (Q, ...); the components' axis is summed out
         return jax.vmap(lambda v: jnp.sum(weights * component_cdf(v[None]), axis=0))(y)
 
+    def rounded(y, down):
+        return (jnp.floor(y) if down else jnp.ceil(y)) if discrete else y
+
+    half = jnp.broadcast_to(4.0 * jnp.sqrt(variance) + 1.0, levels.shape[:1] + mean.shape)
+    low, high = rounded(mean - half, True), rounded(mean + half, False)
+
+    def widen(_, bracket):
+        # doubling the half-width 60 times covers any float
+        low, high, half = bracket
+        short = mixture_cdf(high) < levels
+        beyond = mixture_cdf(low) >= levels
+        return (jnp.where(beyond, rounded(mean - 2 * half, True), low),
+                jnp.where(short, rounded(mean + 2 * half, False), high), 2 * half)
+
+    low, high, _ = jax.lax.fori_loop(0, WIDENINGS, widen, (low, high, half))
+
     def step(_, bracket):
         low, high = bracket
-        middle = 0.5 * (low + high)
-        if discrete:
-            middle = jnp.floor(middle)
+        middle = rounded(0.5 * (low + high), True)
         below = mixture_cdf(middle) < levels
         return jnp.where(below, middle, low), jnp.where(below, high, middle)
 

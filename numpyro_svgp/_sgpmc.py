@@ -32,7 +32,7 @@ from numpyro.handlers import block, trace
 from numpyro.primitives import Messenger
 
 from numpyro_svgp._checks import nan_on_failed_checks
-from numpyro_svgp._integrate import _Options, plan_model
+from numpyro_svgp._integrate import _Options, check_quadrature_points, plan_model
 from numpyro_svgp._svgp import output_values
 
 __all__ = ["sgpmc"]
@@ -75,21 +75,17 @@ class sgpmc:
     variationally sparse Gaussian processes*.
     """
 
-    def __init__(self, fn=None, *, quadrature_points: int = 20):
-        if isinstance(quadrature_points, bool) or not isinstance(quadrature_points, int) or not (
-            1 <= quadrature_points <= 100
-        ):
-            raise ValueError(
-                f"quadrature_points must be an int in [1, 100], got {quadrature_points!r}."
+    def __init__(self, fn, *, quadrature_points: int = 20):
+        check_quadrature_points(quadrature_points)
+        if not callable(fn):
+            raise TypeError(
+                f"ns.sgpmc needs the model (a callable), got {type(fn).__name__}: "
+                "use ns.sgpmc(model) or ns.sgpmc(model, quadrature_points=K)."
             )
-        if fn is not None and not callable(fn):
-            raise TypeError(f"ns.sgpmc needs the model (a callable), got {type(fn).__name__}.")
         self.fn = fn
         self.options = _Options(quadrature_points, "auto", "auto", False)
 
     def __call__(self, *args, **kwargs):
-        if self.fn is None:
-            raise TypeError("ns.sgpmc() was given no model: use ns.sgpmc(model).")
         model = nan_on_failed_checks(self.fn)
         placeholders = output_values(placeholder=True)
         latents = trace(_likelihood_hidden(placeholders(model))).get_trace(*args, **kwargs)
@@ -97,25 +93,42 @@ class sgpmc:
             raise ValueError(
                 "ns.sgpmc: the model has no ns.svgp site; run MCMC on the model itself."
             )
-        # every site that reached the outer handlers, with their values: latent ones, and
-        # ones they observe (HMCGibbs conditions its Gibbs sites from outside)
+        # every site that reached the outer handlers, with their values: latent ones, ones
+        # they observe (HMCGibbs conditions its Gibbs sites from outside), and the plates'
+        # subsample indices (which HMCECS sets)
         values = {name: site["value"] for name, site in latents.items()
-                  if site["type"] in ("param", "sample")}
+                  if site["type"] in ("param", "sample", "plate")}
         with block():
             plan = plan_model(model, jax.random.PRNGKey(0), {}, values, args, kwargs,
                               self.options)
         for name, integration in plan.integrations.items():
-            _check_integrable(name, plan.model_trace[name], integration)
-        for name, site in plan.model_trace.items():
-            if site["type"] == "sample" and site["is_observed"]:
-                numpyro.factor(f"{name}_sgpmc", plan.log_density(name))
+            _check_integrable(name, plan.model_trace[name], integration, latents)
+        with nan_on_failed_checks():
+            terms = {name: plan.log_density(name) for name, site in plan.model_trace.items()
+                     if site["type"] == "sample" and site["is_observed"]}
+        for name, term in terms.items():
+            numpyro.factor(f"{name}_sgpmc", term)
 
 
-def _check_integrable(name, site, integration) -> None:
+def _check_integrable(name, site, integration, latents) -> None:
     if integration.method == "exact":
         return
+    if not integration.outputs:
+        # the whole model is Monte Carlo (an svgp whose inputs are another's output)
+        raise ValueError(
+            f"ns.sgpmc: the model cannot be integrated exactly: {integration.reason}. The "
+            "SGPMC density takes E[log p(y | f)] in closed form or by quadrature, which "
+            "needs each output's Gaussian marginals given its inducing values."
+        )
     outputs = ", ".join(f"'{o}'" for o in integration.outputs)
     if not site["is_observed"]:
+        if name in latents and latents[name]["is_observed"]:
+            raise ValueError(
+                f"ns.sgpmc: site '{name}' was observed by a handler outside ns.sgpmc, which "
+                "sees the model's sites only after ns.sgpmc has set its likelihood: condition "
+                "inside, ns.sgpmc(numpyro.handlers.condition(model, data)), or pass the "
+                "observations to the model."
+            )
         raise ValueError(
             f"ns.sgpmc: the latent site '{name}' depends on svgp output {outputs}. The "
             "SGPMC density integrates an output given its inducing values in observed "

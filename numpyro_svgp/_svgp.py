@@ -49,7 +49,15 @@ from numpyro_svgp._features import InducingFeatures  # noqa: F401 (annotation)
 from numpyro_svgp._linalg import MAX_JITTER_ESCALATIONS, safe_sqrt
 from numpyro_svgp.kernels import Kernel
 
-__all__ = ["WhitenedPrior", "draw_output", "draw_with_key", "output_values", "svgp", "svgp_site"]
+__all__ = [
+    "WhitenedPrior",
+    "draw_output",
+    "draw_with_key",
+    "output_values",
+    "seeded_key",
+    "svgp",
+    "svgp_site",
+]
 
 
 class WhitenedPrior(dist.MultivariateNormal):
@@ -232,16 +240,25 @@ def draw_output(conditional: Conditional, v: Float[Array, " M"]) -> Float[Array,
     r""":math:`A v + \sqrt{\operatorname{diag}(K_{xx} - A A^\top)}\,\varepsilon`, with
     :math:`\varepsilon` from ``numpyro.prng_key()``; without a key, an error (see the
     module docstring)."""
-    key = numpyro.prng_key()
-    # numpyro's potential (MCMC, log_density under initialize_model) hands the model a
-    # fixed default key when nothing seeds it: a draw with that key would be frozen
-    # noise in the log density, so a draw needs a seed handler on the stack
-    if key is None or not any(isinstance(h, seed) for h in _PYRO_STACK):
+    key = seeded_key()
+    if key is None:
         raise _keyless_error()
+    return _draw(conditional, v, key)
+
+
+def seeded_key() -> "jax.Array | None":
+    """A raw random key from a ``seed`` handler on the stack, else ``None``.
+
+    numpyro's potential (MCMC, ``log_density`` under ``initialize_model``) hands a model
+    a fixed default key when nothing seeds it: a draw with that key would be frozen
+    noise in the log density, so a draw needs a ``seed`` handler."""
+    key = numpyro.prng_key()
+    if key is None or not any(isinstance(h, seed) for h in _PYRO_STACK):
+        return None
     if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
         # one compiled draw for numpyro's typed and raw keys alike
         key = jax.random.key_data(key)
-    return _draw(conditional, v, key)
+    return key
 
 
 def _keyless_error() -> RuntimeError:
@@ -254,7 +271,8 @@ def _keyless_error() -> RuntimeError:
         "density integrates eps out (Hensman et al. 2015). To evaluate the model at "
         "given outputs, substitute them (numpyro.handlers.substitute(model, {'f': f}), "
         "or posterior samples that hold 'f' from Predictive); to draw them, seed the "
-        "model (numpyro.handlers.seed)."
+        "model (numpyro.handlers.seed). For pointwise log likelihoods of posterior draws "
+        "(az.loo), use ns.pointwise_log_likelihood."
     )
 
 

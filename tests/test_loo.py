@@ -99,3 +99,28 @@ def test_loo_elpd_agrees_with_ten_fold_cross_validation():
                                  params=params)
     loo = az.loo(idata)
     assert abs(loo.elpd_loo - elpd_cv) < 2 * loo.se, (loo.elpd_loo, loo.se, elpd_cv)
+
+
+def test_pointwise_log_likelihood_refuses_missing_draws_and_params():
+    rng = np.random.default_rng(1)
+    X = rng.uniform(-3, 3, size=(10, 1))
+    y = np.sin(X[:, 0])
+
+    def model(X, y):
+        variance = numpyro.sample("variance", dist.LogNormal(0.0, 1.0))
+        f = ns.svgp("f", ns.kernels.RBF(variance, numpyro.param("lengthscale", 0.9)), X,
+                    jnp.asarray(Z))
+        with numpyro.plate("data", X.shape[0]):
+            numpyro.sample("y", dist.Normal(f, 0.2), obs=y)
+
+    samples = {"variance": jnp.ones(3), "f_whitened": jnp.zeros((3, len(Z)))}
+    with pytest.raises(ValueError, match=r"no draws of the latent sites \['variance'\]"):
+        ns.pointwise_log_likelihood(model, {"f_whitened": samples["f_whitened"]}, X, y,
+                                    params={"lengthscale": 0.9})
+    with pytest.raises(ValueError, match=r"params \['lengthscale'\] are not in params"):
+        ns.pointwise_log_likelihood(model, samples, X, y)
+    # observations among the samples (Predictive's "y") do not replace the data
+    with_y = dict(samples, y=jnp.zeros((3, 10)))
+    np.testing.assert_array_equal(
+        ns.pointwise_log_likelihood(model, with_y, X, y, params={"lengthscale": 0.9})["y"],
+        ns.pointwise_log_likelihood(model, samples, X, y, params={"lengthscale": 0.9})["y"])

@@ -194,3 +194,48 @@ def test_two_outputs_heteroscedastic_moments():
     pred = ns.predict_y(model, guide, params, X_TEST, quadrature_points=30)
     np.testing.assert_allclose(pred.mean, mf, rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(pred.variance, vf + np.exp(2 * (mg - 1.0) + 2 * vg), rtol=1e-8)
+
+
+def test_positive_support_quantiles_and_event_dims():
+    """A Gamma likelihood (CDF NaN below 0): quantiles of the mixture by brentq on its CDF
+    by quad. A to_event site scores point by point, as the plated one does."""
+    from scipy.optimize import brentq
+
+    def model(X, y=None, event=False, num_data=None):
+        kernel = ns.kernels.RBF(numpyro.param("variance", VAR), numpyro.param("lengthscale", LS))
+        f = ns.svgp("f", kernel, X, jnp.asarray(Z), jitter=JITTER)
+        fn = dist.Gamma(2.0, jnp.exp(-f))
+        if event:
+            numpyro.sample("y", fn.to_event(1), obs=y)
+        else:
+            with numpyro.plate("data", X.shape[0]):
+                numpyro.sample("y", fn, obs=y)
+
+    X, _ = _train_data("gaussian")
+    guide, params, mean, var = _with_q(model, X, np.ones(len(X)))
+    levels = (0.05, 0.5, 0.95)
+    pred = ns.predict_y(model, guide, params, X_TEST, quantiles=levels, quadrature_points=40)
+    for n, (m, s) in enumerate(zip(mean, np.sqrt(var), strict=True)):
+        def cdf(y, m=m, s=s):
+            return integrate.quad(lambda t: stats.gamma.cdf(y, 2.0, scale=np.exp(t))
+                                  * stats.norm.pdf(t, m, s), m - 12 * s, m + 12 * s)[0]
+
+        for q, got in zip(levels, np.asarray(pred.quantiles[:, n]), strict=True):
+            want = brentq(lambda y, q=q: cdf(y) - q, 1e-12, 1e4, xtol=1e-12)
+            np.testing.assert_allclose(got, want, rtol=1e-5)
+    y_test = np.linspace(0.5, 3.0, len(X_TEST))
+    plated = ns.predict_log_density(model, guide, params, X_TEST, y_test)
+    event = ns.predict_log_density(model, guide, params, X_TEST, y_test, event=True)
+    assert event.shape == plated.shape == (len(X_TEST),)
+    np.testing.assert_allclose(event, plated, rtol=1e-12)
+
+
+def test_a_guide_whose_q_of_v_is_not_gaussian_is_refused():
+    from numpyro.infer.autoguide import AutoMultivariateNormal
+
+    model = _model("gaussian", 0.3)
+    X, y = _train_data("gaussian")
+    guide = AutoMultivariateNormal(model)
+    params = initial_params(model, guide, X, y)
+    with pytest.raises(ValueError, match="cannot be integrated exactly: v of svgp output 'f'"):
+        ns.predict_y(model, guide, params, X_TEST)

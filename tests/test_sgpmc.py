@@ -273,34 +273,45 @@ def test_float32_sgpmc_smoke():
 
 
 @pytest.mark.slow
-def test_hmcgibbs_runs_sgpmc_with_a_conjugate_gibbs_site():
-    """HMCGibbs: NUTS on the GP's sites, an exact Gibbs update of a conjugate mean elsewhere
-    in the model; the Gibbs site's draws have the conjugate posterior's mean."""
+def test_hmcgibbs_and_nuts_match_the_dense_gaussian_posterior():
+    """With the kernel fixed, the SGPMC density of (v, shift) for y ~ Normal(f + shift, s) is
+    Gaussian: y_n ~ N(a_n v + shift, s^2) (the conditional variance c_n only adds
+    -c_n / (2 s^2)), with N(0, 1) priors, whose posterior is computed densely here.
+    HMCGibbs (NUTS on v, shift drawn exactly from its Gaussian conditional) and NUTS on
+    both reach its means within Monte-Carlo error."""
     from numpyro.infer import HMCGibbs
 
-    X, f, rng = _data(n=15)
-    y = f + 0.2 * rng.normal(size=len(X))
-    w = rng.normal(1.0, 1.0, size=50)
-    gp = _model(jnp.linspace(-2, 2, 5)[:, None])
+    X, f, rng = _data(n=25)
+    y = f + 0.4 + 0.2 * rng.normal(size=len(X))
+    Z = np.linspace(-2.5, 2.5, 5)[:, None]
 
-    def model(X, y, w):
-        gp(X, y)
-        mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
-        with numpyro.plate("w", w.shape[0]):
-            numpyro.sample("w_obs", dist.Normal(mu, 1.0), obs=w)
+    def model(X, y):
+        f = ns.svgp("f", ns.kernels.RBF(1.1, 0.9), X, jnp.asarray(Z), jitter=JITTER)
+        shift = numpyro.sample("shift", dist.Normal(0.0, 1.0))
+        with numpyro.plate("data", X.shape[0]):
+            numpyro.sample("y", dist.Normal(f + shift, 0.2), obs=y)
+
+    A, _ = _conditional(X, Z, 1.1, 0.9)
+    design = np.hstack([A, np.ones((len(X), 1))])
+    precision = np.eye(6) + design.T @ design / 0.04
+    exact = np.linalg.solve(precision, design.T @ y / 0.04)  # (v, shift)
+    shift_precision = 1.0 + len(X) / 0.04
 
     def gibbs_fn(rng_key, gibbs_sites, hmc_sites):
-        # N(0, 1) prior, unit-variance observations: N(sum w / (n + 1), 1 / (n + 1))
-        n = w.shape[0]
-        return {"mu": jnp.sum(w) / (n + 1) + random.normal(rng_key) / jnp.sqrt(n + 1)}
+        residual = jnp.asarray(y) - jnp.asarray(A) @ hmc_sites["f_whitened"]
+        mean = jnp.sum(residual) / 0.04 / shift_precision
+        return {"shift": mean + random.normal(rng_key) / jnp.sqrt(shift_precision)}
 
-    kernel = HMCGibbs(NUTS(ns.sgpmc(model)), gibbs_fn=gibbs_fn, gibbs_sites=["mu"])
-    mcmc = MCMC(kernel, num_warmup=100, num_samples=400, progress_bar=False)
-    mcmc.run(random.PRNGKey(0), X, y, w)
-    mu = np.asarray(mcmc.get_samples()["mu"])
-    exact = np.sum(w) / (len(w) + 1)
-    assert abs(mu.mean() - exact) < 4 / np.sqrt((len(w) + 1) * len(mu))
-    assert np.all(np.isfinite(np.asarray(mcmc.get_samples()["lengthscale"])))
+    for kernel, key in ((HMCGibbs(NUTS(ns.sgpmc(model)), gibbs_fn=gibbs_fn,
+                                  gibbs_sites=["shift"]), 0),
+                        (NUTS(ns.sgpmc(model)), 1)):
+        mcmc = MCMC(kernel, num_warmup=500, num_samples=2000, progress_bar=False)
+        mcmc.run(random.PRNGKey(key), X, y)
+        samples = mcmc.get_samples()
+        draws = np.concatenate([np.asarray(samples["f_whitened"]),
+                                np.asarray(samples["shift"])[:, None]], axis=1)
+        se = np.std(draws, axis=0) / np.sqrt(effective_sample_size(draws[None]))
+        assert np.all(np.abs(draws.mean(0) - exact) < 4 * se), (draws.mean(0), exact, se)
 
 
 def test_sites_observed_from_outside_keep_their_values():
@@ -350,3 +361,24 @@ def test_a_family_of_gps_is_the_sum_of_its_members():
                      + np.sum(stats.norm.logpdf(v[g, 0]))
                      + np.sum(stats.norm.logpdf(Y[g], A @ v[g, 0], 0.3) - cond_var / 0.18))
     np.testing.assert_allclose(got, expected, rtol=1e-10)
+
+
+def test_a_deep_gp_and_an_outside_observation_get_their_own_messages():
+    X, f, rng = _data(n=10)
+    Z = jnp.linspace(-2, 2, 4)[:, None]
+
+    def deep(X, y):
+        h = ns.svgp("h", ns.kernels.RBF(1.0, 1.0), X, Z)
+        g = ns.svgp("g", ns.kernels.RBF(1.0, 1.0), h[:, None], Z)
+        with numpyro.plate("data", X.shape[0]):
+            numpyro.sample("y", dist.Normal(g, 0.2), obs=y)
+
+    values = {"h_whitened": jnp.zeros(4), "g_whitened": jnp.zeros(4)}
+    with pytest.raises(ValueError, match="model cannot be integrated exactly: svgp 'g' takes"):
+        log_density(ns.sgpmc(deep), (X, f), {}, values)
+    values = {"variance": 1.0, "lengthscale": 1.0, "noise": 0.2, "f_whitened": jnp.zeros(4)}
+    outside = numpyro.handlers.condition(ns.sgpmc(_model(Z)), {"y": f})
+    with pytest.raises(ValueError, match=r"observed by a handler outside ns.sgpmc"):
+        log_density(outside, (X,), {}, values)
+    with pytest.raises(TypeError, match="required positional argument: .fn."):
+        ns.sgpmc(quadrature_points=10)
