@@ -215,7 +215,9 @@ def test_positive_support_quantiles_and_event_dims():
     guide, params, mean, var = _with_q(model, X, np.ones(len(X)))
     levels = (0.05, 0.5, 0.95)
     pred = ns.predict_y(model, guide, params, X_TEST, quantiles=levels, quadrature_points=40)
-    for n, (m, s) in enumerate(zip(mean, np.sqrt(var), strict=True)):
+    for n in (0, 4, 8):  # the ends and the middle (each quantile is a root of a quad)
+        m, s = mean[n], np.sqrt(var[n])
+
         def cdf(y, m=m, s=s):
             return integrate.quad(lambda t: stats.gamma.cdf(y, 2.0, scale=np.exp(t))
                                   * stats.norm.pdf(t, m, s), m - 12 * s, m + 12 * s)[0]

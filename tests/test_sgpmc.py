@@ -180,6 +180,7 @@ def test_sites_sgpmc_cannot_integrate_are_refused():
         ns.sgpmc(joint, quadrature_points=0)
 
 
+@pytest.mark.slow
 def test_hmc_runs_sgpmc_and_predictive_draws_from_its_samples():
     X, f, rng = _data(n=15)
     y = f + 0.2 * rng.normal(size=len(X))
