@@ -57,7 +57,10 @@ class sgpmc:
     ``f"{name}_sgpmc"``, holding :math:`\mathbb E_{p(f \mid v, \theta)}[\log p(y \mid f)]`
     (the module docstring). Its log density is deterministic: nothing is drawn. Outputs
     and deterministic sites are not recorded (their values would be placeholders): draw
-    them from the samples with ``Predictive(model, samples)``.
+    them from the samples with ``Predictive(model, samples)``. The factors are the SGPMC
+    integrand, one total per site, not pointwise predictive densities: for ``az.loo`` use
+    ``ns.to_inference_data(mcmc.get_samples(), model=model, model_args=(X, y),
+    log_likelihood=True)`` rather than ``az.from_numpyro(mcmc)``.
 
     A traced value check that fails (a lengthscale that overflows, a factor of
     :math:`K_{zz}` that cannot be found even with the largest jitter) makes the log
