@@ -105,20 +105,29 @@ def main():
             mean, _ = ns.predict_f(model, guide, params, X_test, Z_init=Z_init)
             accuracy = float(np.mean((np.asarray(mean) > 0) == (y_test > 0.5)))
             results.append((final, accuracy, seconds, float(np.std(np.asarray(losses)[-100:]))))
-            print(f"{label:12s} seed {seed}: ELBO {final:9.3f}  accuracy {accuracy:.2f}  "
-                  f"{seconds:.2f} s  loss sd (last 100 steps) {results[-1][3]:.3f}", flush=True)
+            print(
+                f"{label:12s} seed {seed}: ELBO {final:9.3f}  accuracy {accuracy:.2f}  "
+                f"{seconds:.2f} s  loss sd (last 100 steps) {results[-1][3]:.3f}",
+                flush=True,
+            )
         rows[label] = (np.asarray(results), compile_time)
     print()
-    print(f"banana, 300 training / 100 test points, M = 20, {args.steps} Adam steps, "
-          f"{args.seeds} seeds, float64, CPU ({os.cpu_count()} cores)")
+    print(
+        f"banana, 300 training / 100 test points, M = 20, {args.steps} Adam steps, "
+        f"{args.seeds} seeds, float64, CPU ({os.cpu_count()} cores)"
+    )
     print()
-    print("| ELBO | final ELBO (mean ± sd over seeds) | test accuracy | steps time, s | "
-          "compile, s | loss sd, last 100 steps |")
+    print(
+        "| ELBO | final ELBO (mean ± sd over seeds) | test accuracy | steps time, s | "
+        "compile, s | loss sd, last 100 steps |"
+    )
     print("|---|---|---|---|---|---|")
     for label, (r, compile_time) in rows.items():
-        print(f"| {label} | {r[:, 0].mean():.3f} ± {r[:, 0].std(ddof=1):.3f} | "
-              f"{r[:, 1].mean():.3f} ± {r[:, 1].std(ddof=1):.3f} | {np.median(r[:, 2]):.2f} | "
-              f"{compile_time:.1f} | {r[:, 3].mean():.3f} |")
+        print(
+            f"| {label} | {r[:, 0].mean():.3f} ± {r[:, 0].std(ddof=1):.3f} | "
+            f"{r[:, 1].mean():.3f} ± {r[:, 1].std(ddof=1):.3f} | {np.median(r[:, 2]):.2f} | "
+            f"{compile_time:.1f} | {r[:, 3].mean():.3f} |"
+        )
 
 
 if __name__ == "__main__":

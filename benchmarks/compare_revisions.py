@@ -64,7 +64,9 @@ def load_revision(rev, folder):
     """Import ``numpyro_svgp`` as it was at ``rev`` under the name ``numpyro_svgp_rev``."""
     archive = subprocess.run(
         ["git", "archive", "--format=tar", rev, "numpyro_svgp"],
-        cwd=ROOT, check=True, capture_output=True,
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
     ).stdout
     target = os.path.join(folder, "numpyro_svgp_rev")
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
@@ -116,10 +118,14 @@ def main():
 
     with tempfile.TemporaryDirectory() as folder:
         rev = load_revision(args.revision, folder)
-        print(f"jax {jax.__version__}, {jax.default_backend()}, {os.cpu_count()} cores; "
-              f"this tree against {args.revision}")
-        print("| dtype | N | M | this tree ms | revision ms | ratio of medians "
-              "| paired ratio, median | quartiles | rounds |")
+        print(
+            f"jax {jax.__version__}, {jax.default_backend()}, {os.cpu_count()} cores; "
+            f"this tree against {args.revision}"
+        )
+        print(
+            "| dtype | N | M | this tree ms | revision ms | ratio of medians "
+            "| paired ratio, median | quartiles | rounds |"
+        )
         print("|---|---|---|---|---|---|---|---|---|")
         for cell in args.cells:
             name, n, m = cell.split("/")
@@ -135,9 +141,11 @@ def main():
             ratios = [a / b for a, b in zip(times["tree"], times["rev"], strict=True)]
             q1, q2, q3 = statistics.quantiles(ratios, n=4)
             tree, old = statistics.median(times["tree"]), statistics.median(times["rev"])
-            print(f"| {name} | {n} | {m} | {1e3 * tree:.2f} | {1e3 * old:.2f} | {tree / old:.3f} "
-                  f"| {statistics.median(ratios):.3f} | {q1:.3f}–{q3:.3f} | {len(ratios)} |",
-                  flush=True)
+            print(
+                f"| {name} | {n} | {m} | {1e3 * tree:.2f} | {1e3 * old:.2f} | {tree / old:.3f} "
+                f"| {statistics.median(ratios):.3f} | {q1:.3f}–{q3:.3f} | {len(ratios)} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -89,8 +89,14 @@ CASES = ["import_numpyro", "import_svgp", "plain/run", "svgp/run", "plain/train"
 
 def run_child(case: str, cache: str) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
-    out = subprocess.run([sys.executable, "-c", CHILD, case, cache], cwd=ROOT, check=True,
-                         capture_output=True, text=True, env=env)
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, case, cache],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

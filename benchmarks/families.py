@@ -130,10 +130,14 @@ def vmap_reference_step(X, Y, Z):
         per_gp = {k: v for k, v in p.items() if k != "log_s2"}
         return jnp.sum(jax.vmap(one_gp, in_axes=(0, None, 0, 0))(per_gp, s2, X, Y))
 
-    params = {"log_var": jnp.zeros(G, dtype), "log_ls": jnp.zeros((G, D), dtype),
-              "log_s2": jnp.log(jnp.asarray(0.1, dtype)), "Z": Z,
-              "m": jnp.zeros((G, M), dtype),
-              "S": jnp.broadcast_to(jnp.eye(M, dtype=dtype), (G, M, M))}
+    params = {
+        "log_var": jnp.zeros(G, dtype),
+        "log_ls": jnp.zeros((G, D), dtype),
+        "log_s2": jnp.log(jnp.asarray(0.1, dtype)),
+        "Z": Z,
+        "m": jnp.zeros((G, M), dtype),
+        "S": jnp.broadcast_to(jnp.eye(M, dtype=dtype), (G, M, M)),
+    }
     return adam_step(loss, params, X, Y)
 
 
@@ -152,10 +156,14 @@ def main(argv=None):
     parser.add_argument("--min-seconds", type=float, default=3.0)
     args = parser.parse_args(argv)
     jax.config.update("jax_enable_x64", True)
-    print(f"G = {args.groups} groups x {args.points} points, M = {args.m}, D = {D}; "
-          f"{jax.devices()[0].device_kind}")
-    print("| dtype | plated ms | vmap reference ms | plated / vmap (quartiles) | ragged ms "
-          "| ragged / plated |")
+    print(
+        f"G = {args.groups} groups x {args.points} points, M = {args.m}, D = {D}; "
+        f"{jax.devices()[0].device_kind}"
+    )
+    print(
+        "| dtype | plated ms | vmap reference ms | plated / vmap (quartiles) | ragged ms "
+        "| ragged / plated |"
+    )
     print("|---|---|---|---|---|---|")
     for dtype in args.dtype:
         X, Y, Z = data(args.groups, args.points, args.m, jnp.dtype(dtype))
@@ -164,14 +172,18 @@ def main(argv=None):
             "vmap": vmap_reference_step(X, Y, Z),
             "ragged": ragged_step(X, Y, Z),
         }
-        times, _ = time_interleaved(contenders, args.repeats, max_seconds=60.0,
-                                    min_seconds=args.min_seconds)
+        times, _ = time_interleaved(
+            contenders, args.repeats, max_seconds=60.0, min_seconds=args.min_seconds
+        )
         med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
         ratios = [p / v for p, v in zip(times["plated"], times["vmap"], strict=True)]
         lo, hi = quartiles(ratios)
-        print(f"| {dtype} | {med['plated']:.1f} | {med['vmap']:.1f} | "
-              f"{med['plated'] / med['vmap']:.2f} ({lo:.2f}-{hi:.2f}) | {med['ragged']:.1f} | "
-              f"{med['ragged'] / med['plated']:.2f} |", flush=True)
+        print(
+            f"| {dtype} | {med['plated']:.1f} | {med['vmap']:.1f} | "
+            f"{med['plated'] / med['vmap']:.2f} ({lo:.2f}-{hi:.2f}) | {med['ragged']:.1f} | "
+            f"{med['ragged'] / med['plated']:.2f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -60,13 +60,23 @@ def main(argv=None):
 
     svi = SVI(model, ns.AutoSVGP(model), optax.adam(1e-2), ns.SVGP_ELBO())
     start = time.perf_counter()
-    result = ns.train_epochs(svi, random.PRNGKey(1), args.epochs, X, y, batch_size=args.batch,
-                             num_data=args.n, steps_per_call=args.steps_per_call,
-                             progress_bar=False)
+    result = ns.train_epochs(
+        svi,
+        random.PRNGKey(1),
+        args.epochs,
+        X,
+        y,
+        batch_size=args.batch,
+        num_data=args.n,
+        steps_per_call=args.steps_per_call,
+        progress_bar=False,
+    )
     seconds = time.perf_counter() - start
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-    print(f"N = {args.n}, D = {args.d}, M = {args.m}, B = {args.batch}, float64: "
-          f"{len(result.losses)} steps in {seconds:.1f} s, final loss {result.losses[-1]:.6g}")
+    print(
+        f"N = {args.n}, D = {args.d}, M = {args.m}, B = {args.batch}, float64: "
+        f"{len(result.losses)} steps in {seconds:.1f} s, final loss {result.losses[-1]:.6g}"
+    )
     print(f"host data {(X.nbytes + y.nbytes) / 2**20:.0f} MiB; peak RSS {peak_gib:.2f} GiB")
 
 

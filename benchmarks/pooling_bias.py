@@ -46,11 +46,14 @@ def data(groups, points, seed=21):
     rng = np.random.default_rng(seed)
     log_ls = TRUE_MU + TAU * rng.normal(size=groups)
     X = np.sort(rng.uniform(-1.5, 1.5, size=(groups, points, 1)), axis=1)
-    Y = np.stack([
-        rng.multivariate_normal(np.zeros(points), rbf(X[g], X[g], np.exp(log_ls[g]))
-                                + 1e-8 * np.eye(points))
-        for g in range(groups)
-    ]) + NOISE * rng.normal(size=(groups, points))
+    Y = np.stack(
+        [
+            rng.multivariate_normal(
+                np.zeros(points), rbf(X[g], X[g], np.exp(log_ls[g])) + 1e-8 * np.eye(points)
+            )
+            for g in range(groups)
+        ]
+    ) + NOISE * rng.normal(size=(groups, points))
     return X, Y, log_ls
 
 
@@ -58,9 +61,11 @@ def exact(X, Y):
     grid = np.linspace(-2, 0.5, 251)
     estimates = []
     for Xg, yg in zip(X, Y, strict=True):
+
         def lml(log_ls, Xg=Xg, yg=yg):
             C = rbf(Xg, Xg, np.exp(log_ls)) + NOISE**2 * np.eye(len(yg))
             return -0.5 * (yg @ np.linalg.solve(C, yg) + np.linalg.slogdet(C)[1])
+
         estimates.append(grid[np.argmax([lml(value) for value in grid])])
     return np.array(estimates)
 
@@ -98,8 +103,12 @@ def main(argv=None):
     parser.add_argument("--points", type=int, default=150)
     parser.add_argument("--inducing", type=int, default=20)
     parser.add_argument("--fits", nargs="+", choices=FITS, default=list(FITS))
-    parser.add_argument("--steps", type=int, default=None,
-                        help="steps per fit (default 1500 with natural gradients, 3000 without)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="steps per fit (default 1500 with natural gradients, 3000 without)",
+    )
     args = parser.parse_args(argv)
     jax.config.update("jax_enable_x64", True)
     X, Y, log_ls = data(args.groups, args.points)

@@ -111,9 +111,8 @@ def fit_plain_jax(X, y, Z, variance, lengthscale, noise_var, steps):
         mean = W.T @ p["m"]
         fvar = var - jnp.sum(W**2, 0) + jnp.sum((W.T @ S) ** 2, 1)
         ell = -0.5 * jnp.sum(jnp.log(2 * jnp.pi * s2) + ((y - mean) ** 2 + fvar) / s2)
-        kl = (
-            0.5 * (jnp.sum(S**2) + jnp.sum(p["m"] ** 2) - M)
-            - jnp.sum(jnp.log(jnp.abs(jnp.diag(S))))
+        kl = 0.5 * (jnp.sum(S**2) + jnp.sum(p["m"] ** 2) - M) - jnp.sum(
+            jnp.log(jnp.abs(jnp.diag(S)))
         )
         return kl - ell
 
@@ -121,7 +120,9 @@ def fit_plain_jax(X, y, Z, variance, lengthscale, noise_var, steps):
         "log_var": jnp.log(jnp.asarray(variance, dtype)),
         "log_ls": jnp.log(jnp.asarray(lengthscale, dtype)),
         "log_s2": jnp.log(jnp.asarray(noise_var, dtype)),
-        "Z": Z, "m": jnp.zeros(M, dtype), "S": jnp.eye(M, dtype=dtype),
+        "Z": Z,
+        "m": jnp.zeros(M, dtype),
+        "S": jnp.eye(M, dtype=dtype),
     }
     optimizer = optax.adam(2e-2)
 
@@ -144,16 +145,19 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="fewer steps")
     args = parser.parse_args(argv)
     steps = 100 if args.quick else 300
-    print("| setting | numpyro_svgp | final loss | jitter needed | plain JAX | final loss "
-          "| jitter |")
+    print(
+        "| setting | numpyro_svgp | final loss | jitter needed | plain JAX | final loss | jitter |"
+    )
     print("|---|---|---|---|---|---|---|")
     for name, dtype, n, m, duplicate, variance, lengthscale, noise_var in SETTINGS:
         X, y, Z = make_problem(dtype, n, m, duplicate)
         n_steps = steps // 3 if m >= 2048 else steps
         ours = fit_numpyro_svgp(X, y, Z, variance, lengthscale, noise_var, n_steps)
         plain = fit_plain_jax(X, y, Z, variance, lengthscale, noise_var, n_steps)
-        print(f"| {name}, {n_steps} steps | {ours[0]} | {ours[1]:.4g} | {ours[2]:.3g} "
-              f"| {plain[0]} | {plain[1]:.4g} | {plain[2]:.3g} |")
+        print(
+            f"| {name}, {n_steps} steps | {ours[0]} | {ours[1]:.4g} | {ours[2]:.3g} "
+            f"| {plain[0]} | {plain[1]:.4g} | {plain[2]:.3g} |"
+        )
         sys.stdout.flush()
 
 

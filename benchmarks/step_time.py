@@ -141,15 +141,21 @@ def plain_step(X, y, Z, gram_vjp=False):
             if N >= M:  # explicit L^{-1} and a GEMM, as the library does for N >= M
                 A = K_xz @ solve_triangular(L, jnp.eye(M, dtype=dtype), lower=True).T
             else:
-                A = jax.lax.linalg.triangular_solve(L, K_xz, left_side=False, lower=True,
-                                                    transpose_a=True)
+                A = jax.lax.linalg.triangular_solve(
+                    L, K_xz, left_side=False, lower=True, transpose_a=True
+                )
             fvar = jnp.maximum(var - jnp.sum(A**2, 1), 0) + jnp.sum((A @ S) ** 2, 1)
             ell = -0.5 * jnp.sum(jnp.log(2 * jnp.pi * s2) + ((y - A @ m) ** 2 + fvar) / s2)
         return kl - ell
 
-    params = {"log_var": jnp.zeros((), dtype), "log_ls": jnp.zeros(D, dtype),
-              "log_s2": jnp.log(jnp.asarray(0.1, dtype)), "Z": Z,
-              "m": jnp.zeros(M, dtype), "S": jnp.eye(M, dtype=dtype)}
+    params = {
+        "log_var": jnp.zeros((), dtype),
+        "log_ls": jnp.zeros(D, dtype),
+        "log_s2": jnp.log(jnp.asarray(0.1, dtype)),
+        "Z": Z,
+        "m": jnp.zeros(M, dtype),
+        "S": jnp.eye(M, dtype=dtype),
+    }
     return adam_step(loss, params, X, y)
 
 
@@ -238,17 +244,24 @@ def main(argv=None):
     parser.add_argument("--dtype", nargs="*", default=["float64", "float32"])
     parser.add_argument("--repeats", type=int, default=12)
     parser.add_argument("--max-seconds", type=float, default=2.0)
-    parser.add_argument("--min-seconds", type=float, default=3.0,
-                        help="run at least this long per contender and cell "
-                             "(more rounds for fast steps)")
+    parser.add_argument(
+        "--min-seconds",
+        type=float,
+        default=3.0,
+        help="run at least this long per contender and cell (more rounds for fast steps)",
+    )
     args = parser.parse_args(argv)
     jax.config.update("jax_enable_x64", True)
     on_error = os.environ.get("EQX_ON_ERROR", "raise")
-    print(f"jax {jax.__version__}, {jax.devices()[0].platform}, {os.cpu_count()} cores, "
-          f"EQX_ON_ERROR={on_error}")
-    print("| dtype | N | M | numpyro_svgp ms | plain JAX ms | ratio | paired ratios, quartiles "
-          "| plain JAX + library derivative ms | ratio | nominal GFLOP/s | GEMM peak GFLOP/s "
-          "| page faults per step, numpyro_svgp / plain |")
+    print(
+        f"jax {jax.__version__}, {jax.devices()[0].platform}, {os.cpu_count()} cores, "
+        f"EQX_ON_ERROR={on_error}"
+    )
+    print(
+        "| dtype | N | M | numpyro_svgp ms | plain JAX ms | ratio | paired ratios, quartiles "
+        "| plain JAX + library derivative ms | ratio | nominal GFLOP/s | GEMM peak GFLOP/s "
+        "| page faults per step, numpyro_svgp / plain |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for dtype_name in args.dtype:
         dtype = jnp.dtype(dtype_name)
@@ -257,8 +270,10 @@ def main(argv=None):
             for m in args.m:
                 cell = f"| {dtype_name} | {n} | {m} |"
                 if nominal_flops(n, m, dtype) / (0.25 * peak * 1e9) > args.max_seconds:
-                    print(f"{cell} skipped (predicted > {args.max_seconds} s/step at 25% of the "
-                          "GEMM rate) | | | | | | | | |")
+                    print(
+                        f"{cell} skipped (predicted > {args.max_seconds} s/step at 25% of the "
+                        "GEMM rate) | | | | | | | | |"
+                    )
                     continue
                 X, y, Z = data(n, m, dtype)
                 contenders = {"ours": numpyro_step(X, y, Z), "plain": plain_step(X, y, Z)}
@@ -282,10 +297,12 @@ def main(argv=None):
                 page_faults = " / ".join(
                     f"{statistics.median(faults[k]):.0f}" for k in ("ours", "plain")
                 )
-                print(f"{cell} {1e3 * ours:.1f} | {1e3 * plain:.1f} | {ours / plain:.2f} | "
-                      f"{paired[0]:.2f}–{paired[1]:.2f} | {vjp_cells} | "
-                      f"{gflops:.1f} | {peak:.1f} | "
-                      f"{page_faults} |")
+                print(
+                    f"{cell} {1e3 * ours:.1f} | {1e3 * plain:.1f} | {ours / plain:.2f} | "
+                    f"{paired[0]:.2f}–{paired[1]:.2f} | {vjp_cells} | "
+                    f"{gflops:.1f} | {peak:.1f} | "
+                    f"{page_faults} |"
+                )
                 sys.stdout.flush()
 
 

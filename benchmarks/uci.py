@@ -43,8 +43,9 @@ from scipy.stats import norm
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpyro_svgp as ns  # noqa: E402
 
-DEFAULT_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                            "..", "shared", "data")
+DEFAULT_DATA = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data"
+)
 # our folder -> (bayesian_benchmarks name, GPflux name)
 DATASETS = {
     "yacht": ("yacht", "Yacht"),
@@ -93,8 +94,12 @@ def fit_and_score(X, y, X_test, y_test, *, seed, steps, decay, num_inducing, bat
 
     def schedule(value):
         return optax.join_schedules(
-            [optax.constant_schedule(value),
-             optax.cosine_decay_schedule(value, steps - constant, alpha=0.01)], [constant])
+            [
+                optax.constant_schedule(value),
+                optax.cosine_decay_schedule(value, steps - constant, alpha=0.01),
+            ],
+            [constant],
+        )
 
     guide = ns.AutoSVGP(model)
     optimizer = ns.natural_gradient(optax.adam(schedule(1e-2)), schedule(0.1), guide=guide)
@@ -102,8 +107,16 @@ def fit_and_score(X, y, X_test, y_test, *, seed, steps, decay, num_inducing, bat
     batch_size = min(batch, num_data)
     num_epochs = -(-steps // (num_data // batch_size))  # shuffled epochs, about `steps` steps
     start = time.perf_counter()
-    result = ns.train_epochs(svi, key_fit, num_epochs, np.asarray(Xs), np.asarray(ys),
-                             batch_size=batch_size, num_data=num_data, progress_bar=False)
+    result = ns.train_epochs(
+        svi,
+        key_fit,
+        num_epochs,
+        np.asarray(Xs),
+        np.asarray(ys),
+        batch_size=batch_size,
+        num_data=num_data,
+        progress_bar=False,
+    )
     seconds = time.perf_counter() - start
     mean, var = ns.predict_f(model, guide, result.params, Xt)
     mean = np.asarray(mean) * y_std + y_mean
@@ -127,12 +140,16 @@ def published(root):
                 model = "SGPR_M100"
             else:
                 continue
-            metric = {"test_rmse_unnormalized": "rmse",
-                      "test_loglik_unnormalized": "loglik"}.get(row["metric"])
+            metric = {"test_rmse_unnormalized": "rmse", "test_loglik_unnormalized": "loglik"}.get(
+                row["metric"]
+            )
             if metric:
                 n = int(row["n_splits"])
-                out[row["dataset"], model, metric] = (float(row["mean"]),
-                                                     float(row["std_over_splits"]) / np.sqrt(n), n)
+                out[row["dataset"], model, metric] = (
+                    float(row["mean"]),
+                    float(row["std_over_splits"]) / np.sqrt(n),
+                    n,
+                )
     return out
 
 
@@ -173,11 +190,15 @@ def main(argv=None):
     splits = args.splits or (20 if args.full else 5)
     pub = published(args.data)
 
-    print(f"numpyro_svgp SVGP, M = {args.num_inducing}, B = {args.batch}, {args.steps} steps, "
-          f"{splits} splits, float64, jax {jax.__version__} ({jax.devices()[0].platform})")
-    print("| dataset | N | metric | numpyro_svgp | bb SVGP_M100 | bb SGPR_M100 "
-          "| GPflux dgp-1 (M=256) "
-          "| vs bb SVGP |")
+    print(
+        f"numpyro_svgp SVGP, M = {args.num_inducing}, B = {args.batch}, {args.steps} steps, "
+        f"{splits} splits, float64, jax {jax.__version__} ({jax.devices()[0].platform})"
+    )
+    print(
+        "| dataset | N | metric | numpyro_svgp | bb SVGP_M100 | bb SGPR_M100 "
+        "| GPflux dgp-1 (M=256) "
+        "| vs bb SVGP |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for name in args.datasets:
         bb_name, flux_name = DATASETS[name]
@@ -185,13 +206,25 @@ def main(argv=None):
         for split in range(splits):
             X, y, X_test, y_test = load_split(args.data, name, split)
             rmse, loglik, secs, skipped = fit_and_score(
-                X, y, X_test, y_test, seed=split, steps=args.steps, decay=args.decay,
-                num_inducing=args.num_inducing, batch=args.batch)
+                X,
+                y,
+                X_test,
+                y_test,
+                seed=split,
+                steps=args.steps,
+                decay=args.decay,
+                num_inducing=args.num_inducing,
+                batch=args.batch,
+            )
             rows.append((rmse, loglik))
             y_stds.append(y.std())
             seconds.append(secs)
-            print(f"  {name} split {split}: rmse {rmse:.4g}, loglik {loglik:.4g}, "
-                  f"{secs:.1f} s, {skipped} skipped", file=sys.stderr, flush=True)
+            print(
+                f"  {name} split {split}: rmse {rmse:.4g}, loglik {loglik:.4g}, "
+                f"{secs:.1f} s, {skipped} skipped",
+                file=sys.stderr,
+                flush=True,
+            )
         rows = np.asarray(rows)
         ours = [(rows[:, j].mean(), rows[:, j].std(ddof=1) / np.sqrt(len(rows))) for j in (0, 1)]
         flux = gpflux(args.data, flux_name, y_stds) if flux_name else None
@@ -206,8 +239,10 @@ def main(argv=None):
                 verdict = "better" if better else ("within 1 SE" if within else "WORSE")
             cells = [fmt(v[:2]) if v else "-" for v in (svgp, sgpr)]
             flux_cell = fmt(flux[j]) if flux else "-"
-            print(f"| {name} | {len(X) + len(X_test)} | test {metric} | {fmt(ours[j])} | "
-                  f"{cells[0]} | {cells[1]} | {flux_cell} | {verdict} |")
+            print(
+                f"| {name} | {len(X) + len(X_test)} | test {metric} | {fmt(ours[j])} | "
+                f"{cells[0]} | {cells[1]} | {flux_cell} | {verdict} |"
+            )
         print(f"  {name}: median fit time {np.median(seconds):.1f} s per split", file=sys.stderr)
         sys.stdout.flush()
 

@@ -81,8 +81,9 @@ def make_model(X_train, deep, seed=0, width=32):
 def fit_and_score(X, y, X_test, y_test, steps, deep, seed=0, width=32):
     model = make_model(X, deep, seed, width)
     guide = ns.AutoSVGP(model)
-    svi = SVI(model, guide, optax.adam(optax.cosine_decay_schedule(1e-2, steps, 0.05)),
-              ns.SVGP_ELBO())
+    svi = SVI(
+        model, guide, optax.adam(optax.cosine_decay_schedule(1e-2, steps, 0.05)), ns.SVGP_ELBO()
+    )
     start = time.perf_counter()
     result = ns.train(svi, random.PRNGKey(seed), steps, X, y, progress_bar=False)
     jax.block_until_ready(result.params)
@@ -119,13 +120,14 @@ def mcycle(data_root, steps, num_splits=5, width=8):
         scores, times = [], []
         for split in range(num_splits):
             order = np.random.default_rng(split).permutation(len(data))
-            train, test = order[: int(0.75 * len(data))], order[int(0.75 * len(data)):]
+            train, test = order[: int(0.75 * len(data))], order[int(0.75 * len(data)) :]
             mx, sx = data[train, 0].mean(), data[train, 0].std()
             my, sy = data[train, 1].mean(), data[train, 1].std()
             X, y = (data[train, :1] - mx) / sx, (data[train, 1] - my) / sy
             X_test = (data[test, :1] - mx) / sx
-            loglik, seconds, _, _, _ = fit_and_score(X, y, X_test, (data[test, 1] - my) / sy, steps,
-                                                     deep, width=width)
+            loglik, seconds, _, _, _ = fit_and_score(
+                X, y, X_test, (data[test, 1] - my) / sy, steps, deep, width=width
+            )
             scores.append(loglik - np.log(sy))  # original units (g)
             times.append(seconds)
             if split == 0:
@@ -135,8 +137,15 @@ def mcycle(data_root, steps, num_splits=5, width=8):
                 )
                 curves[name] = (grid[:, 0] * sx + mx, mean * sy + my, sd * sy)
         se = np.std(scores, ddof=1) / np.sqrt(num_splits)
-        rows.append((f"mcycle ({num_splits} splits)", name, float(np.mean(scores)), se,
-                     float(np.median(times))))
+        rows.append(
+            (
+                f"mcycle ({num_splits} splits)",
+                name,
+                float(np.mean(scores)),
+                se,
+                float(np.median(times)),
+            )
+        )
     return rows, (data[:, 0], data[:, 1], curves)
 
 

@@ -55,8 +55,9 @@ def make_model(inducing):
 
     def model(X, y=None):
         if spherical:
-            kernel = ns.kernels.SphericalMatern(2.5, positive("variance", 1.0),
-                                                positive("lengthscale", 1.0), positive("bias", 1.0))
+            kernel = ns.kernels.SphericalMatern(
+                2.5, positive("variance", 1.0), positive("lengthscale", 1.0), positive("bias", 1.0)
+            )
             Z = inducing
         else:
             kernel = ns.kernels.RBF(positive("variance", 1.0), positive("lengthscale", 1.0))
@@ -71,8 +72,9 @@ def make_model(inducing):
 
 def fit(model, X, y, steps, seed=0):
     guide = ns.AutoSVGP(model)
-    svi = SVI(model, guide, optax.adam(optax.cosine_decay_schedule(2e-2, steps, 0.05)),
-              ns.SVGP_ELBO())
+    svi = SVI(
+        model, guide, optax.adam(optax.cosine_decay_schedule(2e-2, steps, 0.05)), ns.SVGP_ELBO()
+    )
     start = time.perf_counter()
     result = ns.train(svi, random.PRNGKey(seed), steps, X, y, progress_bar=False)
     jax.block_until_ready(result.params)
@@ -92,11 +94,14 @@ def toy(steps):
     X_test = np.sort(
         np.asarray(random.uniform(random.PRNGKey(11), (1000, 1), minval=-3.0, maxval=3.0)), 0
     )
-    y_test = (np.asarray(standard_svgp.truth(X_test[:, 0]))
-              + 0.15 * np.random.default_rng(12).normal(size=1000))
+    y_test = np.asarray(standard_svgp.truth(X_test[:, 0])) + 0.15 * np.random.default_rng(
+        12
+    ).normal(size=1000)
     rows, curves = [], {}
-    for name, inducing in (("inducing points", Z_init),
-                           ("spherical harmonics", ns.SphericalHarmonicFeatures(10, 1))):
+    for name, inducing in (
+        ("inducing points", Z_init),
+        ("spherical harmonics", ns.SphericalHarmonicFeatures(10, 1)),
+    ):
         model = make_model(inducing)
         guide, result, seconds = fit(model, X, y, steps)
         mean, var = predictive(model, guide, result, X_test)
@@ -120,8 +125,10 @@ def power(data_root, steps):
     Xtr, ytr = jnp.asarray((X[train] - mx) / sx), jnp.asarray((y[train] - my) / sy)
     Xte, yte = jnp.asarray((X[test] - mx) / sx), y[test]
     rows = []
-    for name, inducing in (("inducing points", ns.kmeans_inducing(random.PRNGKey(0), Xtr, 100)),
-                           ("spherical harmonics", ns.SphericalHarmonicFeatures(4, 4))):
+    for name, inducing in (
+        ("inducing points", ns.kmeans_inducing(random.PRNGKey(0), Xtr, 100)),
+        ("spherical harmonics", ns.SphericalHarmonicFeatures(4, 4)),
+    ):
         model = make_model(inducing)
         guide, result, seconds = fit(model, Xtr, ytr, steps)
         mean, var = predictive(model, guide, result, Xte)
@@ -136,8 +143,9 @@ def plot(out, toy_data):
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
     for ax, (name, (mean, var)) in zip(axes, curves.items(), strict=True):
         x = X_test[:, 0]
-        ax.fill_between(x, mean - 2 * np.sqrt(var), mean + 2 * np.sqrt(var), alpha=0.3,
-                        label="±2σ predictive")
+        ax.fill_between(
+            x, mean - 2 * np.sqrt(var), mean + 2 * np.sqrt(var), alpha=0.3, label="±2σ predictive"
+        )
         ax.plot(x, mean, label="mean")
         ax.plot(x, np.asarray(truth(x)), "k--", lw=1, label="truth")
         ax.plot(X[:, 0], y, ".", ms=2, color="grey", label="data")

@@ -98,8 +98,9 @@ def plot(out, X, y, Z_init, losses, params, X_test, mean, var, noise_var):
     x = X_test[:, 0]
     band = 2 * np.sqrt(var + noise_var)
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    ax.fill_between(x, mean - band, mean + band, color="tab:blue", alpha=0.2,
-                    label="±2σ predictive (y)")
+    ax.fill_between(
+        x, mean - band, mean + band, color="tab:blue", alpha=0.2, label="±2σ predictive (y)"
+    )
     ax.plot(x, mean, color="tab:blue", label="posterior mean")
     ax.plot(x, truth(X_test[:, 0]), "k--", lw=1, label="truth")
     ax.scatter(X[:, 0], y, s=5, c="0.55", label="data")
@@ -142,23 +143,38 @@ def main(argv=None):
     bound = ns.titsias_bound(kernel, X, y, params["Z"], params["noise_var"], jitter=JITTER)
     # stdout holds exactly the four lines above; diagnostics go to stderr.
     log(f"{args.steps} SVI steps took {seconds:.2f} s (compilation included)")
-    log(f"Titsias bound at the fitted hyperparameters = {float(bound):.3f} "
-        f"(ELBO gap {float(bound + result.losses[-1]):.3f} nats)")
+    log(
+        f"Titsias bound at the fitted hyperparameters = {float(bound):.3f} "
+        f"(ELBO gap {float(bound + result.losses[-1]):.3f} nats)"
+    )
 
     X_test = jnp.linspace(-3.5, 3.5, 400)[:, None]
     mean, var = ns.predict_f(model, guide, params, X_test)
     samples = Predictive(model, guide=guide, params=params, num_samples=500)(
         random.PRNGKey(3), X_test
     )
-    log(f"max |analytic mean - mean of 500 Predictive draws of f| = "
-        f"{float(jnp.max(jnp.abs(mean - samples['f'].mean(0)))):.3f}")
+    log(
+        f"max |analytic mean - mean of 500 Predictive draws of f| = "
+        f"{float(jnp.max(jnp.abs(mean - samples['f'].mean(0)))):.3f}"
+    )
 
     log(f"wrote loss.png, inducing.png, posterior.png and params.npz to {args.out}")
-    np.savez(os.path.join(args.out, "params.npz"),
-             **{name: np.asarray(value) for name, value in params.items()})
-    plot(args.out, np.asarray(X), np.asarray(y), np.asarray(Z_init), np.asarray(result.losses),
-         {k: np.asarray(v) for k, v in params.items()}, np.asarray(X_test),
-         np.asarray(mean), np.asarray(var), float(params["noise_var"]))
+    np.savez(
+        os.path.join(args.out, "params.npz"),
+        **{name: np.asarray(value) for name, value in params.items()},
+    )
+    plot(
+        args.out,
+        np.asarray(X),
+        np.asarray(y),
+        np.asarray(Z_init),
+        np.asarray(result.losses),
+        {k: np.asarray(v) for k, v in params.items()},
+        np.asarray(X_test),
+        np.asarray(mean),
+        np.asarray(var),
+        float(params["noise_var"]),
+    )
 
 
 if __name__ == "__main__":

@@ -87,27 +87,36 @@ def main(argv=None):
     # the warm start: the guide's median as NUTS's initial values, in one line
     kernel = NUTS(ns.sgpmc(model), init_strategy=init_to_value(values=guide.median(params)))
     mcmc = MCMC(kernel, num_warmup=args.warmup, num_samples=args.samples, progress_bar=bar)
-    _, nuts_seconds = timed(
-        lambda: mcmc.run(random.PRNGKey(1), X, y, extra_fields=("diverging",))
-    )
+    _, nuts_seconds = timed(lambda: mcmc.run(random.PRNGKey(1), X, y, extra_fields=("diverging",)))
     nuts = mcmc.get_samples()
     svi_draws = guide.sample_posterior(random.PRNGKey(2), params, sample_shape=(args.samples,))
 
     print("| posterior | " + " | ".join(HYPERPARAMETERS) + " | time, s |")
     print("|---|" + "---|" * (len(HYPERPARAMETERS) + 1))
-    for label, draws, seconds in (("SVI", svi_draws, svi_seconds),
-                                  ("NUTS (sgpmc)", nuts, nuts_seconds)):
-        cells = [f"{float(np.mean(draws[h])):.3f} ± {float(np.std(draws[h])):.3f}"
-                 for h in HYPERPARAMETERS]
+    for label, draws, seconds in (
+        ("SVI", svi_draws, svi_seconds),
+        ("NUTS (sgpmc)", nuts, nuts_seconds),
+    ):
+        cells = [
+            f"{float(np.mean(draws[h])):.3f} ± {float(np.std(draws[h])):.3f}"
+            for h in HYPERPARAMETERS
+        ]
         print(f"| {label} | " + " | ".join(cells) + f" | {seconds:.1f} |")
     divergences = int(np.sum(mcmc.get_extra_fields()["diverging"]))
     print(f"NUTS divergences: {divergences} of {args.samples}", file=sys.stderr)
 
     subset = {h: svi_draws[h] for h in HYPERPARAMETERS}
-    idatas = [ns.to_inference_data(subset),
-              ns.to_inference_data({h: nuts[h] for h in HYPERPARAMETERS})]
-    axes = az.plot_density(idatas, data_labels=["SVI (AutoSVGP)", "NUTS (ns.sgpmc)"],
-                           var_names=list(HYPERPARAMETERS), shade=0.2, figsize=(11, 3.5))
+    idatas = [
+        ns.to_inference_data(subset),
+        ns.to_inference_data({h: nuts[h] for h in HYPERPARAMETERS}),
+    ]
+    axes = az.plot_density(
+        idatas,
+        data_labels=["SVI (AutoSVGP)", "NUTS (ns.sgpmc)"],
+        var_names=list(HYPERPARAMETERS),
+        shade=0.2,
+        figsize=(11, 3.5),
+    )
     fig = np.ravel(axes)[0].figure
     fig.tight_layout()
     fig.savefig(os.path.join(args.out, "svi_nuts_hyperparameters.png"), dpi=120)
@@ -117,7 +126,8 @@ def main(argv=None):
     paths = ns.pathwise(model, num_features=2048)
     num_paths = min(20, args.samples)
     svi_paths = Predictive(paths, guide=guide, params=params, num_samples=num_paths)(
-        random.PRNGKey(3), X_test)["f"]
+        random.PRNGKey(3), X_test
+    )["f"]
     thinned = {k: v[:: max(1, args.samples // num_paths)][:num_paths] for k, v in nuts.items()}
     nuts_paths = Predictive(paths, posterior_samples=thinned)(random.PRNGKey(4), X_test)["f"]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4), sharey=True)
@@ -132,8 +142,9 @@ def main(argv=None):
     fig.tight_layout()
     fig.savefig(os.path.join(args.out, "svi_nuts_paths.png"), dpi=120)
     plt.close(fig)
-    print(f"wrote svi_nuts_hyperparameters.png and svi_nuts_paths.png to {args.out}",
-          file=sys.stderr)
+    print(
+        f"wrote svi_nuts_hyperparameters.png and svi_nuts_paths.png to {args.out}", file=sys.stderr
+    )
 
 
 if __name__ == "__main__":

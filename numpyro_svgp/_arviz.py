@@ -118,9 +118,12 @@ def to_inference_data(
         if observed_data is None
         else {k: np.asarray(v) for k, v in observed_data.items()},
         "log_likelihood": with_chain(
-            pointwise_log_likelihood(model, posterior_samples, *model_args, params=params,
-                                     **(model_kwargs or {}))
-        ) if log_likelihood else None,
+            pointwise_log_likelihood(
+                model, posterior_samples, *model_args, params=params, **(model_kwargs or {})
+            )
+        )
+        if log_likelihood
+        else None,
     }
     present = {group: data for group, data in groups.items() if data is not None}
     used = {name for data in present.values() for name in data}

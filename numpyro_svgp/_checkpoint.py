@@ -53,18 +53,23 @@ def save_checkpoint(path, state: SVIState, step: int, losses=()) -> None:
     """
     arrays, treedef = _leaves(state)
     buffer = io.BytesIO()
-    np.savez(buffer, losses=np.asarray(losses, dtype=np.float64),
-             **{f"leaf_{i}": a for i, a in enumerate(arrays)})
+    np.savez(
+        buffer,
+        losses=np.asarray(losses, dtype=np.float64),
+        **{f"leaf_{i}": a for i, a in enumerate(arrays)},
+    )
     payload = buffer.getvalue()
-    header = json.dumps({
-        "format": "numpyro_svgp checkpoint",
-        "version": _VERSION,
-        "step": int(step),
-        "treedef": str(treedef),
-        "leaves": [[list(a.shape), a.dtype.str] for a in arrays],
-        "payload_bytes": len(payload),
-        "sha256": hashlib.sha256(payload).hexdigest(),
-    }).encode()
+    header = json.dumps(
+        {
+            "format": "numpyro_svgp checkpoint",
+            "version": _VERSION,
+            "step": int(step),
+            "treedef": str(treedef),
+            "leaves": [[list(a.shape), a.dtype.str] for a in arrays],
+            "payload_bytes": len(payload),
+            "sha256": hashlib.sha256(payload).hexdigest(),
+        }
+    ).encode()
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".checkpoint-", dir=folder)
     try:
@@ -94,17 +99,17 @@ def load_checkpoint(path, like: SVIState):
         raise CheckpointError(f"{path} is not a numpyro_svgp checkpoint (bad magic bytes).")
     if len(blob) < len(_MAGIC) + 4:
         raise CheckpointError(f"{path} is truncated (no header).")
-    (header_len,) = struct.unpack(">I", blob[len(_MAGIC):len(_MAGIC) + 4])
+    (header_len,) = struct.unpack(">I", blob[len(_MAGIC) : len(_MAGIC) + 4])
     start = len(_MAGIC) + 4
     try:
-        header = json.loads(blob[start:start + header_len].decode())
+        header = json.loads(blob[start : start + header_len].decode())
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CheckpointError(f"{path} is truncated or corrupted (unreadable header).") from err
     if header.get("version") != _VERSION:
         raise CheckpointError(
             f"{path} has checkpoint format version {header.get('version')}, expected {_VERSION}."
         )
-    payload = blob[start + header_len:]
+    payload = blob[start + header_len :]
     if len(payload) != header["payload_bytes"]:
         raise CheckpointError(
             f"{path} is truncated: {len(payload)} of {header['payload_bytes']} payload bytes."

@@ -38,10 +38,16 @@ def failed_check_action() -> str:
     tracing, so a compiled function that checks values takes it as a static argument."""
     if not _PYRO_STACK:
         return _RAISE
-    msg = apply_stack({
-        "type": "svgp_failed_check", "fn": lambda: _RAISE, "args": (), "kwargs": {},
-        "value": None, "cond_indep_stack": [],
-    })
+    msg = apply_stack(
+        {
+            "type": "svgp_failed_check",
+            "fn": lambda: _RAISE,
+            "args": (),
+            "kwargs": {},
+            "value": None,
+            "cond_indep_stack": [],
+        }
+    )
     return msg["value"]
 
 

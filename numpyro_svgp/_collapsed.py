@@ -91,7 +91,5 @@ def exact_log_marginal_likelihood(
     L = jittered_cholesky(K, noise_var, name="K_xx + noise_var I")
     alpha = cho_solve((L, True), y)
     return -0.5 * (
-        jnp.dot(y, alpha)
-        + 2 * jnp.sum(jnp.log(jnp.diagonal(L)))
-        + K.shape[0] * jnp.log(2 * jnp.pi)
+        jnp.dot(y, alpha) + 2 * jnp.sum(jnp.log(jnp.diagonal(L))) + K.shape[0] * jnp.log(2 * jnp.pi)
     )

@@ -215,8 +215,9 @@ def whitened_conditional(
             "group_index."
         )
     if batch_shape:
-        conditional = _family_conditional(kernel, X, Z, jitter, max_jitter_escalations,
-                                          tuple(batch_shape), where)
+        conditional = _family_conditional(
+            kernel, X, Z, jitter, max_jitter_escalations, tuple(batch_shape), where
+        )
         if mixing is not None:
             return conditional._replace(mixing=_checked_mixing(mixing, conditional, where))
         if group_index is None:
@@ -261,8 +262,10 @@ def _family_conditional(kernel, X, Z, jitter, max_jitter_escalations, batch_shap
     inducing_axes = jax.tree.map(lambda _: False, inducing)
     if z_axis is not None:
         inducing_axes = eqx.tree_at(lambda i: i.Z, inducing_axes, True)
-    axes = tuple(0 if batched else None
-                 for batched in jax.tree.leaves((kernel_axes, inducing_axes, x_axis is not None)))
+    axes = tuple(
+        0 if batched else None
+        for batched in jax.tree.leaves((kernel_axes, inducing_axes, x_axis is not None))
+    )
     family = Family(shape, axes)
     dtype = inducing.dtype(X)
     jitter = _checked_jitter(jitter, dtype)
@@ -304,7 +307,8 @@ def _checked_group_index(group_index, conditional, where):
     # under jit the values are known only when the program runs; an index out of range
     # would otherwise be clamped to a wrong group
     return raise_when_run(
-        group_index, jnp.any((group_index < 0) | (group_index >= G)),
+        group_index,
+        jnp.any((group_index < 0) | (group_index >= G)),
         f"{where}: group_index holds a value outside [0, {G}), the group plate's size.",
     )
 
@@ -359,8 +363,9 @@ def _ragged_blocks(group_index, num_groups: int, rows: int):
     slot = (rank % rows).astype(jnp.int32)
     table = jnp.full((num_blocks, rows), -1, jnp.int32).at[block, slot].set(order.astype(jnp.int32))
     ends = first_block + blocks
-    block_group = jnp.minimum(jnp.searchsorted(ends, jnp.arange(num_blocks), side="right"),
-                              num_groups - 1)
+    block_group = jnp.minimum(
+        jnp.searchsorted(ends, jnp.arange(num_blocks), side="right"), num_groups - 1
+    )
     block_of_row = jnp.zeros(N, jnp.int32).at[order].set(block)
     slot_of_row = jnp.zeros(N, jnp.int32).at[order].set(slot)
     return table, block_group, block_of_row, slot_of_row
@@ -379,9 +384,7 @@ def ragged_rows(conditional, v, scale_tril):
     family = conditional.family
     G, M, N = family.size, conditional.num_inducing, conditional.num_points
     rows = 32 if N >= 8 * G else 8  # few rows per group: less padding
-    table, block_group, block_of_row, slot_of_row = _ragged_blocks(
-        conditional.group_index, G, rows
-    )
+    table, block_group, block_of_row, slot_of_row = _ragged_blocks(conditional.group_index, G, rows)
     inverse = jax.vmap(lower_inverse)(conditional.cholesky)  # (G, M, M)
     v = None if v is None else jnp.reshape(v, (G, M))
     S = None if scale_tril is None else jnp.reshape(scale_tril, (G, M, M))
@@ -409,8 +412,10 @@ def _factorise_family(conditional, dtype, jitter, max_jitter_escalations):
 
     family = conditional.family
     # stored as the other per-GP leaves are: one leading axis of G
-    return jax.tree.map(lambda x: x.reshape((family.size,) + x.shape[len(family.shape):]),
-                        family_map(one, family, conditional))
+    return jax.tree.map(
+        lambda x: x.reshape((family.size,) + x.shape[len(family.shape) :]),
+        family_map(one, family, conditional),
+    )
 
 
 def residual_variance(
@@ -468,8 +473,9 @@ def predictive_moments(
     if conditional.group_index is not None:
         mean, residual, spread = ragged_rows(conditional, loc, scale_tril)
         return mean, residual + spread
-    mean, variance = family_map(_moments, conditional.family, conditional, loc, scale_tril,
-                                event_ndims=(1, 2))
+    mean, variance = family_map(
+        _moments, conditional.family, conditional, loc, scale_tril, event_ndims=(1, 2)
+    )
     if conditional.mixing is None:
         return mean, variance
     # the latent GPs are independent under q, so the variances mix with W squared
@@ -501,8 +507,9 @@ def predictive_covariance(
             f"a full covariance is not available for an svgp with {form}=...: its rows "
             "come from different GPs. Ask for the marginal variances (full_cov=False)."
         )
-    return family_map(_full_moments, conditional.family, conditional, loc, scale_tril,
-                      event_ndims=(1, 2))
+    return family_map(
+        _full_moments, conditional.family, conditional, loc, scale_tril, event_ndims=(1, 2)
+    )
 
 
 def _full_moments(conditional, loc, scale_tril):

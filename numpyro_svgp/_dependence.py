@@ -114,10 +114,11 @@ def _elementwise(name, in_tags, eqn) -> Tag:
         return CONST
     if any(t.kind == "any" for _, t in live):
         return next(t for _, t in live if t.kind == "any")
-    linear = name in _LINEAR or (
-        name == "mul" and len(live) == 1
-    ) or (name == "div" and [i for i, _ in live] == [0]) or (
-        name == "select_n" and in_tags[0].kind == "const"
+    linear = (
+        name in _LINEAR
+        or (name == "mul" and len(live) == 1)
+        or (name == "div" and [i for i, _ in live] == [0])
+        or (name == "select_n" and in_tags[0].kind == "const")
     )
     tags = [t for _, t in live]
     if any(t.kind == "additive" for t in tags):
@@ -131,8 +132,11 @@ def _elementwise(name, in_tags, eqn) -> Tag:
             shifted = (
                 not rest
                 and first.shifted
-                and (name in _SHAPE_ONLY or (name in ("add", "sub") and first_index == 0)
-                     or (name == "add" and first_index == 1))
+                and (
+                    name in _SHAPE_ONLY
+                    or (name in ("add", "sub") and first_index == 0)
+                    or (name == "add" and first_index == 1)
+                )
             )
             return pointwise(first.dims, shifted)
     if len(live) == 1:
@@ -173,9 +177,7 @@ def _structural(name, eqn, in_tags) -> Tag | None:
     tag = in_tags[0] if in_tags else CONST
     if name == "broadcast_in_dim":
         bd = params["broadcast_dimensions"]
-        return _map_dims(
-            tag, lambda d: bd[d] if shapes[0][d] == out_shape[bd[d]] else None, name
-        )
+        return _map_dims(tag, lambda d: bd[d] if shapes[0][d] == out_shape[bd[d]] else None, name)
     if name == "reshape":
         if params.get("dimensions") is not None:
             return _map_dims(tag, lambda d: None)

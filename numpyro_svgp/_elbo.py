@@ -44,9 +44,9 @@ def kl(loc: jax.Array, scale_tril: jax.Array) -> jax.Array:
     With leading batch axes (a family of GPs), the sum of the KLs.
     """
     size = jnp.size(loc)
-    return 0.5 * (
-        jnp.sum(jnp.square(scale_tril)) + jnp.sum(jnp.square(loc)) - size
-    ) - jnp.sum(jnp.log(jnp.abs(jnp.diagonal(scale_tril, axis1=-2, axis2=-1))))
+    return 0.5 * (jnp.sum(jnp.square(scale_tril)) + jnp.sum(jnp.square(loc)) - size) - jnp.sum(
+        jnp.log(jnp.abs(jnp.diagonal(scale_tril, axis1=-2, axis2=-1)))
+    )
 
 
 class SVGP_ELBO(ELBO):
@@ -128,8 +128,12 @@ def guide_and_plan(model, guide, args, kwargs, param_map, rng_key, options):
     )
     plan = plan_model(model, model_key, guide_trace, param_map, args, kwargs, options)
     check_model_guide_match(plan.model_trace, guide_trace)
-    mutable = [n for t in (plan.model_trace, guide_trace) for n, site in t.items()
-               if site["type"] == "mutable"]
+    mutable = [
+        n
+        for t in (plan.model_trace, guide_trace)
+        for n, site in t.items()
+        if site["type"] == "mutable"
+    ]
     if mutable:
         raise NotImplementedError(
             f"SVGP_ELBO does not carry mutable state (sites {mutable}); use "

@@ -193,8 +193,9 @@ def family_map(fn, family: Family, conditional, *args, event_ndims=()):
     treedef = jax.tree.structure((one.kernel, one.inducing, one.inputs))
     axes = jax.tree.unflatten(treedef, list(family.axes))
     in_axes = (
-        one._replace(kernel=axes[0], inducing=axes[1], inputs=axes[2], cholesky=0, jitter=0,
-                     group_index=None),
+        one._replace(
+            kernel=axes[0], inducing=axes[1], inputs=axes[2], cholesky=0, jitter=0, group_index=None
+        ),
     ) + (0,) * len(flat)
     out = eqx.filter_vmap(fn, in_axes=in_axes, axis_size=G)(one, *flat)
     return jax.tree.map(lambda x: x.reshape(family.shape + x.shape[1:]), out)

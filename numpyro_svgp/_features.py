@@ -121,8 +121,9 @@ class InducingPoints(InducingFeatures):
 
     def cholesky(self, kernel, dtype, jitter, max_escalations):
         Z = check_finite("Z", self.Z)
-        return cholesky_with_jitter(kernel(Z, Z), jitter, max_escalations=max_escalations,
-                                    on_failure=failed_check_action())
+        return cholesky_with_jitter(
+            kernel(Z, Z), jitter, max_escalations=max_escalations, on_failure=failed_check_action()
+        )
 
     def cross_covariance(self, kernel, X):
         return kernel(X, self.Z)
@@ -194,9 +195,9 @@ class SphericalHarmonicFeatures(InducingFeatures):
     @property
     def degrees(self) -> np.ndarray:
         """The degree :math:`n` of each feature, shape ``(M,)``."""
-        return np.concatenate([
-            np.full(num_harmonics(self.dimension, n), n) for n in range(self.max_degree + 1)
-        ])
+        return np.concatenate(
+            [np.full(num_harmonics(self.dimension, n), n) for n in range(self.max_degree + 1)]
+        )
 
     def check_inputs(self, kernel, X):
         self._zonal(kernel)
@@ -295,8 +296,9 @@ class FeatureInducingPoints(InducingFeatures):
     def cholesky(self, kernel, dtype, jitter, max_escalations):
         base = self._warped(kernel).kernel
         Z = check_finite("Z", self.Z)
-        return cholesky_with_jitter(base(Z, Z), jitter, max_escalations=max_escalations,
-                                    on_failure=failed_check_action())
+        return cholesky_with_jitter(
+            base(Z, Z), jitter, max_escalations=max_escalations, on_failure=failed_check_action()
+        )
 
     def cross_covariance(self, kernel, X):
         warped = self._warped(kernel)

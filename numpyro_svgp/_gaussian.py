@@ -299,8 +299,7 @@ def gaussian_expected_log_likelihood(
 def _per_row_or_scalar(value, num_points: int):
     value = jnp.asarray(value)
     return (
-        jnp.reshape(value, ()) if jnp.size(value) == 1
-        else jnp.broadcast_to(value, (num_points,))
+        jnp.reshape(value, ()) if jnp.size(value) == 1 else jnp.broadcast_to(value, (num_points,))
     )
 
 

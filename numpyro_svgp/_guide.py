@@ -132,7 +132,10 @@ class AutoSVGP(AutoNormal):
         self._plates_of_call = None
         self._checked_call = None
         super().__init__(
-            model, prefix=prefix, init_loc_fn=init_loc_fn, init_scale=init_scale,
+            model,
+            prefix=prefix,
+            init_loc_fn=init_loc_fn,
+            init_scale=init_scale,
             create_plates=create_plates,
         )
 
@@ -151,10 +154,12 @@ class AutoSVGP(AutoNormal):
         # the time to a first fit. The log density at the start is checked by the first
         # SVI step instead (ns.train skips and counts non-finite steps).
         with block():
-            prototype = trace(substitute(
-                seed(output_values(self.model, placeholder=True), numpyro.prng_key()),
-                substitute_fn=self._initial_value,
-            )).get_trace(*args, **kwargs)
+            prototype = trace(
+                substitute(
+                    seed(output_values(self.model, placeholder=True), numpyro.prng_key()),
+                    substitute_fn=self._initial_value,
+                )
+            ).get_trace(*args, **kwargs)
         whitened, self._init_locs = OrderedDict(), {}
         self._prototype_frames = {}
         for name, site in prototype.items():
@@ -213,7 +218,8 @@ class AutoSVGP(AutoNormal):
         # AutoNormal guides what is left (deterministic sites, such as the svgp
         # outputs, are no guide's business: AutoGuideList refuses them)
         self.prototype_trace = OrderedDict(
-            (name, site) for name, site in prototype.items()
+            (name, site)
+            for name, site in prototype.items()
             if name not in whitened and site["type"] != "deterministic"
         )
 
@@ -225,8 +231,7 @@ class AutoSVGP(AutoNormal):
         (after the guide has seen the model)."""
         self._check_setup()
         return [
-            (self._param_name(n, "loc"), self._param_name(n, "scale_tril"))
-            for n in self._whitened
+            (self._param_name(n, "loc"), self._param_name(n, "scale_tril")) for n in self._whitened
         ]
 
     @staticmethod
@@ -303,7 +308,8 @@ class AutoSVGP(AutoNormal):
         """Map unconstrained latent values (with any leading sample dims) to the model's
         supports."""
         return {
-            name: value if name in self._whitened
+            name: value
+            if name in self._whitened
             else biject_to(self._latent_site(name)["fn"].support)(value)
             for name, value in values.items()
         }
@@ -336,7 +342,8 @@ class AutoSVGP(AutoNormal):
         key, *keys = jax.random.split(rng_key, len(self._whitened) + 1)
         draws = (
             super().sample_posterior(key, params, sample_shape=sample_shape)
-            if self._init_locs else {}
+            if self._init_locs
+            else {}
         )
         for key, name in zip(keys, self._whitened, strict=True):
             loc, tril = self._whitened_q(params, name)

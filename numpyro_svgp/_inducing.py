@@ -149,6 +149,10 @@ def _greedy_indices(kernel, X, num_inducing):
         residual = jnp.maximum(residual - new**2, 0.0)
         return rows.at[m].set(new), residual, taken.at[i].set(True), chosen.at[m].set(i)
 
-    state = (jnp.zeros((num_inducing, n), X.dtype), kernel.diag(X),
-             jnp.zeros(n, bool), jnp.zeros(num_inducing, jnp.result_type(int)))
+    state = (
+        jnp.zeros((num_inducing, n), X.dtype),
+        kernel.diag(X),
+        jnp.zeros(n, bool),
+        jnp.zeros(num_inducing, jnp.result_type(int)),
+    )
     return lax.fori_loop(0, num_inducing, pick, state)[3]

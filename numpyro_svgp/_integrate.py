@@ -163,7 +163,8 @@ def plan_model(model, model_key, guide_trace, param_map, args, kwargs, options: 
     model_trace = _run(model, model_key, guide_trace, param_map, args, kwargs, placeholders)
     outputs = placeholders.outputs  # name -> (conditional, v), in model order
     sites = [
-        name for name, site in model_trace.items()
+        name
+        for name, site in model_trace.items()
         if site["type"] == "sample" and svgp_site(site) is None
     ]
     for name in sites:
@@ -189,7 +190,8 @@ def plan_model(model, model_key, guide_trace, param_map, args, kwargs, options: 
                 normals[name] = (base.loc, (base.scale, site["value"], site["scale"], masks))
         inputs = {
             o: [
-                leaf for leaf in jax.tree.leaves((c.kernel, c.inducing, c.inputs))
+                leaf
+                for leaf in jax.tree.leaves((c.kernel, c.inducing, c.inputs))
                 if eqx.is_array(leaf)
             ]
             for o, (c, _) in handler.outputs.items()
@@ -233,8 +235,10 @@ def plan_model(model, model_key, guide_trace, param_map, args, kwargs, options: 
                 "not point by point"
             )
             integrations[name] = _monte_carlo(name, deps, reason, options)
-        elif len(deps) == 1 and name in index[1] and _is_shifted_normal(
-            tags_of(index[1][name]), deps[0]
+        elif (
+            len(deps) == 1
+            and name in index[1]
+            and _is_shifted_normal(tags_of(index[1][name]), deps[0])
         ):
             integrations[name] = Integration("closed form", deps)
         elif len(deps) <= MAX_QUADRATURE_OUTPUTS:
@@ -253,8 +257,10 @@ def plan_model(model, model_key, guide_trace, param_map, args, kwargs, options: 
         # f given v is still integrated exactly; v itself is one draw from q
         reason = f"{why}: exact over f given v, at one draw of v"
         for name, integration in integrations.items():
-            if (integration.method in ("closed form", "quadrature")
-                    and output in integration.outputs):
+            if (
+                integration.method in ("closed form", "quadrature")
+                and output in integration.outputs
+            ):
                 if options.strict:
                     raise ValueError(
                         f"SVGP_ELBO(strict=True): site '{name}' cannot be integrated exactly: "
@@ -264,19 +270,16 @@ def plan_model(model, model_key, guide_trace, param_map, args, kwargs, options: 
                 note = reason if not integration.reason else f"{integration.reason}; {reason}"
                 integrations[name] = integration._replace(reason=note)
 
-    evaluate = _Evaluator(closed, index, tags, names, zeros, outputs, guide_trace, model_trace,
-                          model_key, options)
+    evaluate = _Evaluator(
+        closed, index, tags, names, zeros, outputs, guide_trace, model_trace, model_key, options
+    )
     return ModelPlan(model_trace, integrations, evaluate)
 
 
 def _is_shifted_normal(normal_tags, output) -> bool:
     loc, *rest = normal_tags[output]
     others = [t for o, ts in normal_tags.items() if o != output for t in ts]
-    return (
-        loc.kind == "pointwise"
-        and loc.shifted
-        and all(t.kind == "const" for t in rest + others)
-    )
+    return loc.kind == "pointwise" and loc.shifted and all(t.kind == "const" for t in rest + others)
 
 
 def _monte_carlo(name, deps, reason, options) -> Integration:
@@ -354,14 +357,18 @@ def whitened_q(output, outputs, model_trace, guide_trace):
             return gaussian, ""
         point = q.base_dist if isinstance(q, Independent) else q
         if isinstance(point, Delta):
-            auxiliary = [n for n, s in guide_trace.items()
-                         if s["type"] == "sample" and not s["is_observed"] and n not in model_trace]
+            auxiliary = [
+                n
+                for n, s in guide_trace.items()
+                if s["type"] == "sample" and not s["is_observed"] and n not in model_trace
+            ]
             if not auxiliary:
-                return (jnp.broadcast_to(point.v, q.shape()),
-                        jnp.zeros(tuple(q.shape()) + (M,), conditional.dtype)), ""
+                return (
+                    jnp.broadcast_to(point.v, q.shape()),
+                    jnp.zeros(tuple(q.shape()) + (M,), conditional.dtype),
+                ), ""
             return None, (
-                f"v of svgp output '{output}' is drawn through the guide's site "
-                f"'{auxiliary[0]}'"
+                f"v of svgp output '{output}' is drawn through the guide's site '{auxiliary[0]}'"
             )
         return None, f"q(v) of svgp output '{output}' is a {type(q).__name__}, not Gaussian"
     return (v, jnp.zeros(jnp.shape(v) + (M,), conditional.dtype)), ""
@@ -370,10 +377,25 @@ def whitened_q(output, outputs, model_trace, guide_trace):
 class _Evaluator:
     """Computes the integrated terms of one plan, sharing each output's marginals."""
 
-    def __init__(self, closed, index, tags, names, zeros, outputs, guide_trace, model_trace,
-                 model_key, options):
+    def __init__(
+        self,
+        closed,
+        index,
+        tags,
+        names,
+        zeros,
+        outputs,
+        guide_trace,
+        model_trace,
+        model_key,
+        options,
+    ):
         self.closed, self.index, self.tags, self.names, self.zeros = (
-            closed, index, tags, names, zeros
+            closed,
+            index,
+            tags,
+            names,
+            zeros,
         )
         self.outputs, self.guide_trace, self.model_trace = outputs, guide_trace, model_trace
         self.model_key, self.options = model_key, options
@@ -438,9 +460,14 @@ class _Evaluator:
             offset = loc_fn(*self.zeros)[0]
             loc, scale_tril = self._q(output)
             return gaussian_expected_log_likelihood(
-                conditional, loc, scale_tril, (value - offset).astype(conditional.dtype),
-                jnp.square(base.scale), weight,
-                form=self.options.gaussian_form, block_rows=self.options.block_rows,
+                conditional,
+                loc,
+                scale_tril,
+                (value - offset).astype(conditional.dtype),
+                jnp.square(base.scale),
+                weight,
+                form=self.options.gaussian_form,
+                block_rows=self.options.block_rows,
             )
         mean, variance = self.moments(output)
         position = self.names.index(output)

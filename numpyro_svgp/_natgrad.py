@@ -60,7 +60,7 @@ def _batched_natural_step(m, raw, grad_m, grad_raw, step_size, scale_tril):
     if not batch:
         return _natural_step(m, raw, grad_m, grad_raw, step_size, scale_tril)
     M = m.shape[-1]
-    flat = [a.reshape((-1,) + a.shape[len(batch):]) for a in (m, raw, grad_m, grad_raw)]
+    flat = [a.reshape((-1,) + a.shape[len(batch) :]) for a in (m, raw, grad_m, grad_raw)]
     new_m, new_S = jax.vmap(lambda *a: _natural_step(*a, step_size, scale_tril))(*flat)
     return new_m.reshape(batch + (M,)), new_S.reshape(batch + (M, M))
 
@@ -116,7 +116,11 @@ def natural_gradient(
         gamma = schedule(count)
         for loc_name, tril_name in pairs:
             new_m, new_S = _batched_natural_step(
-                params[loc_name], params[tril_name], grads[loc_name], grads[tril_name], gamma,
+                params[loc_name],
+                params[tril_name],
+                grads[loc_name],
+                grads[tril_name],
+                gamma,
                 guide.scale_tril,
             )
             updates[loc_name] = new_m - params[loc_name]

@@ -186,8 +186,11 @@ class pathwise(Messenger):
             return _draw_pathwise(conditional, v, key, self.num_features)
         kernel = type(conditional.kernel).__name__
         inducing = type(conditional.inducing).__name__
-        reason = (f"kernel {kernel}" if not _is_spectral(conditional.kernel)
-                  else f"inducing variables {inducing}")
+        reason = (
+            f"kernel {kernel}"
+            if not _is_spectral(conditional.kernel)
+            else f"inducing variables {inducing}"
+        )
         if conditional.num_points > MAX_EXACT_POINTS:
             raise ValueError(
                 f"ns.pathwise: the svgp output '{name}' has a {reason} without random "
@@ -238,8 +241,14 @@ def _over_family(draw_one, conditional, v, key, *static):
     family = conditional.family
     if family.shape:
         key = jax.random.split(key, family.size)
-    f = family_map(lambda c, v_, k: draw_one(c, v_, k, *static), family, conditional, v, key,
-                   event_ndims=(1, 1))
+    f = family_map(
+        lambda c, v_, k: draw_one(c, v_, k, *static),
+        family,
+        conditional,
+        v,
+        key,
+        event_ndims=(1, 1),
+    )
     if conditional.mixing is not None:
         # the latent GPs are drawn first; outputs sharing one share its function
         f = mix(conditional.mixing.astype(f.dtype), f)
@@ -285,8 +294,9 @@ def _pathwise_one(
     g_z = prior(Z) + jnp.sqrt(conditional.jitter.astype(dtype)) * noise
     whitened = lax.linalg.triangular_solve(L, g_z[:, None], left_side=True, lower=True)[:, 0]
     residual = v.astype(dtype) - whitened
-    alpha = lax.linalg.triangular_solve(L, residual[:, None], left_side=True, lower=True,
-                                        transpose_a=True)[:, 0]
+    alpha = lax.linalg.triangular_solve(
+        L, residual[:, None], left_side=True, lower=True, transpose_a=True
+    )[:, 0]
     return prior(X) + conditional.inducing.cross_covariance(kernel, X) @ alpha
 
 
@@ -301,8 +311,11 @@ def _exact_one(
     # the jitter relative to the prior's scale: C / s is factorised, s its mean variance
     scale = jnp.maximum(jnp.mean(conditional.kernel.diag(X)), jnp.finfo(C.dtype).tiny)
     root, _ = cholesky_with_jitter(
-        0.5 * (C + C.T) / scale, default_jitter(C.dtype), name="K_xx - A A^T",
-        max_escalations=MAX_JITTER_ESCALATIONS, on_failure=on_failure,
+        0.5 * (C + C.T) / scale,
+        default_jitter(C.dtype),
+        name="K_xx - A A^T",
+        max_escalations=MAX_JITTER_ESCALATIONS,
+        on_failure=on_failure,
     )
     noise = jax.random.normal(key, (X.shape[0],), C.dtype)
     return A @ v.astype(C.dtype) + jnp.sqrt(scale) * (root @ noise)

@@ -41,8 +41,9 @@ def _check_params(params, caller: str) -> None:
 
 
 def _check_all_params_given(trace_, params, what: str, caller: str) -> None:
-    missing = [name for name, site in trace_.items()
-               if site["type"] == "param" and name not in params]
+    missing = [
+        name for name, site in trace_.items() if site["type"] == "param" and name not in params
+    ]
     if missing:
         raise ValueError(
             f"{caller}: the {what} has params that are not in the given params: "
@@ -54,8 +55,13 @@ def _check_all_params_given(trace_, params, what: str, caller: str) -> None:
 def _explain_plate_size(error: Exception, caller: str) -> None:
     """A plate of size None fails inside numpyro with a bare TypeError; name the cause."""
     frames = traceback.extract_tb(error.__traceback__)
-    if isinstance(error, TypeError) and "NoneType" in str(error) and any(
-        frame.name == "__init__" and frame.filename.endswith("primitives.py") for frame in frames
+    if (
+        isinstance(error, TypeError)
+        and "NoneType" in str(error)
+        and any(
+            frame.name == "__init__" and frame.filename.endswith("primitives.py")
+            for frame in frames
+        )
     ):
         raise ValueError(
             f"{caller}: a numpyro.plate in the model got size None, typically a "
@@ -66,8 +72,15 @@ def _explain_plate_size(error: Exception, caller: str) -> None:
 
 
 def predict_f(
-    model, guide, params, *args, name: str = "f", rng_seed: int = 0, full_cov: bool = False,
-    num_samples: int | None = 100, **kwargs,
+    model,
+    guide,
+    params,
+    *args,
+    name: str = "f",
+    rng_seed: int = 0,
+    full_cov: bool = False,
+    num_samples: int | None = 100,
+    **kwargs,
 ):
     r"""Posterior mean and variance (or covariance) of the svgp output ``name`` at the
     model's inputs.
@@ -125,12 +138,27 @@ def predict_f(
             f"predict_f needs a MultivariateNormal q({whitened}), as AutoSVGP makes; "
             f"the guide gave {type(q).__name__}."
         )
-    others = [n for n, site in guide_trace.items()
-              if site["type"] == "sample" and not site["is_observed"] and n in model_trace
-              and svgp_site(model_trace[n]) is None]
+    others = [
+        n
+        for n, site in guide_trace.items()
+        if site["type"] == "sample"
+        and not site["is_observed"]
+        and n in model_trace
+        and svgp_site(model_trace[n]) is None
+    ]
     if others and num_samples is not None:
-        return _integrated_moments(model, guide, params, args, kwargs, whitened, tuple(others),
-                                   jax.random.PRNGKey(rng_seed), num_samples, full_cov)
+        return _integrated_moments(
+            model,
+            guide,
+            params,
+            args,
+            kwargs,
+            whitened,
+            tuple(others),
+            jax.random.PRNGKey(rng_seed),
+            num_samples,
+            full_cov,
+        )
     info = svgp_site(model_trace[whitened])
     if full_cov:
         return predictive_covariance(info.conditional, q.loc, q.scale_tril)
@@ -138,18 +166,19 @@ def predict_f(
 
 
 @eqx.filter_jit
-def _integrated_moments(model, guide, params, args, kwargs, whitened, others, key,
-                        num_samples, full_cov):
+def _integrated_moments(
+    model, guide, params, args, kwargs, whitened, others, key, num_samples, full_cov
+):
     draw_key, key = jax.random.split(key)
-    draws = guide.sample_posterior(draw_key, params, *args, sample_shape=(num_samples,),
-                                   **kwargs)
+    draws = guide.sample_posterior(draw_key, params, *args, sample_shape=(num_samples,), **kwargs)
 
     def one_draw(draw):
         values = {**params, **draw}
         with block():
             q = trace(substitute(seed(guide, key), data=values)).get_trace(*args, **kwargs)
-            model_trace = trace(seed(substitute(output_values(model, placeholder=True),
-                                                data=values), key)).get_trace(*args, **kwargs)
+            model_trace = trace(
+                seed(substitute(output_values(model, placeholder=True), data=values), key)
+            ).get_trace(*args, **kwargs)
         conditional = svgp_site(model_trace[whitened]).conditional
         q = q[whitened]["fn"]
         moments = predictive_covariance if full_cov else predictive_moments
@@ -208,8 +237,11 @@ def _held_out_log_likelihood(model, guide, params, args, kwargs, rng_key, num_sa
             model_trace = trace(seed(substitute(model, data={**params, **draw}), key)).get_trace(
                 *args, **kwargs
             )
-        terms = [jnp.ravel(site["fn"].log_prob(site["value"])) for site in model_trace.values()
-                 if site["type"] == "sample" and site["is_observed"]]
+        terms = [
+            jnp.ravel(site["fn"].log_prob(site["value"]))
+            for site in model_trace.values()
+            if site["type"] == "sample" and site["is_observed"]
+        ]
         if not terms:
             raise ValueError("the model has no observed site: pass the held-out observations.")
         return jnp.concatenate(terms)

@@ -65,8 +65,16 @@ class YPrediction(NamedTuple):
 
 
 def predict_y(
-    model, guide, params, *args, site: str | None = None, quantiles=None,
-    num_samples: int = 100, quadrature_points: int = 20, rng_key=None, **kwargs,
+    model,
+    guide,
+    params,
+    *args,
+    site: str | None = None,
+    quantiles=None,
+    num_samples: int = 100,
+    quadrature_points: int = 20,
+    rng_key=None,
+    **kwargs,
 ) -> YPrediction:
     r"""Predictive mean, variance and quantiles of an observed site at the model's inputs.
 
@@ -101,14 +109,31 @@ def predict_y(
         levels = np.atleast_1d(np.asarray(quantiles, dtype=float))
         if levels.ndim != 1 or not np.all((levels > 0) & (levels < 1)):
             raise ValueError(f"quantiles must be levels in (0, 1), got {quantiles!r}.")
-    components = _components_of(model, guide, params, args, kwargs, site, num_samples,
-                                 quadrature_points, rng_key, "predict_y")
+    components = _components_of(
+        model,
+        guide,
+        params,
+        args,
+        kwargs,
+        site,
+        num_samples,
+        quadrature_points,
+        rng_key,
+        "predict_y",
+    )
     return _moments_and_quantiles(components, levels)
 
 
 def predict_log_density(
-    model, guide, params, *args, site: str | None = None, num_samples: int = 100,
-    quadrature_points: int = 20, rng_key=None, **kwargs,
+    model,
+    guide,
+    params,
+    *args,
+    site: str | None = None,
+    num_samples: int = 100,
+    quadrature_points: int = 20,
+    rng_key=None,
+    **kwargs,
 ) -> jax.Array:
     r"""Pointwise log predictive density :math:`\log p(y_n)` of observed values.
 
@@ -133,8 +158,18 @@ def predict_log_density(
     :return: :math:`\log p(y_n)`, of the site's shape (sum or average it as needed).
     """
     _check_params(params, "predict_log_density")
-    log_w, stats = _components_of(model, guide, params, args, kwargs, site, num_samples,
-                                  quadrature_points, rng_key, "predict_log_density")
+    log_w, stats = _components_of(
+        model,
+        guide,
+        params,
+        args,
+        kwargs,
+        site,
+        num_samples,
+        quadrature_points,
+        rng_key,
+        "predict_log_density",
+    )
     if stats["log_prob"] is None:
         raise ValueError(
             "predict_log_density needs the observations: pass them as the model's "
@@ -144,7 +179,11 @@ def predict_log_density(
 
 
 def pointwise_log_likelihood(
-    model, samples: dict, *args, params: dict | None = None, quadrature_points: int = 20,
+    model,
+    samples: dict,
+    *args,
+    params: dict | None = None,
+    quadrature_points: int = 20,
     **kwargs,
 ) -> dict:
     r"""Log likelihood of each observation at each posterior draw, for PSIS-LOO and WAIC.
@@ -176,8 +215,9 @@ def pointwise_log_likelihood(
         )
     check_quadrature_points(quadrature_points)
     try:
-        return _pointwise_log_likelihood(model, dict(samples), dict(params or {}), args, kwargs,
-                                         quadrature_points)
+        return _pointwise_log_likelihood(
+            model, dict(samples), dict(params or {}), args, kwargs, quadrature_points
+        )
     except TypeError as error:
         _explain_plate_size(error, "pointwise_log_likelihood")
         raise
@@ -200,15 +240,28 @@ def _pointwise_log_likelihood(model, samples, params, args, kwargs, points):
                     continue
                 integration = plan.integrations.get(name)
                 if integration is None or integration.method == "exact":
-                    result[name] = _pointwise(site["fn"], site["value"], name,
-                                              "pointwise_log_likelihood")
+                    result[name] = _pointwise(
+                        site["fn"], site["value"], name, "pointwise_log_likelihood"
+                    )
                     continue
                 _refuse_inexact(integration, name, "pointwise_log_likelihood")
-                log_w, stats = _site_components(plan, {}, model, values, args, kwargs, key,
-                                                name, integration, points, True,
-                                                "pointwise_log_likelihood")
-                result[name] = logsumexp(_expand(log_w, stats["log_prob"]) + stats["log_prob"],
-                                         axis=0)
+                log_w, stats = _site_components(
+                    plan,
+                    {},
+                    model,
+                    values,
+                    args,
+                    kwargs,
+                    key,
+                    name,
+                    integration,
+                    points,
+                    True,
+                    "pointwise_log_likelihood",
+                )
+                result[name] = logsumexp(
+                    _expand(log_w, stats["log_prob"]) + stats["log_prob"], axis=0
+                )
             return result
 
     return jax.lax.map(one_draw, samples)
@@ -220,11 +273,12 @@ def _latent_draws(model, samples, params, args, kwargs, key):
     from its prior or left at its initial value, silently."""
     first = jax.tree.map(lambda x: x[0], samples)
     with block():
-        model_trace = trace(seed(substitute(output_values(model, placeholder=True),
-                                            data={**params, **first}), key)).get_trace(
-            *args, **kwargs)
-    latent = [n for n, site in model_trace.items()
-              if site["type"] == "sample" and not site["is_observed"]]
+        model_trace = trace(
+            seed(substitute(output_values(model, placeholder=True), data={**params, **first}), key)
+        ).get_trace(*args, **kwargs)
+    latent = [
+        n for n, site in model_trace.items() if site["type"] == "sample" and not site["is_observed"]
+    ]
     missing = [n for n in latent if n not in samples]
     if missing:
         raise ValueError(
@@ -247,23 +301,22 @@ def _expand(log_w, x):
     return log_w.reshape(log_w.shape + (1,) * (jnp.ndim(x) - 1))
 
 
-def _components_of(model, guide, params, args, kwargs, site, num_samples, points, rng_key,
-                   caller):
+def _components_of(model, guide, params, args, kwargs, site, num_samples, points, rng_key, caller):
     check_quadrature_points(points)
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}.")
     rng_key = jax.random.PRNGKey(0) if rng_key is None else rng_key
     try:
-        return _components(model, guide, params, args, kwargs, site, num_samples, points,
-                           rng_key, caller)
+        return _components(
+            model, guide, params, args, kwargs, site, num_samples, points, rng_key, caller
+        )
     except TypeError as error:
         _explain_plate_size(error, caller)
         raise
 
 
 @eqx.filter_jit
-def _components(model, guide, params, args, kwargs, site, num_samples, points, rng_key,
-                caller):
+def _components(model, guide, params, args, kwargs, site, num_samples, points, rng_key, caller):
     """``(log_weights, stats)`` of the mixture that is the site's predictive distribution:
     one component per (draw of the other latents, quadrature node), with each
     component's mean, variance, log density of the observed value and the distribution
@@ -283,20 +336,36 @@ def _components(model, guide, params, args, kwargs, site, num_samples, points, r
             first, guide_trace = _plan(model, guide, params, args, kwargs, {}, key, options)
     integration = first.integrations[site]
     _refuse_inexact(integration, site, caller)
-    others = [n for n, s in guide_trace.items()
-              if s["type"] == "sample" and not s["is_observed"] and n in first.model_trace
-              and svgp_site(first.model_trace[n]) is None]
+    others = [
+        n
+        for n, s in guide_trace.items()
+        if s["type"] == "sample"
+        and not s["is_observed"]
+        and n in first.model_trace
+        and svgp_site(first.model_trace[n]) is None
+    ]
     if not others:
         num_samples = 1
-    draws = guide.sample_posterior(draw_key, params, *args, sample_shape=(num_samples,),
-                                   **kwargs)
+    draws = guide.sample_posterior(draw_key, params, *args, sample_shape=(num_samples,), **kwargs)
     draws = {n: draws[n] for n in others}
 
     def one_draw(values):
         with block():
             plan, guide_trace = _plan(model, guide, params, args, kwargs, values, key, options)
-            return _site_components(plan, guide_trace, model, params, args, kwargs, key, site,
-                                    integration, points, observed, caller)
+            return _site_components(
+                plan,
+                guide_trace,
+                model,
+                params,
+                args,
+                kwargs,
+                key,
+                site,
+                integration,
+                points,
+                observed,
+                caller,
+            )
 
     # one draw at a time: each holds (nodes, N) arrays and its distributions
     if draws:
@@ -317,9 +386,14 @@ def _plan(model, guide, params, args, kwargs, values, key, options):
 def _pick_site(plan, guide_trace, site, caller):
     # the site's values are data: observed, or left unobserved (y=None) to be predicted
     # (then it is latent in the model but the guide does not cover it)
-    candidates = [n for n, s in plan.model_trace.items()
-                  if s["type"] == "sample" and n not in guide_trace and n in plan.integrations
-                  and plan.integrations[n].method != "exact"]
+    candidates = [
+        n
+        for n, s in plan.model_trace.items()
+        if s["type"] == "sample"
+        and n not in guide_trace
+        and n in plan.integrations
+        and plan.integrations[n].method != "exact"
+    ]
     if site is None:
         if len(candidates) != 1:
             raise ValueError(
@@ -352,8 +426,9 @@ def _refuse_inexact(integration, site, caller):
         )
 
 
-def _site_components(plan, guide_trace, model, params, args, kwargs, key, site, integration,
-                     points, observed, caller):
+def _site_components(
+    plan, guide_trace, model, params, args, kwargs, key, site, integration, points, observed, caller
+):
     """The components of one draw: ``(log_weights (C,), stats with leading C)``."""
     outputs = integration.outputs
 
@@ -398,8 +473,7 @@ def _pointwise(fn, value, site, caller):
     log_prob = jnp.broadcast_to(base.log_prob(value), fn.batch_shape + fn.event_shape)
     for wrapper in wrappers:
         if isinstance(wrapper, MaskedDistribution):
-            mask = jnp.reshape(wrapper._mask, jnp.shape(wrapper._mask)
-                               + (1,) * len(fn.event_shape))
+            mask = jnp.reshape(wrapper._mask, jnp.shape(wrapper._mask) + (1,) * len(fn.event_shape))
             log_prob = jnp.where(mask, log_prob, 0.0)
     return log_prob
 
@@ -458,8 +532,11 @@ def _quantiles(fn, component_mean, weights, mean, variance, levels):
         low, high, half = bracket
         short = mixture_cdf(high) < levels
         beyond = mixture_cdf(low) >= levels
-        return (jnp.where(beyond, rounded(mean - 2 * half, True), low),
-                jnp.where(short, rounded(mean + 2 * half, False), high), 2 * half)
+        return (
+            jnp.where(beyond, rounded(mean - 2 * half, True), low),
+            jnp.where(short, rounded(mean + 2 * half, False), high),
+            2 * half,
+        )
 
     low, high, _ = jax.lax.fori_loop(0, WIDENINGS, widen, (low, high, half))
 

@@ -99,16 +99,21 @@ class sgpmc:
         # every site that reached the outer handlers, with their values: latent ones, ones
         # they observe (HMCGibbs conditions its Gibbs sites from outside), and the plates'
         # subsample indices (which HMCECS sets)
-        values = {name: site["value"] for name, site in latents.items()
-                  if site["type"] in ("param", "sample", "plate")}
+        values = {
+            name: site["value"]
+            for name, site in latents.items()
+            if site["type"] in ("param", "sample", "plate")
+        }
         with block():
-            plan = plan_model(model, jax.random.PRNGKey(0), {}, values, args, kwargs,
-                              self.options)
+            plan = plan_model(model, jax.random.PRNGKey(0), {}, values, args, kwargs, self.options)
         for name, integration in plan.integrations.items():
             _check_integrable(name, plan.model_trace[name], integration, latents)
         with nan_on_failed_checks():
-            terms = {name: plan.log_density(name) for name, site in plan.model_trace.items()
-                     if site["type"] == "sample" and site["is_observed"]}
+            terms = {
+                name: plan.log_density(name)
+                for name, site in plan.model_trace.items()
+                if site["type"] == "sample" and site["is_observed"]
+            }
         for name, term in terms.items():
             numpyro.factor(f"{name}_sgpmc", term)
 

@@ -79,8 +79,10 @@ class WhitenedPrior(dist.MultivariateNormal):
         num_inducing, dtype = conditional.num_inducing, conditional.dtype
         super().__init__(
             jnp.zeros(tuple(batch_shape) + (num_inducing,), dtype),
-            scale_tril=jnp.broadcast_to(jnp.eye(num_inducing, dtype=dtype),
-                                        tuple(batch_shape) + (num_inducing, num_inducing)),
+            scale_tril=jnp.broadcast_to(
+                jnp.eye(num_inducing, dtype=dtype),
+                tuple(batch_shape) + (num_inducing, num_inducing),
+            ),
         )
         self.conditional = conditional
         self.output = output
@@ -94,8 +96,9 @@ def fitted_model_trace(model, guide, params, args, kwargs, rng_seed: int = 0):
     if guide is not None:
         values.update(guide.median(params))
     with block():
-        return trace(seed(substitute(output_values(model, placeholder=True), data=values),
-                          rng_seed)).get_trace(*args, **kwargs)
+        return trace(
+            seed(substitute(output_values(model, placeholder=True), data=values), rng_seed)
+        ).get_trace(*args, **kwargs)
 
 
 def svgp_site(site: dict) -> WhitenedPrior | None:
@@ -197,8 +200,14 @@ def svgp(
     if group_index is None:
         _refuse_data_plate(name, X, plates)
     conditional = whitened_conditional(
-        kernel, X, Z, jitter=jitter, max_jitter_escalations=max_jitter_escalations,
-        batch_shape=batch_shape, group_index=group_index, mixing=mixing,
+        kernel,
+        X,
+        Z,
+        jitter=jitter,
+        max_jitter_escalations=max_jitter_escalations,
+        batch_shape=batch_shape,
+        group_index=group_index,
+        mixing=mixing,
         where=f"svgp('{name}', ...)",
     )
     num_inducing = conditional.num_inducing
@@ -208,16 +217,18 @@ def svgp(
             f"svgp('{name}', ...) drew inducing values of shape {jnp.shape(v)}, expected "
             f"{batch_shape + (num_inducing,)} (the plates' batch shape, then M)."
         )
-    msg = apply_stack({
-        "type": "deterministic",
-        "name": name,
-        "svgp_output": name,
-        "fn": draw_output,
-        "args": (conditional, v),
-        "kwargs": {},
-        "value": None,
-        "cond_indep_stack": [],
-    })
+    msg = apply_stack(
+        {
+            "type": "deterministic",
+            "name": name,
+            "svgp_output": name,
+            "fn": draw_output,
+            "args": (conditional, v),
+            "kwargs": {},
+            "value": None,
+            "cond_indep_stack": [],
+        }
+    )
     return msg["value"]
 
 
@@ -286,8 +297,9 @@ def _draw(conditional, v, key):
     if conditional.group_index is not None:
         f, variance, _ = ragged_rows(conditional, v, None)
     else:
-        f, variance = family_map(_mean_and_variance, conditional.family, conditional, v,
-                                 event_ndims=(1,))
+        f, variance = family_map(
+            _mean_and_variance, conditional.family, conditional, v, event_ndims=(1,)
+        )
     if key is not None:
         # safe_sqrt keeps d sqrt(var) finite where var == 0 (e.g. X = Z)
         f = f + safe_sqrt(variance) * jax.random.normal(key, variance.shape, variance.dtype)

@@ -120,8 +120,10 @@ def _split_arguments(args: tuple, kwargs: dict):
 
 def _join_arguments(traced, spec):
     treedef, static = spec
-    leaves = [t if s is _TRACED else (s.value if isinstance(s, _ByIdentity) else s)
-              for t, s in zip(traced, static, strict=True)]
+    leaves = [
+        t if s is _TRACED else (s.value if isinstance(s, _ByIdentity) else s)
+        for t, s in zip(traced, static, strict=True)
+    ]
     return jax.tree.unflatten(treedef, leaves)
 
 
@@ -141,14 +143,18 @@ def _check_finite(array, what: str) -> None:
 
 
 def _all_finite(tree) -> jax.Array:
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
-              if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+    leaves = [
+        jnp.all(jnp.isfinite(x))
+        for x in jax.tree.leaves(tree)
+        if jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+    ]
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
 
 @functools.partial(jax.jit, static_argnames=("svi", "max_in_a_row", "length", "spec"))
-def _run_chunk(state, in_a_row, skipped, traced, batches, active,
-               *, svi, max_in_a_row, length, spec):
+def _run_chunk(
+    state, in_a_row, skipped, traced, batches, active, *, svi, max_in_a_row, length, spec
+):
     """Up to ``length`` guarded steps; only the first ``active`` (traced) are taken, so
     one compiled chunk serves runs of any number of steps. With ``batches`` (arrays with
     a leading axis of ``length``), step ``i`` gets ``batches[j][i]`` as the model's
@@ -158,8 +164,7 @@ def _run_chunk(state, in_a_row, skipped, traced, batches, active,
     @jax.jit  # so that asking for its output's dtype and then calling it trace it once
     def take(carry, batch):
         state, in_a_row, skipped = carry
-        new_state, loss = svi.update(state, *(args if batch is None else (*batch, *args)),
-                                     **kwargs)
+        new_state, loss = svi.update(state, *(args if batch is None else (*batch, *args)), **kwargs)
         ok = jnp.isfinite(loss) & _all_finite(new_state.optim_state)
 
         def keep(new, old):
@@ -180,8 +185,7 @@ def _run_chunk(state, in_a_row, skipped, traced, batches, active,
         carry, loss = lax.cond(stopped, lambda c, b: (c, no_loss), take, carry, batch)
         return carry, (loss, stopped)
 
-    return lax.scan(step, (state, in_a_row, skipped), (jnp.arange(length), batches),
-                    length=length)
+    return lax.scan(step, (state, in_a_row, skipped), (jnp.arange(length), batches), length=length)
 
 
 class _Loop:
@@ -200,8 +204,16 @@ class _Loop:
         """Run ``steps <= length`` steps in the compiled chunk of ``length`` (the
         same program for any ``steps``); return the losses of those taken."""
         (self.state, self.in_a_row, self.skipped), (losses, stopped) = _run_chunk(
-            self.state, self.in_a_row, self.skipped, self.traced, batches, jnp.asarray(steps),
-            svi=self.svi, max_in_a_row=self.max_in_a_row, length=length, spec=self.spec,
+            self.state,
+            self.in_a_row,
+            self.skipped,
+            self.traced,
+            batches,
+            jnp.asarray(steps),
+            svi=self.svi,
+            max_in_a_row=self.max_in_a_row,
+            length=length,
+            spec=self.spec,
         )
         losses = np.asarray(losses)[~np.asarray(stopped)]
         self.losses.append(losses)
@@ -213,8 +225,9 @@ class _Loop:
 
     def result(self, state=None, **extra) -> TrainResult:
         state = self.state if state is None else state
-        return TrainResult(self.svi.get_params(state), state, self.history(),
-                           int(self.skipped), **extra)
+        return TrainResult(
+            self.svi.get_params(state), state, self.history(), int(self.skipped), **extra
+        )
 
     def raise_if_stopped(self, where: str = "", **extra) -> None:
         # a step is only ever stopped once in_a_row has reached the limit
@@ -300,8 +313,11 @@ def train(
     :return: a :class:`TrainResult`.
     :raises TrainingStopped: after ``max_nonfinite_in_a_row`` skipped steps in a row.
     """
-    _check_counts(num_steps=(num_steps, 0), steps_per_call=(steps_per_call, 1),
-                  max_nonfinite_in_a_row=(max_nonfinite_in_a_row, 1))
+    _check_counts(
+        num_steps=(num_steps, 0),
+        steps_per_call=(steps_per_call, 1),
+        max_nonfinite_in_a_row=(max_nonfinite_in_a_row, 1),
+    )
     if checkpoint_every is not None and (checkpoint is None or checkpoint_every < 1):
         raise ValueError("checkpoint_every needs a checkpoint path and must be >= 1.")
     if resume and checkpoint is None:
@@ -321,8 +337,10 @@ def train(
         state, step, previous = load_checkpoint(checkpoint, like=state)
         if step > num_steps:
             raise ValueError(f"the checkpoint is at step {step}, past num_steps={num_steps}.")
-        print(f"resuming from {os.fspath(checkpoint)!r} at step {step} of {num_steps}",
-              file=sys.stderr)
+        print(
+            f"resuming from {os.fspath(checkpoint)!r} at step {step} of {num_steps}",
+            file=sys.stderr,
+        )
         losses = [previous]
     loop = _Loop(svi, state, max_nonfinite_in_a_row, args, kwargs, losses)
     every = checkpoint_every or num_steps or 1
@@ -332,8 +350,11 @@ def train(
     with tqdm(total=num_steps, initial=loop.step, disable=not progress_bar, desc="SVI") as bar:
         while loop.step < num_steps:
             step = loop.step
-            boundary = min((step // steps_per_call + 1) * steps_per_call,
-                           (step // every + 1) * every, num_steps)
+            boundary = min(
+                (step // steps_per_call + 1) * steps_per_call,
+                (step // every + 1) * every,
+                num_steps,
+            )
             loop.show(bar, loop.run(length, boundary - step))
             loop.raise_if_stopped()
             if checkpoint is not None and (loop.step % every == 0 or loop.step == num_steps):
@@ -424,9 +445,12 @@ def train_epochs(
     lengths = [d.shape[0] for d in data]
     if len(set(lengths)) != 1:
         raise ValueError(f"the data arrays must share their leading length, got {lengths}.")
-    _check_counts(num_epochs=(num_epochs, 0), eval_every=(eval_every, 1),
-                  steps_per_call=(steps_per_call, 1),
-                  max_nonfinite_in_a_row=(max_nonfinite_in_a_row, 1))
+    _check_counts(
+        num_epochs=(num_epochs, 0),
+        eval_every=(eval_every, 1),
+        steps_per_call=(steps_per_call, 1),
+        max_nonfinite_in_a_row=(max_nonfinite_in_a_row, 1),
+    )
     if not isinstance(batch_size, (int, np.integer)) or not 1 <= batch_size <= num_data:
         raise ValueError(f"batch_size must be in [1, N = {num_data}], got {batch_size}.")
     if patience is not None and (held_out is None or patience < 1):
@@ -440,8 +464,13 @@ def train_epochs(
     init_key, eval_key, shuffle_key = jax.random.split(rng_key, 3)
     shuffle = np.random.default_rng(_seed_from_key(shuffle_key))
     first = tuple(jnp.asarray(d[:batch_size]) for d in data)
-    loop = _Loop(svi, _initial_state(svi, init_key, init_state, first, kwargs),
-                 max_nonfinite_in_a_row, (), kwargs)
+    loop = _Loop(
+        svi,
+        _initial_state(svi, init_key, init_state, first, kwargs),
+        max_nonfinite_in_a_row,
+        (),
+        kwargs,
+    )
     full, rest = divmod(num_data, batch_size)
     steps_per_epoch = full + (0 if drop_last or rest == 0 else 1)
     evaluations = []
@@ -457,12 +486,16 @@ def train_epochs(
         if rows.shape[1] == batch_size and steps < length:
             rows = np.concatenate([rows, np.repeat(rows[-1:], length - steps, axis=0)])
         losses = loop.run(rows.shape[0], steps, tuple(jnp.asarray(d[rows]) for d in data))
-        loop.raise_if_stopped(f" (epoch {epoch})", best_epoch=epoch,
-                              held_out=np.asarray(evaluations, dtype=float).reshape(-1, 2))
+        loop.raise_if_stopped(
+            f" (epoch {epoch})",
+            best_epoch=epoch,
+            held_out=np.asarray(evaluations, dtype=float).reshape(-1, 2),
+        )
         return losses
 
-    with tqdm(total=num_epochs * steps_per_epoch, disable=not progress_bar,
-              desc="SVI epochs") as bar:
+    with tqdm(
+        total=num_epochs * steps_per_epoch, disable=not progress_bar, desc="SVI epochs"
+    ) as bar:
         for epoch in range(1, num_epochs + 1):
             order = shuffle.permutation(num_data)
             batched = order[: full * batch_size].reshape(full, batch_size)
@@ -472,10 +505,17 @@ def train_epochs(
             if steps_per_epoch > full:
                 loop.show(bar, run(order[full * batch_size :][None], epoch), **postfix)
             if held_out is not None and (epoch % eval_every == 0 or epoch == num_epochs):
-                score = float(held_out_log_likelihood(
-                    svi.model, svi.guide, svi.get_params(loop.state), *held_out,
-                    rng_key=eval_key, num_samples=num_eval_samples, **kwargs,
-                ))
+                score = float(
+                    held_out_log_likelihood(
+                        svi.model,
+                        svi.guide,
+                        svi.get_params(loop.state),
+                        *held_out,
+                        rng_key=eval_key,
+                        num_samples=num_eval_samples,
+                        **kwargs,
+                    )
+                )
                 evaluations.append((epoch, score))
                 if score > best[0]:
                     best = (score, epoch, loop.state)
@@ -487,5 +527,6 @@ def train_epochs(
     if held_out is None or not evaluations.size:
         return loop.result(held_out=evaluations, best_epoch=num_epochs)
     _, best_epoch, best_state = best
-    return loop.result(best_state, held_out=evaluations, best_epoch=best_epoch,
-                       stopped_early=stopped_early)
+    return loop.result(
+        best_state, held_out=evaluations, best_epoch=best_epoch, stopped_early=stopped_early
+    )

@@ -12,8 +12,9 @@ jax.config.update("jax_enable_x64", True)
 PROCESS_ID, NUM_PROCESSES, PORT = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 if NUM_PROCESSES > 1:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=f"localhost:{PORT}",
-                               num_processes=NUM_PROCESSES, process_id=PROCESS_ID)
+    jax.distributed.initialize(
+        coordinator_address=f"localhost:{PORT}", num_processes=NUM_PROCESSES, process_id=PROCESS_ID
+    )
 
 import numpy as np  # noqa: E402
 import numpyro  # noqa: E402
@@ -33,12 +34,13 @@ positive = dist.constraints.positive
 
 
 def model(X, y=None):
-    kernel = ns.kernels.RBF(numpyro.param("variance", 1.0, constraint=positive),
-                            numpyro.param("lengthscale", 1.0, constraint=positive))
+    kernel = ns.kernels.RBF(
+        numpyro.param("variance", 1.0, constraint=positive),
+        numpyro.param("lengthscale", 1.0, constraint=positive),
+    )
     f = ns.svgp("f", kernel, X, numpyro.param("Z", Z))
     with numpyro.plate("data", X.shape[0]):
-        numpyro.sample("y", dist.Normal(f, numpyro.param("noise", 0.3, constraint=positive)),
-                       obs=y)
+        numpyro.sample("y", dist.Normal(f, numpyro.param("noise", 0.3, constraint=positive)), obs=y)
 
 
 # this process's rows only, as on a real host; the global arrays span every process
@@ -53,8 +55,18 @@ losses = []
 for _ in range(20):
     state, loss = update(state, X_global, y_global)
     losses.append(float(loss))
-params = {name: np.asarray(value.addressable_data(0)).tolist()
-          for name, value in svi.get_params(state).items()}
+params = {
+    name: np.asarray(value.addressable_data(0)).tolist()
+    for name, value in svi.get_params(state).items()
+}
 if PROCESS_ID == 0:
-    print(json.dumps({"devices": jax.device_count(), "processes": jax.process_count(),
-                      "losses": losses, "params": params}))
+    print(
+        json.dumps(
+            {
+                "devices": jax.device_count(),
+                "processes": jax.process_count(),
+                "losses": losses,
+                "params": params,
+            }
+        )
+    )

@@ -104,7 +104,10 @@ def regression_m512():
 
 if __name__ == "__main__":
     # python -m tests.problems TOY_DATA.npz  (precision from JAX_ENABLE_X64)
-    for name, run in [("toy", lambda: toy(sys.argv[1])), ("banana", banana),
-                      ("regression_m512", regression_m512)]:
+    for name, run in [
+        ("toy", lambda: toy(sys.argv[1])),
+        ("banana", banana),
+        ("regression_m512", regression_m512),
+    ]:
         elbo, dtype = run()
         print(f"{name} {dtype} {elbo!r}")

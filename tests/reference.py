@@ -36,9 +36,7 @@ def exact_posterior(K_xx, K_sx, k_ss_diag, y, noise_var):
 def titsias_bound(K_xx, K_xz, K_zz, y, noise_var):
     """Titsias (2009) eq. 9, dense: log N(y | 0, Q + s2 I) - tr(K - Q) / (2 s2)."""
     Q = K_xz @ np.linalg.solve(K_zz, K_xz.T)
-    return gaussian_logpdf(y, Q + noise_var * np.eye(len(y))) - np.trace(K_xx - Q) / (
-        2 * noise_var
-    )
+    return gaussian_logpdf(y, Q + noise_var * np.eye(len(y))) - np.trace(K_xx - Q) / (2 * noise_var)
 
 
 def optimal_q_u(K_xz, K_zz, y, noise_var):
@@ -82,8 +80,11 @@ def hensman_terms_unwhitened(K_xx_diag, K_xz, K_zz, y, noise_var, mu, Sigma):
     _, logdet_K = np.linalg.slogdet(K_zz)
     _, logdet_S = np.linalg.slogdet(Sigma)
     kl = 0.5 * (
-        np.trace(np.linalg.solve(K_zz, Sigma)) + mu @ np.linalg.solve(K_zz, mu) - M
-        + logdet_K - logdet_S
+        np.trace(np.linalg.solve(K_zz, Sigma))
+        + mu @ np.linalg.solve(K_zz, mu)
+        - M
+        + logdet_K
+        - logdet_S
     )
     return ell, kl
 

@@ -88,8 +88,10 @@ def main():
     out = {"devices": len(jax.devices()), "x64": bool(jax.config.jax_enable_x64)}
     for name, model, y, rows, matrix_form in CASES:
         # N = 400 is one block by default: force blocks to see that they stay split
-        elbo = ns.SVGP_ELBO(block_rows="auto" if rows is None else rows,
-                            gaussian_form="auto" if matrix_form else "per_point")
+        elbo = ns.SVGP_ELBO(
+            block_rows="auto" if rows is None else rows,
+            gaussian_form="auto" if matrix_form else "per_point",
+        )
         X, yy = jnp.asarray(X0), jnp.asarray(y)
         single = loss_and_grads(model, X, yy, elbo)
         Xs, ys = ns.shard_data(X0, y)

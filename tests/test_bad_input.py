@@ -34,8 +34,7 @@ import numpyro_svgp as ns
 
 from .helpers import gaussian_model
 
-SETTINGS = settings(max_examples=30, deadline=None,
-                    suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def _points(rng, n, d, low=-3.0, high=3.0):
@@ -43,13 +42,19 @@ def _points(rng, n, d, low=-3.0, high=3.0):
 
 
 @SETTINGS
-@given(n=st.integers(0, 25), m=st.integers(1, 30), d=st.integers(1, 3),
-       shift=st.sampled_from([0.0, 10.0, -100.0]), seed=st.integers(0, 2**16))
+@given(
+    n=st.integers(0, 25),
+    m=st.integers(1, 30),
+    d=st.integers(1, 3),
+    shift=st.sampled_from([0.0, 10.0, -100.0]),
+    seed=st.integers(0, 2**16),
+)
 @pytest.mark.slow
 def test_any_shapes_give_the_dense_result(n, m, d, shift, seed):
     rng = np.random.default_rng(seed)
     X, Z = _points(rng, n, d), _points(rng, m, d) + shift  # Z may lie far outside the data
     kernel = ns.kernels.Matern52(0.9, 0.8)
+
     # jit: one compilation per shape instead of one per operation
     # (the kernel matrices of the reference too: each eager operation would compile alone)
     def parts(X, Z):
@@ -68,8 +73,10 @@ def test_any_shapes_give_the_dense_result(n, m, d, shift, seed):
 
 
 @SETTINGS
-@given(dtype=st.sampled_from(["float32", "float64", "int32", "int64", "bool"]),
-       seed=st.integers(0, 2**16))
+@given(
+    dtype=st.sampled_from(["float32", "float64", "int32", "int64", "bool"]),
+    seed=st.integers(0, 2**16),
+)
 def test_real_dtypes_are_accepted_and_integers_promoted(dtype, seed):
     rng = np.random.default_rng(seed)
     X = rng.integers(-3, 4, size=(6, 2)).astype(dtype)
@@ -95,8 +102,14 @@ def test_unsupported_dtypes_are_refused_by_name(dtype, which):
 
 
 @SETTINGS
-@given(which=st.sampled_from(["X", "Z"]), bad=st.sampled_from([np.nan, np.inf, -np.inf]),
-       n=st.integers(1, 12), m=st.integers(1, 6), d=st.integers(1, 3), data=st.data())
+@given(
+    which=st.sampled_from(["X", "Z"]),
+    bad=st.sampled_from([np.nan, np.inf, -np.inf]),
+    n=st.integers(1, 12),
+    m=st.integers(1, 6),
+    d=st.integers(1, 3),
+    data=st.data(),
+)
 def test_nonfinite_inputs_are_refused_naming_argument_and_index(which, bad, n, m, d, data):
     rng = np.random.default_rng(0)
     arrays = {"X": _points(rng, n, d), "Z": _points(rng, m, d)}
@@ -132,9 +145,11 @@ def test_wrong_ranks_are_refused(which, shape):
 
 
 @SETTINGS
-@given(name=st.sampled_from(["variance", "lengthscale"]),
-       value=st.one_of(st.floats(max_value=0.0), st.sampled_from([np.nan, np.inf])),
-       kernel=st.sampled_from(["RBF", "Matern12", "Matern32", "Matern52", "Periodic"]))
+@given(
+    name=st.sampled_from(["variance", "lengthscale"]),
+    value=st.one_of(st.floats(max_value=0.0), st.sampled_from([np.nan, np.inf])),
+    kernel=st.sampled_from(["RBF", "Matern12", "Matern32", "Matern52", "Periodic"]),
+)
 def test_bad_hyperparameters_are_refused_by_name(name, value, kernel):
     with pytest.raises(ValueError, match=f"{name} must be positive and finite"):
         getattr(ns.kernels, kernel)(**{name: value})
@@ -202,4 +217,3 @@ def test_nonfinite_observations_are_refused_naming_the_site(i, bad):
         ValueError, match=rf"observed site 'y' contains NaN or inf .*first at index \({i},\)"
     ):
         _elbo_loss(X_FULL, y)
-

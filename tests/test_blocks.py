@@ -31,10 +31,15 @@ def _term(shared, rows):
 
 def _inputs(num_points, seed=0):
     rng = np.random.default_rng(seed)
-    shared = {"w": jnp.asarray(rng.normal(size=(3, 5))), "c": jnp.asarray(rng.uniform(1, 2, 5)),
-              "act": jnp.tanh}
-    rows = {"X": jnp.asarray(rng.normal(size=(num_points, 3))),
-            "scale": jnp.asarray(rng.uniform(0.5, 1.5, num_points))}
+    shared = {
+        "w": jnp.asarray(rng.normal(size=(3, 5))),
+        "c": jnp.asarray(rng.uniform(1, 2, 5)),
+        "act": jnp.tanh,
+    }
+    rows = {
+        "X": jnp.asarray(rng.normal(size=(num_points, 3))),
+        "scale": jnp.asarray(rng.uniform(0.5, 1.5, num_points)),
+    }
     return shared, rows
 
 
@@ -59,8 +64,9 @@ def test_sum_and_gradients_equal_the_whole_sum(rows):
     for name in expected:
         scale = float(jnp.max(jnp.abs(expected[name])))
         assert scale > 0
-        np.testing.assert_allclose(got[name], expected[name], rtol=1e-12, atol=1e-13 * scale,
-                                   err_msg=name)
+        np.testing.assert_allclose(
+            got[name], expected[name], rtol=1e-12, atol=1e-13 * scale, err_msg=name
+        )
 
 
 def test_gradient_of_some_inputs_only_is_scaled_by_the_cotangent():
@@ -114,8 +120,9 @@ def _warped_model(dtype, num_inducing):
     Z0 = np.random.default_rng(3).normal(size=(num_inducing, 3))
 
     def model(X, y=None):
-        kernel = ns.kernels.Warped(ns.kernels.Matern32(numpyro.param("variance", 1.0), 1.0),
-                                   eqx_module("net", net0))
+        kernel = ns.kernels.Warped(
+            ns.kernels.Matern32(numpyro.param("variance", 1.0), 1.0), eqx_module("net", net0)
+        )
         f = ns.svgp(
             "f", kernel, X, ns.FeatureInducingPoints(numpyro.param("Z", jnp.asarray(Z0, dtype)))
         )

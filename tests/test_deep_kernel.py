@@ -40,17 +40,21 @@ def test_identity_warp_equals_the_base_kernel():
     warped = ns.kernels.Warped(base, lambda x: x)
     expected = float(ns.titsias_bound(base, X, y, Z, 0.05))
     assert float(ns.titsias_bound(warped, X, y, Z, 0.05)) == pytest.approx(expected, rel=1e-12)
-    assert float(ns.titsias_bound(warped, X, y, ns.FeatureInducingPoints(Z), 0.05)) == \
-        pytest.approx(expected, rel=1e-12)
+    assert float(
+        ns.titsias_bound(warped, X, y, ns.FeatureInducingPoints(Z), 0.05)
+    ) == pytest.approx(expected, rel=1e-12)
 
 
 def _model(net0, Z0):
     def model(X, y=None, num_data=None):
         net = eqx_module("net", net0)
         kernel = ns.kernels.Warped(
-            ns.kernels.RBF(numpyro.param("variance", 1.0, constraint=dist.constraints.positive),
-                           numpyro.param("lengthscale", 1.0, constraint=dist.constraints.positive)),
-            net)
+            ns.kernels.RBF(
+                numpyro.param("variance", 1.0, constraint=dist.constraints.positive),
+                numpyro.param("lengthscale", 1.0, constraint=dist.constraints.positive),
+            ),
+            net,
+        )
         f = ns.svgp("f", kernel, X, ns.FeatureInducingPoints(numpyro.param("Z", Z0)))
         noise_var = numpyro.param("noise_var", 0.05, constraint=dist.constraints.positive)
         scale = 1.0 if num_data is None else num_data / X.shape[0]
@@ -73,18 +77,22 @@ def test_gradients_reach_the_network_and_it_trains_on_minibatches_with_predictiv
     assert "net$params" in params
     # at q(v) = p(v) the ELBO does not depend on the projection at all; move q first
     moved_q = dict(params, f_whitened_auto_loc=params["f_whitened_auto_loc"] + 0.3)
-    grads = jax.grad(
-        lambda p: ns.SVGP_ELBO().loss(random.PRNGKey(0), p, model, guide, X, y)
-    )(moved_q)
+    grads = jax.grad(lambda p: ns.SVGP_ELBO().loss(random.PRNGKey(0), p, model, guide, X, y))(
+        moved_q
+    )
     leaves = jax.tree.leaves(grads["net$params"])
     assert leaves and all(np.all(np.isfinite(g)) for g in leaves)
     assert sum(float(jnp.sum(jnp.abs(g))) for g in leaves) > 1e-3
-    result = ns.train_epochs(svi, random.PRNGKey(2), 25, X, y, batch_size=50, num_data=len(X),
-                             progress_bar=False)
+    result = ns.train_epochs(
+        svi, random.PRNGKey(2), 25, X, y, batch_size=50, num_data=len(X), progress_bar=False
+    )
     assert np.all(np.isfinite(result.losses)) and result.num_skipped == 0
     assert result.losses[-8:].mean() < result.losses[:8].mean() - 50
-    moved = jax.tree.leaves(jax.tree.map(lambda a, b: jnp.max(jnp.abs(a - b)),
-                                         result.params["net$params"], params["net$params"]))
+    moved = jax.tree.leaves(
+        jax.tree.map(
+            lambda a, b: jnp.max(jnp.abs(a - b)), result.params["net$params"], params["net$params"]
+        )
+    )
     assert max(float(m) for m in moved) > 1e-3
     X_new = np.linspace(-3, 3, 11)[:, None]
     draws = Predictive(model, guide=guide, params=result.params, num_samples=50)(
@@ -143,7 +151,13 @@ SCRIPT = textwrap.dedent(
 
 @pytest.mark.slow
 def test_deep_kernel_trains_without_nans_in_float32():
-    run = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True,
-                         timeout=600, cwd=ROOT, env={**os.environ, "JAX_ENABLE_X64": "0"})
+    run = subprocess.run(
+        [sys.executable, "-c", SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+        env={**os.environ, "JAX_ENABLE_X64": "0"},
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert "deep float32 ok" in run.stdout

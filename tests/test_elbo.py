@@ -93,9 +93,15 @@ def _random_q(M, seed):
 # M = 7 and M = 30, taken whole or in blocks of rows (numpyro_svgp._blocks): 10 blocks
 # of 5, or 12 of 4 and a remainder of 2; chosen through SVGP_ELBO's public options
 FORMS = [
-    (7, "matrix", None), (7, "matrix", 4), (7, "per_point", None), (7, "per_point", 5),
-    (30, "per_point", None), (30, "per_point", 5), (30, "per_point", 4),
-    (30, "matrix", None), (30, "matrix", 5),
+    (7, "matrix", None),
+    (7, "matrix", 4),
+    (7, "per_point", None),
+    (7, "per_point", 5),
+    (30, "per_point", None),
+    (30, "per_point", 5),
+    (30, "per_point", 4),
+    (30, "matrix", None),
+    (30, "matrix", 5),
 ]
 
 
@@ -152,8 +158,13 @@ def test_heteroscedastic_weighted_likelihood_matches_dense_reference(num_inducin
     K_zz = ref.rbf(Z, Z, VAR, LS) + jitter * np.eye(num_inducing)
     L = np.linalg.cholesky(K_zz)
     ell, kl = ref.hensman_terms_unwhitened(
-        np.full(len(y), VAR), ref.rbf(X, Z, VAR, LS), K_zz, y, noise_var,
-        L @ m, L @ S @ S.T @ L.T,
+        np.full(len(y), VAR),
+        ref.rbf(X, Z, VAR, LS),
+        K_zz,
+        y,
+        noise_var,
+        L @ m,
+        L @ S @ S.T @ L.T,
     )
     got = _elbo(_with_q(params, m, S), model, guide, X, y, elbo=elbo)
     assert got == pytest.approx(weight * np.sum(ell) - kl, rel=1e-9)
@@ -167,9 +178,7 @@ def test_trace_mean_field_estimate_averages_to_svgp_elbo():
     params = _with_q(params, *_random_q(6, seed=6))
     exact = _elbo(params, model, guide, X, y)
 
-    mc_loss = jax.jit(
-        jax.vmap(lambda k: TraceMeanField_ELBO().loss(k, params, model, guide, X, y))
-    )
+    mc_loss = jax.jit(jax.vmap(lambda k: TraceMeanField_ELBO().loss(k, params, model, guide, X, y)))
     draws = -np.asarray(mc_loss(random.split(random.PRNGKey(1), 4000)))
     se = draws.std(ddof=1) / np.sqrt(len(draws))
     assert se > 0  # it is a genuine Monte-Carlo estimate
@@ -227,8 +236,13 @@ def _reference_elbo(theta, X, y, weight, jitter):
     L = np.linalg.cholesky(K_zz)
     S = np.tril(theta["S"])
     ell, kl = ref.hensman_terms_unwhitened(
-        np.full(len(y), theta["variance"]), ref.rbf(X, Z, theta["variance"], theta["lengthscale"]),
-        K_zz, y, theta["noise_var"], L @ theta["m"], L @ S @ S.T @ L.T,
+        np.full(len(y), theta["variance"]),
+        ref.rbf(X, Z, theta["variance"], theta["lengthscale"]),
+        K_zz,
+        y,
+        theta["noise_var"],
+        L @ theta["m"],
+        L @ S @ S.T @ L.T,
     )
     return weight * np.sum(ell) - kl
 
@@ -249,10 +263,12 @@ def test_gradients_equal_finite_differences_of_dense_reference(
     y = np.sin(2 * X[:, 0]) * np.cos(X[:, 1]) + 0.1 * rng.normal(size=N)
     m, S = _random_q(num_inducing, seed=9)
     theta = {
-        "variance": np.asarray(0.9), "lengthscale": np.array([0.8, 1.3]),
+        "variance": np.asarray(0.9),
+        "lengthscale": np.array([0.8, 1.3]),
         "Z": rng.uniform(-2, 2, size=(num_inducing, 2)),
         "noise_var": rng.uniform(0.05, 0.2, size=N) if per_point_noise else np.asarray(0.1),
-        "m": m, "S": S,
+        "m": m,
+        "S": S,
     }
 
     def model(X, y=None):
@@ -268,8 +284,13 @@ def test_gradients_equal_finite_differences_of_dense_reference(
     params = initial_params(model, guide, X, y)
 
     def elbo(th):
-        p = dict(params, variance=th["variance"], lengthscale=th["lengthscale"], Z=th["Z"],
-                 noise_var=th["noise_var"])
+        p = dict(
+            params,
+            variance=th["variance"],
+            lengthscale=th["lengthscale"],
+            Z=th["Z"],
+            noise_var=th["noise_var"],
+        )
         p = _with_q(p, th["m"], th["S"])
         return -form_elbo.loss(random.PRNGKey(0), p, model, guide, jnp.asarray(X), jnp.asarray(y))
 
@@ -326,11 +347,14 @@ def test_matrix_form_clamps_a_negative_residual_variance_like_the_per_point_form
     conditional = ns.whitened_conditional(_LowDiagonal(base, low), X, X[::5], jitter=1e-6)
     m, S = _random_q(8, seed=3)
     matrix_form = ns.gaussian_expected_log_likelihood(
-        conditional, m, S, jnp.asarray(y), NOISE, form="matrix")
+        conditional, m, S, jnp.asarray(y), NOISE, form="matrix"
+    )
     mean = conditional.projection() @ m
     var = jnp.sum(jnp.square(conditional.projection() @ S), axis=1)  # residual clamped at 0
     per_point = jnp.sum(ns.expected_log_likelihood(jnp.asarray(y), mean, var, NOISE))
     assert float(matrix_form) == pytest.approx(float(per_point), rel=1e-10)
-    assert float(ns.gaussian_expected_log_likelihood(
-        conditional, m, S, jnp.asarray(y), NOISE, form="per_point")) == pytest.approx(
-        float(per_point), rel=1e-10)
+    assert float(
+        ns.gaussian_expected_log_likelihood(
+            conditional, m, S, jnp.asarray(y), NOISE, form="per_point"
+        )
+    ) == pytest.approx(float(per_point), rel=1e-10)

@@ -15,9 +15,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_standard_svgp_example_tiny(tmp_path):
     out = tmp_path / "figs"
     run = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "examples", "standard_svgp.py"),
-         "--out", str(out), "--steps", "25"],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            os.path.join(ROOT, "examples", "standard_svgp.py"),
+            "--out",
+            str(out),
+            "--steps",
+            "25",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert run.returncode == 0, run.stderr
     lines = run.stdout.strip().splitlines()
@@ -33,18 +41,31 @@ def test_standard_svgp_example_tiny(tmp_path):
     assert float(lines[1].split(" = ")[1]) == round(float(params["variance"]), 4)
 
 
-@pytest.mark.parametrize("script, outputs", [
-    ("spherical_harmonic_svgp.py", ("spherical_toy.png", "spherical.txt")),
-    ("deep_kernel_svgp.py", ("deep_kernel.png", "deep_kernel.txt")),
-])
+@pytest.mark.parametrize(
+    "script, outputs",
+    [
+        ("spherical_harmonic_svgp.py", ("spherical_toy.png", "spherical.txt")),
+        ("deep_kernel_svgp.py", ("deep_kernel.png", "deep_kernel.txt")),
+    ],
+)
 @pytest.mark.slow
 def test_feature_examples_tiny(tmp_path, script, outputs):
     # --data elsewhere: the UCI and mcycle parts are skipped, the toy parts run
     out = tmp_path / "figs"
     run = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "examples", script), "--out", str(out),
-         "--steps", "20", "--data", str(tmp_path / "no-data")],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            os.path.join(ROOT, "examples", script),
+            "--out",
+            str(out),
+            "--steps",
+            "20",
+            "--data",
+            str(tmp_path / "no-data"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert run.returncode == 0, run.stderr[-3000:]
     table = run.stdout.strip().splitlines()
@@ -56,11 +77,17 @@ def test_feature_examples_tiny(tmp_path, script, outputs):
 @pytest.mark.slow
 def test_readme_golden_path_runs_as_pasted(tmp_path):
     readme = open(os.path.join(ROOT, "README.md")).read()
-    section = readme[readme.index("## The golden path"):]
-    code = section[section.index("```python\n") + len("```python\n"):]
+    section = readme[readme.index("## The golden path") :]
+    code = section[section.index("```python\n") + len("```python\n") :]
     code = code[: code.index("```")]
-    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
-                         text=True, timeout=600, env={**os.environ, "TQDM_DISABLE": "1"})
+    run = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "TQDM_DISABLE": "1"},
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert re.search(r"^y\s+closed form", run.stdout, re.MULTILINE), run.stdout
 
@@ -69,9 +96,19 @@ def test_readme_golden_path_runs_as_pasted(tmp_path):
 def test_heteroscedastic_example_tiny(tmp_path):
     out = tmp_path / "figs"
     run = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "examples", "heteroscedastic_svgp.py"),
-         "--out", str(out), "--steps", "20", "--folds", "2"],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            os.path.join(ROOT, "examples", "heteroscedastic_svgp.py"),
+            "--out",
+            str(out),
+            "--steps",
+            "20",
+            "--folds",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert run.returncode == 0, run.stderr[-3000:]
     lines = run.stdout.strip().splitlines()
@@ -89,10 +126,22 @@ def test_heteroscedastic_example_tiny(tmp_path):
 def test_hierarchical_example_tiny(tmp_path):
     out = tmp_path / "figs"
     run = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "examples", "hierarchical_gp.py"),
-         "--out", str(out), "--steps", "20", "--groups", "12", "--scaling",
-         "--pooling", "partial"],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            os.path.join(ROOT, "examples", "hierarchical_gp.py"),
+            "--out",
+            str(out),
+            "--steps",
+            "20",
+            "--groups",
+            "12",
+            "--scaling",
+            "--pooling",
+            "partial",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert run.returncode == 0, run.stderr[-3000:]
     rows = [line for line in run.stdout.splitlines() if "pooling |" in line]
@@ -106,9 +155,21 @@ def test_hierarchical_example_tiny(tmp_path):
 def test_svi_then_nuts_example_tiny(tmp_path):
     out = tmp_path / "figs"
     run = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "examples", "svi_then_nuts.py"), "--out", str(out),
-         "--steps", "200", "--warmup", "50", "--samples", "50"],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            os.path.join(ROOT, "examples", "svi_then_nuts.py"),
+            "--out",
+            str(out),
+            "--steps",
+            "200",
+            "--warmup",
+            "50",
+            "--samples",
+            "50",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert run.returncode == 0, run.stderr[-3000:]
     table = run.stdout.strip().splitlines()

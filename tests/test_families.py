@@ -153,8 +153,9 @@ def test_family_elbo_is_the_sum_of_the_dense_elbos_of_its_gps(layout, per_group_
     mean_c, cov = ns.predict_f(model, guide, params, Xs, full_cov=True)
     assert cov.shape == shape + (N, N)
     np.testing.assert_allclose(mean_c, mean, rtol=1e-12)
-    np.testing.assert_allclose(np.diagonal(cov, axis1=-2, axis2=-1), variance_f,
-                               rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(
+        np.diagonal(cov, axis1=-2, axis2=-1), variance_f, rtol=1e-9, atol=1e-12
+    )
 
 
 @pytest.mark.slow
@@ -500,8 +501,9 @@ def test_ragged_form_equals_the_plated_form_with_its_padding_masked():
 
     def plated(X, Y):
         with numpyro.plate("group", G, dim=-2):
-            kernel = ns.kernels.RBF(jnp.asarray(variance[:, None]),
-                                    jnp.asarray(lengthscale[:, None, :]))
+            kernel = ns.kernels.RBF(
+                jnp.asarray(variance[:, None]), jnp.asarray(lengthscale[:, None, :])
+            )
             f = ns.svgp("f", kernel, X, jnp.asarray(Z), jitter=JITTER)
             with numpyro.plate("data", width, dim=-1):
                 numpyro.sample("y", dist.Normal(f, np.sqrt(NOISE)).mask(mask), obs=Y)
@@ -524,9 +526,10 @@ def test_ragged_form_equals_the_plated_form_with_its_padding_masked():
             )
         )(params)
         losses[name] = float(loss)
-        grads[name] = [np.asarray(grad[k]).reshape(G, -1)
-                       for k in ("f_whitened_auto_loc", "f_whitened_auto_scale_tril")]
+        grads[name] = [
+            np.asarray(grad[k]).reshape(G, -1)
+            for k in ("f_whitened_auto_loc", "f_whitened_auto_scale_tril")
+        ]
     assert losses["ragged"] == pytest.approx(losses["plated"], rel=1e-10)
     for ragged_grad, plated_grad in zip(grads["ragged"], grads["plated"], strict=True):
         np.testing.assert_allclose(ragged_grad, plated_grad, rtol=1e-8, atol=1e-12)
-

@@ -69,8 +69,11 @@ def test_float32_training_is_within_one_percent_of_float64(tmp_path):
     runs = {
         flag: subprocess.Popen(
             [sys.executable, "-m", "tests.problems", str(data)],
-            cwd=ROOT, env={**os.environ, "JAX_ENABLE_X64": flag},
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            cwd=ROOT,
+            env={**os.environ, "JAX_ENABLE_X64": flag},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         for flag in ("1", "0")
     }

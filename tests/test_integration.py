@@ -70,8 +70,9 @@ def _quad_expectation(log_lik, mean, var):
         def integrand(f, n=n, sd=sd):
             return stats.norm.pdf(f, mean[n], sd) * log_lik(n, f)
 
-        total += integrate.quad(integrand, mean[n] - 12 * sd, mean[n] + 12 * sd,
-                                epsabs=1e-13, epsrel=1e-12, limit=200)[0]
+        total += integrate.quad(
+            integrand, mean[n] - 12 * sd, mean[n] + 12 * sd, epsabs=1e-13, epsrel=1e-12, limit=200
+        )[0]
     return total
 
 
@@ -198,8 +199,12 @@ def test_heteroscedastic_site_equals_two_dimensional_integral():
     guide = ns.AutoSVGP(model)
     svi = SVI(model, guide, optax.adam(1e-2), ns.SVGP_ELBO())
     params = svi.get_params(svi.init(random.PRNGKey(0), X, y))
-    params.update(f_whitened_auto_loc=jnp.asarray(m_f), f_whitened_auto_scale_tril=jnp.asarray(S_f),
-                  g_whitened_auto_loc=jnp.asarray(m_g), g_whitened_auto_scale_tril=jnp.asarray(S_g))
+    params.update(
+        f_whitened_auto_loc=jnp.asarray(m_f),
+        f_whitened_auto_scale_tril=jnp.asarray(S_f),
+        g_whitened_auto_loc=jnp.asarray(m_g),
+        g_whitened_auto_scale_tril=jnp.asarray(S_g),
+    )
     report = ns.integration_report(model, guide, params, X, y)
     assert report["y"]["integration"] == "quadrature (20 x 20 points)"
     assert report["y"]["outputs"] == ("f", "g")
@@ -211,9 +216,11 @@ def test_heteroscedastic_site_equals_two_dimensional_integral():
         sf, sg = np.sqrt(var_f[n]), np.sqrt(var_g[n])
         f = mean_f[n] + 10 * sf * nodes
         g = mean_g[n] + 10 * sg * nodes
-        density = (stats.norm.pdf(f, mean_f[n], sf)[:, None]
-                   * stats.norm.pdf(g, mean_g[n], sg)[None, :]
-                   * stats.norm.logpdf(y[n], f[:, None], np.exp(g)[None, :]))
+        density = (
+            stats.norm.pdf(f, mean_f[n], sf)[:, None]
+            * stats.norm.pdf(g, mean_g[n], sg)[None, :]
+            * stats.norm.logpdf(y[n], f[:, None], np.exp(g)[None, :])
+        )
         expected += 100 * sf * sg * weights @ density @ weights
     expected -= _dense_kl(m_f, S_f) + _dense_kl(m_g, S_g)
     got = -float(ns.SVGP_ELBO().loss(random.PRNGKey(0), params, model, guide, X, y))
@@ -241,8 +248,11 @@ def _site_models(Z):
         # two observations per point, f broadcast over a trailing axis under to_event
         f = ns.svgp("f", ns.kernels.RBF(VAR, LS), X, Z, jitter=JITTER)
         scale = jnp.array([0.3, 0.6])
-        numpyro.sample("y", dist.Normal(f[:, None] + OFFSET[:, None], scale).to_event(2),
-                       obs=None if y is None else jnp.stack([y, -y], axis=1))
+        numpyro.sample(
+            "y",
+            dist.Normal(f[:, None] + OFFSET[:, None], scale).to_event(2),
+            obs=None if y is None else jnp.stack([y, -y], axis=1),
+        )
 
     def bernoulli(X, y=None):
         f = ns.svgp("f", ns.kernels.RBF(VAR, LS), X, Z, jitter=JITTER)
@@ -254,14 +264,25 @@ def _site_models(Z):
         with numpyro.plate("data", X.shape[0]):
             numpyro.sample("y", dist.Normal(jnp.cumsum(f), 0.3), obs=y)
 
-    return {"plain": plain, "offset": offset, "column": column, "bernoulli": bernoulli,
-            "cumulative": cumulative}
+    return {
+        "plain": plain,
+        "offset": offset,
+        "column": column,
+        "bernoulli": bernoulli,
+        "cumulative": cumulative,
+    }
 
 
-@pytest.mark.parametrize("name,integration", [
-    ("plain", "closed form"), ("offset", "closed form"), ("column", "closed form"),
-    ("bernoulli", "quadrature (20 points)"), ("cumulative", "Monte Carlo"),
-])
+@pytest.mark.parametrize(
+    "name,integration",
+    [
+        ("plain", "closed form"),
+        ("offset", "closed form"),
+        ("column", "closed form"),
+        ("bernoulli", "quadrature (20 points)"),
+        ("cumulative", "Monte Carlo"),
+    ],
+)
 def test_report_names_the_integration_of_each_site(name, integration):
     rng, X, Z = _inputs(4)
     y = np.sin(2 * X[:, 0])
@@ -309,8 +330,11 @@ def test_masked_and_weighted_gaussian_site_in_closed_form():
 
     def model(X, y=None):
         f = ns.svgp("f", ns.kernels.RBF(VAR, LS), X, Z, jitter=JITTER)
-        with numpyro.plate("data", X.shape[0]), numpyro.handlers.mask(mask=keep), \
-                numpyro.handlers.scale(scale=3.0):
+        with (
+            numpyro.plate("data", X.shape[0]),
+            numpyro.handlers.mask(mask=keep),
+            numpyro.handlers.scale(scale=3.0),
+        ):
             numpyro.sample("y", dist.Normal(f, 0.4), obs=y)
 
     guide, params = _params(model, X, y, m, S)
@@ -416,13 +440,21 @@ def test_inducing_points_are_the_raw_array():
     for inducing in (Z, ns.InducingPoints(Z)):
         model = _one_gp_model(likelihood, inducing)
         guide, params = _params(model, X, (y > 0) * 1.0, m, S)
-        losses.append(float(
-            ns.SVGP_ELBO().loss(random.PRNGKey(0), params, model, guide, X, (y > 0) * 1.0)
-        ))
+        losses.append(
+            float(ns.SVGP_ELBO().loss(random.PRNGKey(0), params, model, guide, X, (y > 0) * 1.0))
+        )
     assert losses[0] == losses[1]
     conditional = ns.whitened_conditional(ns.kernels.RBF(VAR, LS), X, Z, jitter=JITTER)
     assert conditional._fields == (
-        "kernel", "inducing", "inputs", "cholesky", "jitter", "family", "group_index", "mixing")
+        "kernel",
+        "inducing",
+        "inputs",
+        "cholesky",
+        "jitter",
+        "family",
+        "group_index",
+        "mixing",
+    )
     # one GP; svgp inside plates makes a family, with group_index in its ragged form
     assert conditional.family.shape == () and conditional.group_index is None
     assert isinstance(conditional.inducing, ns.InducingPoints)
@@ -529,12 +561,16 @@ def test_package_has_no_import_cycle():
         module = file[:-3]
         tree = ast.parse(open(os.path.join(package, file)).read())
         graph[module] = {
-            node.module.split(".")[1] for node in ast.walk(tree)
-            if isinstance(node, ast.ImportFrom) and node.module
+            node.module.split(".")[1]
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom)
+            and node.module
             and node.module.startswith("numpyro_svgp.")
         } | {
-            alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
-            and node.module == "numpyro_svgp" for alias in node.names
+            alias.name
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and node.module == "numpyro_svgp"
+            for alias in node.names
         } - {module}
     graph.pop("__init__")
     state = {}

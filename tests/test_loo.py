@@ -35,33 +35,51 @@ def test_pointwise_log_likelihood_against_dense_and_quad():
 
     def model(X, y, labels):
         variance = numpyro.sample("variance", dist.LogNormal(0.0, 1.0))
-        f = ns.svgp("f", ns.kernels.RBF(variance, numpyro.param("lengthscale", 0.9)), X,
-                    jnp.asarray(Z), jitter=JITTER)
+        f = ns.svgp(
+            "f",
+            ns.kernels.RBF(variance, numpyro.param("lengthscale", 0.9)),
+            X,
+            jnp.asarray(Z),
+            jitter=JITTER,
+        )
         noise = numpyro.sample("noise", dist.LogNormal(-1.0, 1.0))
         with numpyro.plate("data", X.shape[0]):
             numpyro.sample("y", dist.Normal(f, noise), obs=y)
             numpyro.sample("label", dist.Bernoulli(logits=f), obs=labels)
         numpyro.sample("other", dist.Normal(noise, 1.0), obs=0.3)
 
-    samples = {"variance": jnp.array([0.8, 1.5]), "noise": jnp.array([0.2, 0.4]),
-               "f_whitened": jnp.asarray(rng.normal(size=(2, len(Z))))}
-    got = ns.pointwise_log_likelihood(model, samples, X, y, labels, params={"lengthscale": 0.9},
-                                      quadrature_points=40)
+    samples = {
+        "variance": jnp.array([0.8, 1.5]),
+        "noise": jnp.array([0.2, 0.4]),
+        "f_whitened": jnp.asarray(rng.normal(size=(2, len(Z)))),
+    }
+    got = ns.pointwise_log_likelihood(
+        model, samples, X, y, labels, params={"lengthscale": 0.9}, quadrature_points=40
+    )
     assert set(got) == {"y", "label", "other"}
     for s in range(2):
-        mean, cond_var = _dense_conditional(X, float(samples["variance"][s]), 0.9,
-                                            np.asarray(samples["f_whitened"][s]))
+        mean, cond_var = _dense_conditional(
+            X, float(samples["variance"][s]), 0.9, np.asarray(samples["f_whitened"][s])
+        )
         noise = float(samples["noise"][s])
-        np.testing.assert_allclose(got["y"][s], stats.norm.logpdf(y, mean, np.sqrt(noise**2
-                                                                                  + cond_var)),
-                                   rtol=1e-10)
-        want = [np.log(integrate.quad(
-            lambda t, m=m, sd=sd, c=2 * lab - 1: np.exp(log_expit(c * t))
-            * stats.norm.pdf(t, m, sd), m - 12 * sd, m + 12 * sd, epsabs=1e-14)[0])
-            for m, sd, lab in zip(mean, np.sqrt(cond_var), labels, strict=True)]
+        np.testing.assert_allclose(
+            got["y"][s], stats.norm.logpdf(y, mean, np.sqrt(noise**2 + cond_var)), rtol=1e-10
+        )
+        want = [
+            np.log(
+                integrate.quad(
+                    lambda t, m=m, sd=sd, c=2 * lab - 1: (
+                        np.exp(log_expit(c * t)) * stats.norm.pdf(t, m, sd)
+                    ),
+                    m - 12 * sd,
+                    m + 12 * sd,
+                    epsabs=1e-14,
+                )[0]
+            )
+            for m, sd, lab in zip(mean, np.sqrt(cond_var), labels, strict=True)
+        ]
         np.testing.assert_allclose(got["label"][s], want, rtol=1e-10)
-        np.testing.assert_allclose(got["other"][s], stats.norm.logpdf(0.3, noise, 1.0),
-                                   rtol=1e-12)
+        np.testing.assert_allclose(got["other"][s], stats.norm.logpdf(0.3, noise, 1.0), rtol=1e-12)
 
 
 @pytest.mark.slow
@@ -74,7 +92,8 @@ def test_loo_elpd_agrees_with_ten_fold_cross_validation():
     def model(X, y=None):
         kernel = ns.kernels.RBF(
             numpyro.param("variance", 1.0, constraint=dist.constraints.positive),
-            numpyro.param("lengthscale", 0.7, constraint=dist.constraints.positive))
+            numpyro.param("lengthscale", 0.7, constraint=dist.constraints.positive),
+        )
         f = ns.svgp("f", kernel, X, numpyro.param("Z", jnp.linspace(-3, 3, 12)[:, None]))
         noise = numpyro.param("noise", 0.3, constraint=dist.constraints.positive)
         with numpyro.plate("data", X.shape[0]):
@@ -91,12 +110,14 @@ def test_loo_elpd_agrees_with_ten_fold_cross_validation():
     for held_out in folds:
         kept = np.setdiff1d(np.arange(N), held_out)
         params = fit(X[kept], y[kept])
-        elpd_cv += float(jnp.sum(ns.predict_log_density(model, guide, params, X[held_out],
-                                                        y[held_out])))
+        elpd_cv += float(
+            jnp.sum(ns.predict_log_density(model, guide, params, X[held_out], y[held_out]))
+        )
     params = fit(X, y)
     draws = guide.sample_posterior(random.PRNGKey(1), params, sample_shape=(2000,))
-    idata = ns.to_inference_data(draws, model=model, model_args=(X, y), log_likelihood=True,
-                                 params=params)
+    idata = ns.to_inference_data(
+        draws, model=model, model_args=(X, y), log_likelihood=True, params=params
+    )
     loo = az.loo(idata)
     assert abs(loo.elpd_loo - elpd_cv) < 2 * loo.se, (loo.elpd_loo, loo.se, elpd_cv)
 
@@ -108,19 +129,22 @@ def test_pointwise_log_likelihood_refuses_missing_draws_and_params():
 
     def model(X, y):
         variance = numpyro.sample("variance", dist.LogNormal(0.0, 1.0))
-        f = ns.svgp("f", ns.kernels.RBF(variance, numpyro.param("lengthscale", 0.9)), X,
-                    jnp.asarray(Z))
+        f = ns.svgp(
+            "f", ns.kernels.RBF(variance, numpyro.param("lengthscale", 0.9)), X, jnp.asarray(Z)
+        )
         with numpyro.plate("data", X.shape[0]):
             numpyro.sample("y", dist.Normal(f, 0.2), obs=y)
 
     samples = {"variance": jnp.ones(3), "f_whitened": jnp.zeros((3, len(Z)))}
     with pytest.raises(ValueError, match=r"no draws of the latent sites \['variance'\]"):
-        ns.pointwise_log_likelihood(model, {"f_whitened": samples["f_whitened"]}, X, y,
-                                    params={"lengthscale": 0.9})
+        ns.pointwise_log_likelihood(
+            model, {"f_whitened": samples["f_whitened"]}, X, y, params={"lengthscale": 0.9}
+        )
     with pytest.raises(ValueError, match=r"params \['lengthscale'\] are not in params"):
         ns.pointwise_log_likelihood(model, samples, X, y)
     # observations among the samples (Predictive's "y") do not replace the data
     with_y = dict(samples, y=jnp.zeros((3, 10)))
     np.testing.assert_array_equal(
         ns.pointwise_log_likelihood(model, with_y, X, y, params={"lengthscale": 0.9})["y"],
-        ns.pointwise_log_likelihood(model, samples, X, y, params={"lengthscale": 0.9})["y"])
+        ns.pointwise_log_likelihood(model, samples, X, y, params={"lengthscale": 0.9})["y"],
+    )

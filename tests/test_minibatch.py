@@ -56,8 +56,11 @@ def _params(model, guide, *args, **kwargs):
     rng = np.random.default_rng(5)
     M = len(Z0)
     S = np.tril(0.2 * rng.normal(size=(M, M)), -1) + np.diag(rng.uniform(0.2, 0.8, size=M))
-    return dict(params, f_whitened_auto_loc=jnp.asarray(rng.normal(size=M)),
-                f_whitened_auto_scale_tril=jnp.asarray(S))
+    return dict(
+        params,
+        f_whitened_auto_loc=jnp.asarray(rng.normal(size=M)),
+        f_whitened_auto_scale_tril=jnp.asarray(S),
+    )
 
 
 def _check_unbiased(batch_losses, full):
@@ -74,9 +77,9 @@ def test_in_model_subsampling_is_unbiased_and_exact_at_full_batch():
     elbo = ns.SVGP_ELBO()
     full = float(elbo.loss(random.PRNGKey(0), params, in_model, guide, X, Y))
     assert float(elbo.loss(random.PRNGKey(1), params, in_model, guide, X, Y, batch_size=N)) == full
-    losses = jax.jit(jax.vmap(
-        lambda k: elbo.loss(k, params, in_model, guide, X, Y, batch_size=B)
-    ))(random.split(random.PRNGKey(2), 3000))
+    losses = jax.jit(jax.vmap(lambda k: elbo.loss(k, params, in_model, guide, X, Y, batch_size=B)))(
+        random.split(random.PRNGKey(2), 3000)
+    )
     _check_unbiased(losses, full)
 
 
@@ -86,13 +89,11 @@ def test_host_side_batches_are_unbiased_and_exact_at_full_batch():
     params = _params(host_batches, guide, X[:B], Y[:B], num_data=N)
     elbo = ns.SVGP_ELBO()
     full = float(elbo.loss(random.PRNGKey(0), params, host_batches, guide, X, Y))
-    assert float(
-        elbo.loss(random.PRNGKey(0), params, host_batches, guide, X, Y, num_data=N)
-    ) == full
+    assert (
+        float(elbo.loss(random.PRNGKey(0), params, host_batches, guide, X, Y, num_data=N)) == full
+    )
     loss = jax.jit(
-        lambda Xb, yb: elbo.loss(
-            random.PRNGKey(0), params, host_batches, guide, Xb, yb, num_data=N
-        )
+        lambda Xb, yb: elbo.loss(random.PRNGKey(0), params, host_batches, guide, Xb, yb, num_data=N)
     )
     rng = np.random.default_rng(6)
     batches = [jnp.asarray(rng.choice(N, B, replace=False)) for _ in range(3000)]
@@ -123,9 +124,15 @@ def test_minibatch_training_reaches_the_full_batch_fit(model, kwargs):
             state, _ = update(state, X[i], Y[i], **kwargs)
         result = type("R", (), {"params": svi.get_params(state)})
     full_loss = float(ns.SVGP_ELBO().loss(random.PRNGKey(0), result.params, model, guide, X, Y))
-    bound = float(ns.titsias_bound(
-        ns.kernels.RBF(result.params["variance"], result.params["lengthscale"]),
-        X, Y, result.params["Z"], result.params["noise_var"]))
+    bound = float(
+        ns.titsias_bound(
+            ns.kernels.RBF(result.params["variance"], result.params["lengthscale"]),
+            X,
+            Y,
+            result.params["Z"],
+            result.params["noise_var"],
+        )
+    )
     # trained on batches, its full-data ELBO is within 1 nat of the best for its hyperparameters
     assert -full_loss <= bound + 1e-6
     assert bound + full_loss < 1.0

@@ -21,14 +21,21 @@ def _free_port() -> int:
 
 
 def _run(num_processes, devices_per_process=1):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}"}
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}",
+    }
     port = str(_free_port())
     procs = [
-        subprocess.Popen([sys.executable, "-m", "tests.multihost_worker", str(i),
-                          str(num_processes), port],
-                         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True)
+        subprocess.Popen(
+            [sys.executable, "-m", "tests.multihost_worker", str(i), str(num_processes), port],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for i in range(num_processes)
     ]
     outputs = [p.communicate(timeout=300) for p in procs]

@@ -63,8 +63,9 @@ def _lmc_model(Z, variance, lengthscale, likelihood="normal", W_latent=False):
 def _dense_latents(X, Z, variance, lengthscale, loc, S):
     """Per latent GP, from the whitened (m, S): dense marginals of q(g) and the KL."""
     latents = [
-        ref.whitened_svgp_marginals(X, Z[j], float(variance[j, 0]), lengthscale[j], loc[j, 0],
-                                    S[j, 0], JITTER)
+        ref.whitened_svgp_marginals(
+            X, Z[j], float(variance[j, 0]), lengthscale[j], loc[j, 0], S[j, 0], JITTER
+        )
         for j in range(L)
     ]
     means, variances, kls, _ = zip(*latents, strict=True)
@@ -73,17 +74,22 @@ def _dense_latents(X, Z, variance, lengthscale, loc, S):
 
 def _dense_lmc_elbo(X, Z, variance, lengthscale, W, Y, loc, S):
     g_mean, g_var, kl = _dense_latents(X, Z, variance, lengthscale, loc, S)
-    mean = np.array([[sum(W[p, j] * g_mean[j, n] for j in range(L)) for n in range(N)]
-                     for p in range(P)])
-    var = np.array([[sum(W[p, j] ** 2 * g_var[j, n] for j in range(L)) for n in range(N)]
-                    for p in range(P)])
+    mean = np.array(
+        [[sum(W[p, j] * g_mean[j, n] for j in range(L)) for n in range(N)] for p in range(P)]
+    )
+    var = np.array(
+        [[sum(W[p, j] ** 2 * g_var[j, n] for j in range(L)) for n in range(N)] for p in range(P)]
+    )
     ell = -0.5 * np.log(2 * np.pi * NOISE) - ((Y - mean) ** 2 + var) / (2 * NOISE)
     return np.sum(ell) - kl, mean, var, kl
 
 
 def _with_q(params, loc, raw):
-    return {**params, "f_whitened_auto_loc": jnp.asarray(loc),
-            "f_whitened_auto_scale_tril": jnp.asarray(raw)}
+    return {
+        **params,
+        "f_whitened_auto_loc": jnp.asarray(loc),
+        "f_whitened_auto_scale_tril": jnp.asarray(raw),
+    }
 
 
 def test_lmc_bound_equals_the_dense_bound_with_its_gradient_in_w_and_predictions():
@@ -176,8 +182,10 @@ def test_lmc_draws_share_their_latent_noise_and_w_may_be_a_latent():
     state = svi.init(random.PRNGKey(0), X, None, Y)
     report = ns.integration_report(latent, guide, svi.get_params(state), X, None, Y)
     assert report["y"]["integration"] == "closed form"
-    losses = [float(loss) for loss in svi.run(random.PRNGKey(1), 200, X, None, Y,
-                                              progress_bar=False).losses]
+    losses = [
+        float(loss)
+        for loss in svi.run(random.PRNGKey(1), 200, X, None, Y, progress_bar=False).losses
+    ]
     assert np.isfinite(losses).all() and np.mean(losses[-20:]) < np.mean(losses[:20])
 
 
@@ -195,8 +203,11 @@ def test_mixing_errors_name_the_argument():
         return numpyro.handlers.seed(model, 0)()
 
     assert place(W).shape == (P, N)
-    with pytest.raises(ValueError, match=r"svgp\('f', \.\.\.\): mixing has shape \(3, 3\); it "
-                                         r"needs shape \(P, 2\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"svgp\('f', \.\.\.\): mixing has shape \(3, 3\); it "
+        r"needs shape \(P, 2\)",
+    ):
         place(np.ones((P, 3)))
     with pytest.raises(ValueError, match=r"mixing has shape \(2,\)"):
         place(np.ones(2))
@@ -224,8 +235,9 @@ def test_softmax_over_three_class_gps_reports_its_integration_and_classifies():
         with numpyro.plate("class", 3, dim=-2):
             kernel = ns.kernels.RBF(
                 numpyro.param("variance", jnp.ones((3, 1)), constraint=dist.constraints.positive),
-                numpyro.param("lengthscale", jnp.ones((3, 1)),
-                              constraint=dist.constraints.positive),
+                numpyro.param(
+                    "lengthscale", jnp.ones((3, 1)), constraint=dist.constraints.positive
+                ),
             )
             f = ns.svgp("f", kernel, X, Z)  # (3, N)
         with numpyro.plate("data", X.shape[0]):

@@ -44,8 +44,11 @@ def test_one_natural_step_of_size_one_reaches_the_optimal_q(start):
         raw = np.tril(0.3 * rng.normal(size=(9, 9))) + np.diag(rng.uniform(0.3, 1.0, size=9))
         raw[2, 2] *= -1  # a negative diagonal entry, as AutoSVGP allows
         step, (unconstrained, opt_state) = state.optim_state  # numpyro's optax state
-        unconstrained = {**unconstrained, "f_whitened_auto_loc": jnp.asarray(rng.normal(size=9)),
-                         "f_whitened_auto_scale_tril": jnp.asarray(raw)}
+        unconstrained = {
+            **unconstrained,
+            "f_whitened_auto_loc": jnp.asarray(rng.normal(size=9)),
+            "f_whitened_auto_scale_tril": jnp.asarray(raw),
+        }
         state = state._replace(optim_state=(step, (unconstrained, opt_state)))
     state, _ = jax.jit(svi.update)(state, X, Y)  # one program: compiles in a fraction
     params = svi.get_params(state)
@@ -72,16 +75,20 @@ def test_natural_gradient_with_adam_on_minibatches_fits():
     Xm, Ym = (jnp.asarray(a) for a in toy_data(N, seed=31))
     guide = ns.AutoSVGP(in_model)
     # decayed step sizes let the mini-batch noise settle
-    optimizer = ns.natural_gradient(optax.adam(optax.cosine_decay_schedule(1e-2, 2000, 0.05)),
-                                    step_size=optax.cosine_decay_schedule(0.1, 2000, 0.05),
-                                    guide=guide)
+    optimizer = ns.natural_gradient(
+        optax.adam(optax.cosine_decay_schedule(1e-2, 2000, 0.05)),
+        step_size=optax.cosine_decay_schedule(0.1, 2000, 0.05),
+        guide=guide,
+    )
     svi = SVI(in_model, guide, optimizer, ns.SVGP_ELBO())
     result = ns.train(svi, random.PRNGKey(0), 2000, Xm, Ym, batch_size=B, progress_bar=False)
     assert result.num_skipped == 0
     p = result.params
     full = -float(ns.SVGP_ELBO().loss(random.PRNGKey(0), p, in_model, guide, Xm, Ym))
-    bound = float(ns.titsias_bound(
-        ns.kernels.RBF(p["variance"], p["lengthscale"]), Xm, Ym, p["Z"], p["noise_var"]
-    ))
+    bound = float(
+        ns.titsias_bound(
+            ns.kernels.RBF(p["variance"], p["lengthscale"]), Xm, Ym, p["Z"], p["noise_var"]
+        )
+    )
     assert full <= bound + 1e-6 and bound - full < 1.0
     assert jax.tree.all(jax.tree.map(lambda v: bool(jnp.all(jnp.isfinite(v))), p))

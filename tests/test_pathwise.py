@@ -48,8 +48,10 @@ def _periodic(X1, X2, variance, lengthscale, period):
 KERNELS = {
     "rbf": (lambda: ns.kernels.RBF(VAR, LS), lambda A, B: ref.rbf(A, B, VAR, LS)),
     "matern52": (lambda: ns.kernels.Matern52(VAR, LS), lambda A, B: _matern52(A, B, VAR, LS)),
-    "periodic": (lambda: ns.kernels.Periodic(VAR, LS, 2.5),
-                 lambda A, B: _periodic(A, B, VAR, LS, 2.5)),
+    "periodic": (
+        lambda: ns.kernels.Periodic(VAR, LS, 2.5),
+        lambda A, B: _periodic(A, B, VAR, LS, 2.5),
+    ),
 }
 
 
@@ -69,8 +71,9 @@ def _fitted(kind):
     K_zz = dense(Z, Z) + JITTER * np.eye(len(Z))
     mu, Sigma = ref.optimal_q_u(dense(X, Z), K_zz, y, NOISE)
     m, S = ref.whiten(mu, Sigma, K_zz)
-    params = dict(params, f_whitened_auto_loc=jnp.asarray(m),
-                  f_whitened_auto_scale_tril=jnp.asarray(S))
+    params = dict(
+        params, f_whitened_auto_loc=jnp.asarray(m), f_whitened_auto_scale_tril=jnp.asarray(S)
+    )
     return model, guide, params
 
 
@@ -158,7 +161,7 @@ def test_a_draw_is_one_function_of_its_key():
     np.testing.assert_array_equal(f1, draw(1, X1))
     # X1 among other inputs, after them: the same function at X1
     both = draw(1, np.concatenate([X2, X1]))
-    np.testing.assert_allclose(both[:, len(X2):], f1, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(both[:, len(X2) :], f1, rtol=1e-12, atol=1e-12)
     # another key, another function
     assert np.all(np.abs(draw(2, X1) - f1) > 1e-6)
 
@@ -206,8 +209,9 @@ def _family_params(model, guide, X, rng):
     M = len(Z)
     loc = 0.5 * rng.normal(size=(2, 1, M))
     scale = np.tril(0.3 * rng.normal(size=(2, 1, M, M)), -1) + 0.4 * np.eye(M)
-    return dict(params, f_whitened_auto_loc=jnp.asarray(loc),
-                f_whitened_auto_scale_tril=jnp.asarray(scale))
+    return dict(
+        params, f_whitened_auto_loc=jnp.asarray(loc), f_whitened_auto_scale_tril=jnp.asarray(scale)
+    )
 
 
 @pytest.mark.slow
@@ -218,8 +222,14 @@ def test_family_and_mixed_outputs():
 
     def model(X, mixing=None):
         with numpyro.plate("latent", 2, dim=-2):
-            ns.svgp("f", ns.kernels.RBF(VAR, lengthscale), X, jnp.asarray(Z), jitter=JITTER,
-                    mixing=mixing)
+            ns.svgp(
+                "f",
+                ns.kernels.RBF(VAR, lengthscale),
+                X,
+                jnp.asarray(Z),
+                jitter=JITTER,
+                mixing=mixing,
+            )
 
     X = np.linspace(-4, 4, 15)[:, None]
     guide = ns.AutoSVGP(model)
@@ -235,9 +245,11 @@ def test_family_and_mixed_outputs():
     block[:15, :15], block[15:, 15:] = C
     _check_joint(f, mean, block)
 
-    mixed = np.asarray(Predictive(
-        ns.pathwise(model, num_features=1024), guide=guide, params=params, num_samples=S
-    )(random.PRNGKey(1), X, mixing=jnp.asarray(W))["f"])
+    mixed = np.asarray(
+        Predictive(
+            ns.pathwise(model, num_features=1024), guide=guide, params=params, num_samples=S
+        )(random.PRNGKey(1), X, mixing=jnp.asarray(W))["f"]
+    )
     assert mixed.shape == (S, 3, 15)
     # f_p = sum_l W_pl g_l: Cov(f_p(x), f_q(x')) = sum_l W_pl W_ql C_l(x, x')
     C_mixed = np.einsum("pl,ql,lab->paqb", W, W, C).reshape(45, 45)
@@ -261,5 +273,4 @@ def test_refusals():
 
     # the potential of MCMC runs a model without a seed: nothing to draw the function from
     with pytest.raises(RuntimeError, match="seed"):
-        log_density(ns.pathwise(model), (np.zeros((3, 1)),), {},
-                    {"f_whitened": jnp.zeros(len(Z))})
+        log_density(ns.pathwise(model), (np.zeros((3, 1)),), {}, {"f_whitened": jnp.zeros(len(Z))})

@@ -125,9 +125,13 @@ def test_other_latents_are_integrated_with_the_guides_draws():
     params = initial_params(model, guide, X, y)
     rng = np.random.default_rng(0)
     m, S = rng.normal(size=6), np.tril(0.3 * rng.normal(size=(6, 6))) + 0.5 * np.eye(6)
-    params = dict(params, f_whitened_auto_loc=jnp.asarray(m),
-                  f_whitened_auto_scale_tril=jnp.asarray(S),
-                  lengthscale_auto_loc=jnp.asarray(-0.2), lengthscale_auto_scale=jnp.asarray(0.2))
+    params = dict(
+        params,
+        f_whitened_auto_loc=jnp.asarray(m),
+        f_whitened_auto_scale_tril=jnp.asarray(S),
+        lengthscale_auto_loc=jnp.asarray(-0.2),
+        lengthscale_auto_scale=jnp.asarray(0.2),
+    )
     q = stats.lognorm(s=0.2, scale=np.exp(-0.2))
 
     def moments(ls):
@@ -135,8 +139,12 @@ def test_other_latents_are_integrated_with_the_guides_draws():
         return mean, var
 
     def integral(fn):
-        return np.array([integrate.quad(lambda ls, i=i: fn(ls)[i] * q.pdf(ls), 0.2, 3.0)[0]
-                         for i in range(len(X_test))])
+        return np.array(
+            [
+                integrate.quad(lambda ls, i=i: fn(ls)[i] * q.pdf(ls), 0.2, 3.0)[0]
+                for i in range(len(X_test))
+            ]
+        )
 
     want_mean = integral(lambda ls: moments(ls)[0])
     want_var = integral(lambda ls: moments(ls)[1] + moments(ls)[0] ** 2) - want_mean**2

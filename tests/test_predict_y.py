@@ -46,8 +46,9 @@ def _with_q(model, X, y):
     rng = np.random.default_rng(5)
     m = rng.normal(size=len(Z))
     S = np.tril(0.3 * rng.normal(size=(len(Z), len(Z)))) + 0.5 * np.eye(len(Z))
-    params = dict(params, f_whitened_auto_loc=jnp.asarray(m),
-                  f_whitened_auto_scale_tril=jnp.asarray(S))
+    params = dict(
+        params, f_whitened_auto_loc=jnp.asarray(m), f_whitened_auto_scale_tril=jnp.asarray(S)
+    )
     mean, var, _, _ = ref.whitened_svgp_marginals(X_TEST, Z, VAR, LS, m, S, JITTER)
     return guide, params, mean, var
 
@@ -56,9 +57,11 @@ def _train_data(likelihood):
     rng = np.random.default_rng(0)
     X = np.sort(rng.uniform(-3, 3, size=(30, 1)), axis=0)
     f = np.sin(2 * X[:, 0])
-    y = {"gaussian": f + 0.2 * rng.normal(size=30),
-         "bernoulli": (rng.uniform(size=30) < expit(2 * f)).astype(np.float64),
-         "poisson": rng.poisson(np.exp(f)).astype(np.float64)}[likelihood]
+    y = {
+        "gaussian": f + 0.2 * rng.normal(size=30),
+        "bernoulli": (rng.uniform(size=30) < expit(2 * f)).astype(np.float64),
+        "poisson": rng.poisson(np.exp(f)).astype(np.float64),
+    }[likelihood]
     return X, y
 
 
@@ -84,16 +87,23 @@ def test_bernoulli_against_quad():
     guide, params, mean, var = _with_q(model, *_train_data("bernoulli"))
     pred = ns.predict_y(model, guide, params, X_TEST, quantiles=(0.3, 0.7))
     sd = np.sqrt(var)
-    prob = np.array([
-        integrate.quad(lambda t, m=m, s=s: expit(t) * stats.norm.pdf(t, m, s),
-                       m - 12 * s, m + 12 * s, epsabs=1e-14)[0]
-        for m, s in zip(mean, sd, strict=True)
-    ])
+    prob = np.array(
+        [
+            integrate.quad(
+                lambda t, m=m, s=s: expit(t) * stats.norm.pdf(t, m, s),
+                m - 12 * s,
+                m + 12 * s,
+                epsabs=1e-14,
+            )[0]
+            for m, s in zip(mean, sd, strict=True)
+        ]
+    )
     np.testing.assert_allclose(pred.mean, prob, rtol=1e-8)
     np.testing.assert_allclose(pred.variance, prob * (1 - prob), rtol=1e-8)
     # a Bernoulli quantile is 0 while the level is at most P(y = 0), else 1
-    np.testing.assert_array_equal(pred.quantiles, [(q > 1 - prob).astype(float)
-                                                   for q in (0.3, 0.7)])
+    np.testing.assert_array_equal(
+        pred.quantiles, [(q > 1 - prob).astype(float) for q in (0.3, 0.7)]
+    )
     y_test = (np.arange(len(X_TEST)) % 2).astype(np.float64)
     log_p = ns.predict_log_density(model, guide, params, X_TEST, y_test)
     np.testing.assert_allclose(log_p, np.log(np.where(y_test == 1, prob, 1 - prob)), rtol=1e-8)
@@ -110,9 +120,14 @@ def test_poisson_moments_are_the_lognormal_ones():
     np.testing.assert_allclose(pred.variance, rate + (np.exp(var) - 1) * rate**2, rtol=1e-8)
     # quantiles against the mixture's CDF, each probability by quad
     for n, (m, s) in enumerate(zip(mean, np.sqrt(var), strict=True)):
-        pmf = [integrate.quad(lambda t, k=k, m=m, s=s: stats.poisson.pmf(k, np.exp(t))
-                              * stats.norm.pdf(t, m, s), m - 12 * s, m + 12 * s)[0]
-               for k in range(60)]
+        pmf = [
+            integrate.quad(
+                lambda t, k=k, m=m, s=s: stats.poisson.pmf(k, np.exp(t)) * stats.norm.pdf(t, m, s),
+                m - 12 * s,
+                m + 12 * s,
+            )[0]
+            for k in range(60)
+        ]
         cdf = np.concatenate([[0.0], np.cumsum(pmf)])  # cdf[k + 1] = P(y <= k)
         for q, got in zip(levels, np.asarray(pred.quantiles[:, n]), strict=True):
             # the smallest k with P(y <= k) >= q, up to the quadrature's error in the CDF
@@ -129,12 +144,18 @@ def test_other_latents_are_integrated_with_the_guides_draws():
     params = dict(params, noise_auto_loc=jnp.asarray(-1.2), noise_auto_scale=jnp.asarray(0.25))
     q_s = stats.lognorm(s=0.25, scale=np.exp(-1.2))
     y_test = np.linspace(-1, 2, len(X_TEST))
-    want = np.log([
-        integrate.quad(lambda s, n=n: stats.norm.pdf(y_test[n], mean[n] + 0.5,
-                                                     np.sqrt(var[n] + s**2)) * q_s.pdf(s),
-                       0, 5)[0]
-        for n in range(len(X_TEST))
-    ])
+    want = np.log(
+        [
+            integrate.quad(
+                lambda s, n=n: (
+                    stats.norm.pdf(y_test[n], mean[n] + 0.5, np.sqrt(var[n] + s**2)) * q_s.pdf(s)
+                ),
+                0,
+                5,
+            )[0]
+            for n in range(len(X_TEST))
+        ]
+    )
     log_p = ns.predict_log_density(model, guide, params, X_TEST, y_test, num_samples=4000)
     # Monte-Carlo error of a mean of 4000 densities, each varying by a few per cent
     np.testing.assert_allclose(log_p, want, atol=5e-3)
@@ -219,8 +240,11 @@ def test_positive_support_quantiles_and_event_dims():
         m, s = mean[n], np.sqrt(var[n])
 
         def cdf(y, m=m, s=s):
-            return integrate.quad(lambda t: stats.gamma.cdf(y, 2.0, scale=np.exp(t))
-                                  * stats.norm.pdf(t, m, s), m - 12 * s, m + 12 * s)[0]
+            return integrate.quad(
+                lambda t: stats.gamma.cdf(y, 2.0, scale=np.exp(t)) * stats.norm.pdf(t, m, s),
+                m - 12 * s,
+                m + 12 * s,
+            )[0]
 
         for q, got in zip(levels, np.asarray(pred.quantiles[:, n]), strict=True):
             want = brentq(lambda y, q=q: cdf(y) - q, 1e-12, 1e4, xtol=1e-12)

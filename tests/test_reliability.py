@@ -63,9 +63,7 @@ def test_cholesky_derivative_matches_finite_differences_and_jax(escalates):
 
     used = float(jax.jit(lambda K: ns.cholesky_with_jitter(K, 1e-6)[1])(K))
     assert used == pytest.approx(1e-2 if escalates else 1e-6)
-    reference = jax.grad(
-        lambda K: jnp.sum(W * jnp.linalg.cholesky(K + used * jnp.eye(5)))
-    )(K)
+    reference = jax.grad(lambda K: jnp.sum(W * jnp.linalg.cholesky(K + used * jnp.eye(5))))(K)
     grad = jax.jit(jax.grad(objective))(K)
     assert np.all(np.isfinite(grad))
     np.testing.assert_allclose(
@@ -97,8 +95,9 @@ def test_a_thousand_escalating_factors_at_once_never_hang():
     LAPACK calls running at once could deadlock XLA:CPU's thread pool; the jitter
     search must never start a second one beside the first (this hung in about a third
     of the runs when it did)."""
-    run = subprocess.run([sys.executable, "-c", FAMILY_FACTORS], capture_output=True,
-                         text=True, timeout=90)
+    run = subprocess.run(
+        [sys.executable, "-c", FAMILY_FACTORS], capture_output=True, text=True, timeout=90
+    )
     assert run.returncode == 0 and "factored" in run.stdout, run.stderr[-2000:]
 
 
@@ -172,8 +171,16 @@ def test_training_stops_after_too_many_nonfinite_steps_in_a_row():
     optimizer = optax.chain(optax.adam(5e-2), _nan_updates_from(3))
     svi = SVI(model, ns.AutoSVGP(model), optimizer, ns.SVGP_ELBO())
     with pytest.raises(ns.TrainingStopped, match="5 steps in a row gave a non-finite loss") as info:
-        ns.train(svi, random.PRNGKey(2), 100, X, Y, max_nonfinite_in_a_row=5,
-                 steps_per_call=10, progress_bar=False)
+        ns.train(
+            svi,
+            random.PRNGKey(2),
+            100,
+            X,
+            Y,
+            max_nonfinite_in_a_row=5,
+            steps_per_call=10,
+            progress_bar=False,
+        )
     result = info.value.result
     assert len(result.losses) == 3 + 5 and result.num_skipped == 5
     assert np.all(np.isfinite(result.losses[:3]))
@@ -190,13 +197,31 @@ def test_training_stops_after_too_many_nonfinite_steps_in_a_row():
 def test_resume_from_checkpoint_is_bit_identical(tmp_path):
     model = gaussian_model(Z0)
     svi = _svi(model)
-    full = ns.train(svi, random.PRNGKey(3), 120, X, Y, checkpoint=tmp_path / "full.ckpt",
-                    checkpoint_every=40, progress_bar=False)
+    full = ns.train(
+        svi,
+        random.PRNGKey(3),
+        120,
+        X,
+        Y,
+        checkpoint=tmp_path / "full.ckpt",
+        checkpoint_every=40,
+        progress_bar=False,
+    )
     path = tmp_path / "part.ckpt"
-    ns.train(svi, random.PRNGKey(3), 80, X, Y, checkpoint=path, checkpoint_every=40,
-             progress_bar=False)
-    resumed = ns.train(svi, random.PRNGKey(3), 120, X, Y, checkpoint=path,
-                       checkpoint_every=40, resume=True, progress_bar=False)
+    ns.train(
+        svi, random.PRNGKey(3), 80, X, Y, checkpoint=path, checkpoint_every=40, progress_bar=False
+    )
+    resumed = ns.train(
+        svi,
+        random.PRNGKey(3),
+        120,
+        X,
+        Y,
+        checkpoint=path,
+        checkpoint_every=40,
+        resume=True,
+        progress_bar=False,
+    )
     np.testing.assert_array_equal(resumed.losses, full.losses)
     for name in full.params:
         np.testing.assert_array_equal(resumed.params[name], full.params[name])
@@ -276,16 +301,17 @@ def test_same_seed_gives_bit_identical_losses_in_process_and_across_processes():
     model = gaussian_model(Z0)
     for elbo in (ns.SVGP_ELBO(), numpyro.infer.TraceMeanField_ELBO()):
         runs = [
-            SVI(model, ns.AutoSVGP(model), optax.adam(5e-2), elbo).run(
-                random.PRNGKey(4), 150, X, Y, progress_bar=False
-            ).losses
+            SVI(model, ns.AutoSVGP(model), optax.adam(5e-2), elbo)
+            .run(random.PRNGKey(4), 150, X, Y, progress_bar=False)
+            .losses
             for _ in range(2)
         ]
         np.testing.assert_array_equal(runs[0], runs[1])
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     digests = [
-        subprocess.run([sys.executable, "-c", REPRO], capture_output=True, text=True,
-                       cwd=root, check=True).stdout.strip()
+        subprocess.run(
+            [sys.executable, "-c", REPRO], capture_output=True, text=True, cwd=root, check=True
+        ).stdout.strip()
         for _ in range(2)
     ]
     assert len(digests[0]) == 64 and digests[0] == digests[1]

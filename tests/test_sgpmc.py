@@ -90,7 +90,10 @@ def test_bernoulli_log_density_against_quad():
         sign = 2 * label - 1
         expected += integrate.quad(
             lambda t, m=mean, s=sd, c=sign: log_expit(c * t) * stats.norm.pdf(t, m, s),
-            mean - 12 * sd, mean + 12 * sd, epsabs=1e-14, epsrel=1e-13,
+            mean - 12 * sd,
+            mean + 12 * sd,
+            epsabs=1e-14,
+            epsrel=1e-13,
         )[0]
     model = ns.sgpmc(_model(jnp.asarray(Z), "bernoulli"), quadrature_points=40)
     got = [float(log_density(seed(model, k), (X, y), {}, values)[0]) for k in (0, 3)]
@@ -145,9 +148,14 @@ def test_warm_start_from_the_guide_median():
     y = f + 0.2 * rng.normal(size=len(X))
     model = _model(jnp.linspace(-2, 2, 5)[:, None])
     guide = ns.AutoSVGP(model)
-    result = ns.train(numpyro.infer.SVI(model, guide, __import__("optax").adam(2e-2),
-                                        ns.SVGP_ELBO()), random.PRNGKey(0), 50, X, y,
-                      progress_bar=False)
+    result = ns.train(
+        numpyro.infer.SVI(model, guide, __import__("optax").adam(2e-2), ns.SVGP_ELBO()),
+        random.PRNGKey(0),
+        50,
+        X,
+        y,
+        progress_bar=False,
+    )
     median = guide.median(result.params)
     assert set(median) == {"variance", "lengthscale", "noise", "f_whitened"}
     kernel = NUTS(ns.sgpmc(model), init_strategy=init_to_value(values=median))
@@ -185,9 +193,12 @@ def test_hmc_runs_sgpmc_and_predictive_draws_from_its_samples():
     X, f, rng = _data(n=15)
     y = f + 0.2 * rng.normal(size=len(X))
     model = _model(jnp.linspace(-2, 2, 5)[:, None])
-    mcmc = MCMC(HMC(ns.sgpmc(model), num_steps=5, trajectory_length=None), num_warmup=20,
-                num_samples=10,
-                progress_bar=False)
+    mcmc = MCMC(
+        HMC(ns.sgpmc(model), num_steps=5, trajectory_length=None),
+        num_warmup=20,
+        num_samples=10,
+        progress_bar=False,
+    )
     mcmc.run(random.PRNGKey(0), X, y)
     samples = mcmc.get_samples()
     assert set(samples) == {"variance", "lengthscale", "noise", "f_whitened"}
@@ -205,9 +216,11 @@ def test_nuts_at_z_equal_x_matches_nuts_on_the_exact_gp():
     names = ("variance", "lengthscale", "noise")
 
     def priors():
-        return (numpyro.sample("variance", dist.LogNormal(0.0, 0.5)),
-                numpyro.sample("lengthscale", dist.LogNormal(0.0, 0.5)),
-                numpyro.sample("noise", dist.LogNormal(-1.5, 0.5)))
+        return (
+            numpyro.sample("variance", dist.LogNormal(0.0, 0.5)),
+            numpyro.sample("lengthscale", dist.LogNormal(0.0, 0.5)),
+            numpyro.sample("noise", dist.LogNormal(-1.5, 0.5)),
+        )
 
     def sparse(X, y):
         variance, lengthscale, noise = priors()
@@ -222,8 +235,9 @@ def test_nuts_at_z_equal_x_matches_nuts_on_the_exact_gp():
         numpyro.sample("y", dist.MultivariateNormal(jnp.zeros(X.shape[0]), cov), obs=y)
 
     def run(model, key):
-        mcmc = MCMC(NUTS(model), num_warmup=1000, num_samples=3000, num_chains=1,
-                    progress_bar=False)
+        mcmc = MCMC(
+            NUTS(model), num_warmup=1000, num_samples=3000, num_chains=1, progress_bar=False
+        )
         mcmc.run(key, X, y)
         return mcmc.get_samples(group_by_chain=True)
 
@@ -267,8 +281,9 @@ def test_float32_sgpmc_smoke():
     import sys
 
     env = {k: v for k, v in __import__("os").environ.items() if k != "JAX_ENABLE_X64"}
-    run = subprocess.run([sys.executable, "-c", FLOAT32], capture_output=True, text=True,
-                         timeout=600, env=env)
+    run = subprocess.run(
+        [sys.executable, "-c", FLOAT32], capture_output=True, text=True, timeout=600, env=env
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert "float32 sgpmc ok" in run.stdout
 
@@ -303,14 +318,16 @@ def test_hmcgibbs_and_nuts_match_the_dense_gaussian_posterior():
         mean = jnp.sum(residual) / 0.04 / shift_precision
         return {"shift": mean + random.normal(rng_key) / jnp.sqrt(shift_precision)}
 
-    for kernel, key in ((HMCGibbs(NUTS(ns.sgpmc(model)), gibbs_fn=gibbs_fn,
-                                  gibbs_sites=["shift"]), 0),
-                        (NUTS(ns.sgpmc(model)), 1)):
+    for kernel, key in (
+        (HMCGibbs(NUTS(ns.sgpmc(model)), gibbs_fn=gibbs_fn, gibbs_sites=["shift"]), 0),
+        (NUTS(ns.sgpmc(model)), 1),
+    ):
         mcmc = MCMC(kernel, num_warmup=500, num_samples=2000, progress_bar=False)
         mcmc.run(random.PRNGKey(key), X, y)
         samples = mcmc.get_samples()
-        draws = np.concatenate([np.asarray(samples["f_whitened"]),
-                                np.asarray(samples["shift"])[:, None]], axis=1)
+        draws = np.concatenate(
+            [np.asarray(samples["f_whitened"]), np.asarray(samples["shift"])[:, None]], axis=1
+        )
         se = np.std(draws, axis=0) / np.sqrt(effective_sample_size(draws[None]))
         assert np.all(np.abs(draws.mean(0) - exact) < 4 * se), (draws.mean(0), exact, se)
 
@@ -332,8 +349,11 @@ def test_sites_observed_from_outside_keep_their_values():
     conditioned = numpyro.handlers.condition(ns.sgpmc(model), {"shift": 0.3})
     got = float(log_density(conditioned, (X, y), {}, {"f_whitened": jnp.asarray(v)})[0])
     A, cond_var = _conditional(X, Z, 1.1, 0.9)
-    expected = (np.sum(stats.norm.logpdf(v)) + stats.norm.logpdf(0.3)
-                + np.sum(stats.norm.logpdf(y, A @ v + 0.3, 0.2) - cond_var / (2 * 0.04)))
+    expected = (
+        np.sum(stats.norm.logpdf(v))
+        + stats.norm.logpdf(0.3)
+        + np.sum(stats.norm.logpdf(y, A @ v + 0.3, 0.2) - cond_var / (2 * 0.04))
+    )
     np.testing.assert_allclose(got, expected, rtol=1e-10)
 
 
@@ -358,9 +378,11 @@ def test_a_family_of_gps_is_the_sum_of_its_members():
     expected = 0.0
     for g in range(2):
         A, cond_var = _conditional(X, Z, 1.2, lengthscales[g, 0])
-        expected += (stats.lognorm(s=1.0).logpdf(lengthscales[g, 0])
-                     + np.sum(stats.norm.logpdf(v[g, 0]))
-                     + np.sum(stats.norm.logpdf(Y[g], A @ v[g, 0], 0.3) - cond_var / 0.18))
+        expected += (
+            stats.lognorm(s=1.0).logpdf(lengthscales[g, 0])
+            + np.sum(stats.norm.logpdf(v[g, 0]))
+            + np.sum(stats.norm.logpdf(Y[g], A @ v[g, 0], 0.3) - cond_var / 0.18)
+        )
     np.testing.assert_allclose(got, expected, rtol=1e-10)
 
 

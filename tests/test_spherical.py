@@ -39,8 +39,9 @@ def sphere_rule(d, n):
         return np.stack([np.cos(angle), np.sin(angle)], 1), np.full(2 * n, np.pi / n)
     t, w = roots_jacobi(n, (d - 3) / 2, (d - 3) / 2)
     sub, sub_w = sphere_rule(d - 1, n)
-    points = np.concatenate([np.concatenate([np.full((len(sub), 1), ti),
-                                             np.sqrt(1 - ti**2) * sub], 1) for ti in t])
+    points = np.concatenate(
+        [np.concatenate([np.full((len(sub), 1), ti), np.sqrt(1 - ti**2) * sub], 1) for ti in t]
+    )
     return points, np.concatenate([wi * sub_w for wi in w])
 
 
@@ -92,9 +93,11 @@ def test_arc_cosine_coefficients_match_closed_forms_on_the_circle():
         np.testing.assert_allclose(got, 1.3 * expected, atol=2e-6)
 
 
-@pytest.mark.parametrize("kernel", [ns.kernels.ArcCosine(1), ns.kernels.ArcCosine(0),
-                                    ns.kernels.SphericalMatern(2.5, 0.7, 0.9)],
-                         ids=["arccos1", "arccos0", "matern52"])
+@pytest.mark.parametrize(
+    "kernel",
+    [ns.kernels.ArcCosine(1), ns.kernels.ArcCosine(0), ns.kernels.SphericalMatern(2.5, 0.7, 0.9)],
+    ids=["arccos1", "arccos0", "matern52"],
+)
 def test_coefficients_on_s2_match_legendre_projection_in_theta(kernel):
     # lambda_n = 2 pi int_0^pi kappa(cos th) P_n(cos th) sin th dth, by Gauss-Legendre in
     # theta (the arc-cosine kernels are smooth in theta), against the library's
@@ -102,8 +105,10 @@ def test_coefficients_on_s2_match_legendre_projection_in_theta(kernel):
     theta, w = np.polynomial.legendre.leggauss(400)
     theta, w = (theta + 1) * np.pi / 2, w * np.pi / 2
     kappa = np.asarray(kernel.shape(jnp.asarray(np.cos(theta)))) * float(kernel.variance)
-    expected = [2 * np.pi * np.sum(w * kappa * scipy_P(n, 3, np.cos(theta)) * np.sin(theta))
-                for n in range(9)]
+    expected = [
+        2 * np.pi * np.sum(w * kappa * scipy_P(n, 3, np.cos(theta)) * np.sin(theta))
+        for n in range(9)
+    ]
     got = np.asarray(kernel.mercer_coefficients(3, 8))
     np.testing.assert_allclose(got, expected, atol=1e-6)
     # and the Mercer series sums back to the kernel
@@ -128,8 +133,10 @@ class Truncated(ns.kernels.Zonal):
 
     def _series(self, t):
         d, area = self.dimension, sphere_area(self.dimension)
-        return sum(c * num_harmonics(d, n) / area * scipy_P(n, d, t)
-                   for n, c in enumerate(self.coefficients))
+        return sum(
+            c * num_harmonics(d, n) / area * scipy_P(n, d, t)
+            for n, c in enumerate(self.coefficients)
+        )
 
     def _monomials(self):
         # the same polynomial in monomial form (scipy's orthopoly1d), for jnp.polyval
@@ -180,14 +187,18 @@ def test_truncated_kernel_svgp_at_optimal_q_is_the_exact_gp(D):
     assert bound == pytest.approx(exact, rel=1e-8)
 
 
-@pytest.mark.parametrize("D, kernel", [(1, ns.kernels.ArcCosine(1, 1.0, 0.5)),
-                                       (3, ns.kernels.SphericalMatern(1.5, 1.0, 0.8, 1.0))],
-                         ids=["1d-arccos", "3d-matern"])
+@pytest.mark.parametrize(
+    "D, kernel",
+    [(1, ns.kernels.ArcCosine(1, 1.0, 0.5)), (3, ns.kernels.SphericalMatern(1.5, 1.0, 0.8, 1.0))],
+    ids=["1d-arccos", "3d-matern"],
+)
 @pytest.mark.slow
 def test_elbo_rises_monotonically_with_the_degree(D, kernel):
     X, y = _sphere_inputs(D, 200, seed=10 + D)
-    bounds = [float(ns.titsias_bound(kernel, X, y, ns.SphericalHarmonicFeatures(L, D), 0.01))
-              for L in range(7)]
+    bounds = [
+        float(ns.titsias_bound(kernel, X, y, ns.SphericalHarmonicFeatures(L, D), 0.01))
+        for L in range(7)
+    ]
     # adding a degree never lowers the bound, and raises it unless the kernel's
     # coefficient of that degree vanishes (odd degrees >= 3 of the arc-cosine kernel)
     steps = np.diff(bounds)
@@ -205,18 +216,22 @@ def test_features_train_predict_and_refuse_wrong_kernels():
 
     def model(X, y=None, num_data=None):
         kernel = ns.kernels.ArcCosine(
-            1, numpyro.param("variance", 1.0, constraint=dist.constraints.positive),
-            numpyro.param("bias", 1.0, constraint=dist.constraints.positive))
+            1,
+            numpyro.param("variance", 1.0, constraint=dist.constraints.positive),
+            numpyro.param("bias", 1.0, constraint=dist.constraints.positive),
+        )
         f = ns.svgp("f", kernel, X, features)
         noise_var = numpyro.param("noise_var", 0.1, constraint=dist.constraints.positive)
         with numpyro.plate("data", num_data or X.shape[0], subsample_size=X.shape[0]):
             numpyro.sample("y", dist.Normal(f, jnp.sqrt(noise_var)), obs=y)
 
     svi = SVI(model, ns.AutoSVGP(model), optax.adam(2e-2), ns.SVGP_ELBO())
-    result = ns.train_epochs(svi, random.PRNGKey(0), 30, X, y, batch_size=40,
-                             num_data=len(X), progress_bar=False)
-    assert (np.all(np.isfinite(result.losses))
-            and result.losses[-20:].mean() < result.losses[:3].mean())
+    result = ns.train_epochs(
+        svi, random.PRNGKey(0), 30, X, y, batch_size=40, num_data=len(X), progress_bar=False
+    )
+    assert (
+        np.all(np.isfinite(result.losses)) and result.losses[-20:].mean() < result.losses[:3].mean()
+    )
     mean, var = ns.predict_f(model, svi.guide, result.params, X[:7])
     assert mean.shape == (7,) and np.all(np.asarray(var) >= 0)
     assert result.params["f_whitened_auto_loc"].shape == (features.num_features,)
@@ -226,10 +241,15 @@ def test_features_train_predict_and_refuse_wrong_kernels():
         ns.whitened_conditional(ns.kernels.ArcCosine(1), X[:, :1], features)
 
 
-@pytest.mark.parametrize("kernel", [ns.kernels.ArcCosine(0, 1.2, 0.7),
-                                    ns.kernels.ArcCosine(1, 1.2, 0.7),
-                                    ns.kernels.SphericalMatern(0.5, 1.2, 0.6, 0.7)],
-                         ids=["arccos0", "arccos1", "matern12"])
+@pytest.mark.parametrize(
+    "kernel",
+    [
+        ns.kernels.ArcCosine(0, 1.2, 0.7),
+        ns.kernels.ArcCosine(1, 1.2, 0.7),
+        ns.kernels.SphericalMatern(0.5, 1.2, 0.6, 0.7),
+    ],
+    ids=["arccos0", "arccos1", "matern12"],
+)
 def test_zonal_kernels_match_formulas_and_have_finite_gradients(kernel):
     import jax
 
@@ -243,8 +263,11 @@ def test_zonal_kernels_match_formulas_and_have_finite_gradients(kernel):
     t = np.clip(unit(X1) @ unit(X2).T, -1, 1)
     theta = np.arccos(t)
     if isinstance(kernel, ns.kernels.ArcCosine):
-        expected = (1 - theta / np.pi) if kernel.order == 0 else \
-            (np.sin(theta) + (np.pi - theta) * np.cos(theta)) / np.pi
+        expected = (
+            (1 - theta / np.pi)
+            if kernel.order == 0
+            else (np.sin(theta) + (np.pi - theta) * np.cos(theta)) / np.pi
+        )
     else:
         expected = np.exp(-np.sqrt(2 - 2 * t) / 0.6)
     np.testing.assert_allclose(kernel(X1, X2), 1.2 * expected, rtol=1e-10, atol=1e-12)

@@ -53,8 +53,9 @@ def test_every_row_is_visited_once_per_epoch_in_a_new_order():
     counts5 = np.asarray(five.params["w"])
     assert counts5.sum() == 45 and counts5.max() <= 5
     assert counts5.min() < 5 and np.sum(counts5 < 5) > 1  # a different row is left out each epoch
-    full = ns.train_epochs(svi, random.PRNGKey(0), 2, rows, batch_size=batch, drop_last=False,
-                           progress_bar=False)
+    full = ns.train_epochs(
+        svi, random.PRNGKey(0), 2, rows, batch_size=batch, drop_last=False, progress_bar=False
+    )
     np.testing.assert_array_equal(full.params["w"], np.full(num_data, 2.0))
     assert len(full.losses) == 8
 
@@ -62,10 +63,15 @@ def test_every_row_is_visited_once_per_epoch_in_a_new_order():
 @pytest.mark.slow
 def test_epochs_on_host_batches_reach_the_collapsed_bound():
     X, y = toy_data(400, seed=41)
-    svi = SVI(host_model, ns.AutoSVGP(host_model),
-              optax.adam(optax.cosine_decay_schedule(2e-2, 1500)), ns.SVGP_ELBO())
-    result = ns.train_epochs(svi, random.PRNGKey(1), 75, X, y, batch_size=20, num_data=len(X),
-                             progress_bar=False)
+    svi = SVI(
+        host_model,
+        ns.AutoSVGP(host_model),
+        optax.adam(optax.cosine_decay_schedule(2e-2, 1500)),
+        ns.SVGP_ELBO(),
+    )
+    result = ns.train_epochs(
+        svi, random.PRNGKey(1), 75, X, y, batch_size=20, num_data=len(X), progress_bar=False
+    )
     assert result.losses.shape == (75 * 20,) and result.num_skipped == 0
     p = result.params
     kernel = ns.kernels.RBF(p["variance"], p["lengthscale"])
@@ -83,9 +89,17 @@ def test_held_out_log_likelihood_matches_the_gaussian_predictive_density():
     mean, var = ns.predict_f(host_model, svi.guide, result.params, X_test)
     sd = np.sqrt(np.asarray(var) + float(result.params["noise_var"]))
     exact = np.mean(norm.logpdf(y_test, np.asarray(mean), sd))
-    estimate = float(ns.held_out_log_likelihood(host_model, svi.guide, result.params, X_test,
-                                                y_test, rng_key=random.PRNGKey(3),
-                                                num_samples=4000))
+    estimate = float(
+        ns.held_out_log_likelihood(
+            host_model,
+            svi.guide,
+            result.params,
+            X_test,
+            y_test,
+            rng_key=random.PRNGKey(3),
+            num_samples=4000,
+        )
+    )
     assert estimate == pytest.approx(exact, abs=5e-3)
 
 
@@ -95,8 +109,17 @@ def test_early_stopping_returns_the_best_epoch():
     X, y = toy_data(200, seed=44)
     svi = _svi(5e-2)
     kwargs = dict(batch_size=50, num_data=len(X), progress_bar=False)
-    result = ns.train_epochs(svi, random.PRNGKey(2), 30, X, y, held_out=(X, -y), patience=2,
-                             num_eval_samples=50, **kwargs)
+    result = ns.train_epochs(
+        svi,
+        random.PRNGKey(2),
+        30,
+        X,
+        y,
+        held_out=(X, -y),
+        patience=2,
+        num_eval_samples=50,
+        **kwargs,
+    )
     assert result.stopped_early
     epochs, scores = result.held_out.T
     best = int(epochs[np.argmax(scores)])

@@ -68,12 +68,14 @@ def test_a_second_call_with_the_same_svi_and_shapes_compiles_no_steps(caplog):
         np.testing.assert_allclose(other.params[name], value, rtol=1e-9)
     # as does train_epochs with its last chunk shorter than steps_per_call: 60 rows in
     # batches of 5 is 12 steps, chunks of 5, 5 and 2
-    ns.train_epochs(svi, random.PRNGKey(2), 1, X, Y, batch_size=5, steps_per_call=5,
-                    progress_bar=False)
+    ns.train_epochs(
+        svi, random.PRNGKey(2), 1, X, Y, batch_size=5, steps_per_call=5, progress_bar=False
+    )
     with jax.log_compiles(True), caplog.at_level(logging.DEBUG):
         caplog.clear()
-        epochs = ns.train_epochs(svi, random.PRNGKey(2), 2, X, Y, batch_size=5,
-                                 steps_per_call=5, progress_bar=False)
+        epochs = ns.train_epochs(
+            svi, random.PRNGKey(2), 2, X, Y, batch_size=5, steps_per_call=5, progress_bar=False
+        )
     assert not [r for r in caplog.records if "_run_chunk" in r.getMessage()]
     assert epochs.losses.shape == (24,) and np.all(np.isfinite(epochs.losses))
     # a new shape is a new program, and the log shows it (so the check above can fail)
@@ -88,19 +90,29 @@ def test_init_state_goes_on_bit_for_bit():
     svi = _svi(gaussian_model(Z0))
     whole = ns.train(svi, random.PRNGKey(3), 80, X, Y, steps_per_call=40, progress_bar=False)
     first = ns.train(svi, random.PRNGKey(3), 40, X, Y, steps_per_call=40, progress_bar=False)
-    second = ns.train(svi, random.PRNGKey(99), 40, X, Y, init_state=first,
-                      steps_per_call=40, progress_bar=False)
+    second = ns.train(
+        svi, random.PRNGKey(99), 40, X, Y, init_state=first, steps_per_call=40, progress_bar=False
+    )
     np.testing.assert_array_equal(np.concatenate([first.losses, second.losses]), whole.losses)
     for name in whole.params:
         np.testing.assert_array_equal(second.params[name], whole.params[name])
-    also = ns.train(svi, random.PRNGKey(99), 40, X, Y, init_state=first.state,
-                    steps_per_call=40, progress_bar=False)
+    also = ns.train(
+        svi,
+        random.PRNGKey(99),
+        40,
+        X,
+        Y,
+        init_state=first.state,
+        steps_per_call=40,
+        progress_bar=False,
+    )
     np.testing.assert_array_equal(also.losses, second.losses)
     with pytest.raises(TypeError, match="init_state must be an SVIState"):
         ns.train(svi, random.PRNGKey(0), 5, X, Y, init_state=first.params)
     # train_epochs takes the same state
-    epochs = ns.train_epochs(svi, random.PRNGKey(5), 1, X, Y, batch_size=20, init_state=first,
-                             progress_bar=False)
+    epochs = ns.train_epochs(
+        svi, random.PRNGKey(5), 1, X, Y, batch_size=20, init_state=first, progress_bar=False
+    )
     assert len(epochs.losses) == 3 and epochs.losses[0] < first.losses[0]
     assert ns.EpochsResult is ns.TrainResult and isinstance(epochs, ns.TrainResult)
 
@@ -119,8 +131,9 @@ def test_nonfinite_host_data_is_refused_naming_the_row():
     with pytest.raises(ValueError, match=r"data\[0\] has .* at row 7 \(2 rows in all\)"):
         ns.train_epochs(svi, random.PRNGKey(0), 1, X_bad, y_big, batch_size=50)
     with pytest.raises(ValueError, match=r"held_out\[1\] has .* at row 150"):
-        ns.train_epochs(svi, random.PRNGKey(0), 1, X_big, y_big, batch_size=50,
-                        held_out=(X_big, y_bad))
+        ns.train_epochs(
+            svi, random.PRNGKey(0), 1, X_big, y_big, batch_size=50, held_out=(X_big, y_bad)
+        )
     with pytest.raises(ValueError, match="positional argument 1 of the model has .* at row 150"):
         ns.train(svi, random.PRNGKey(0), 5, X_big, y_bad)
 
@@ -153,8 +166,9 @@ def minibatch_model(X_batch, y_batch=None, num_data=None):
 @pytest.mark.slow
 def test_a_minibatch_model_predicts_without_num_data():
     svi = _svi(minibatch_model)
-    result = ns.train_epochs(svi, random.PRNGKey(0), 10, X, Y, batch_size=20,
-                             num_data=len(X), progress_bar=False)
+    result = ns.train_epochs(
+        svi, random.PRNGKey(0), 10, X, Y, batch_size=20, num_data=len(X), progress_bar=False
+    )
     X_test = np.linspace(-3, 3, 11)[:, None]
     mean, var = ns.predict_f(minibatch_model, svi.guide, result.params, X_test)
     # the same params in the full-data model: the data plate plays no part in f
@@ -163,8 +177,9 @@ def test_a_minibatch_model_predicts_without_num_data():
     mean_full, var_full = ns.predict_f(full, svi.guide, params, X_test)
     np.testing.assert_allclose(mean, mean_full, rtol=1e-12)
     np.testing.assert_allclose(var, var_full, rtol=1e-12)
-    score = ns.held_out_log_likelihood(minibatch_model, svi.guide, result.params, X, Y,
-                                       rng_key=random.PRNGKey(1), num_samples=20)
+    score = ns.held_out_log_likelihood(
+        minibatch_model, svi.guide, result.params, X, Y, rng_key=random.PRNGKey(1), num_samples=20
+    )
     assert np.isfinite(float(score))
 
 
@@ -230,15 +245,21 @@ def test_a_new_group_under_the_fitted_plate_is_refused_and_the_new_plate_pattern
     np.testing.assert_allclose(fitted - fitted.mean(), [-1.0, 0.0, 1.0], atol=0.15)
     # a fourth group by growing the fitted plate: its offset would be group 2's
     predictive = Predictive(grouped_model, guide=svi.guide, params=result.params, num_samples=2)
-    with pytest.raises(ValueError, match="plate 'group' has size 4 in this call, but the guide "
-                                         "was fitted with size 3"):
+    with pytest.raises(
+        ValueError,
+        match="plate 'group' has size 4 in this call, but the guide was fitted with size 3",
+    ):
         predictive(random.PRNGKey(1), X[:4], np.arange(4), G + 1)
     with pytest.raises(ValueError, match="plate 'group' has size 4"):
         ns.predict_f(grouped_model, svi.guide, result.params, X[:4], np.arange(4), G + 1)
     # the pattern: new groups in their own plate, drawn from the prior
-    draws = Predictive(grouped_model, guide=svi.guide, params=result.params, num_samples=4000,
-                       return_sites=["new_offset", "y"])(
-        random.PRNGKey(3), X[:4], np.arange(4), G, num_new_groups=1)
+    draws = Predictive(
+        grouped_model,
+        guide=svi.guide,
+        params=result.params,
+        num_samples=4000,
+        return_sites=["new_offset", "y"],
+    )(random.PRNGKey(3), X[:4], np.arange(4), G, num_new_groups=1)
     new = np.asarray(draws["new_offset"])[:, 0]
     tau = float(result.params["tau"])
     assert float(np.mean(new)) == pytest.approx(0.0, abs=4 * tau / np.sqrt(4000))
