@@ -8,6 +8,8 @@ site of the same shape (the likelihood over the same points), so ``f`` and ``y``
 line up on one ``data`` axis.
 """
 
+from typing import TYPE_CHECKING
+
 import jax.numpy as jnp
 import numpy as np
 from numpyro.handlers import seed, trace
@@ -15,12 +17,18 @@ from numpyro.handlers import seed, trace
 from numpyro_svgp._predict_y import pointwise_log_likelihood
 from numpyro_svgp._svgp import svgp_site
 
+if TYPE_CHECKING:
+    # arviz (with xarray, pandas and matplotlib) takes seconds to import: only on use
+    import arviz
+
 __all__ = ["to_inference_data"]
 
 
 def _site_dims(model, args, kwargs) -> dict[str, list[str]]:
     model_trace = trace(seed(model, 0)).get_trace(*args, **kwargs)
-    dims, plated_dims, outputs = {}, {}, {}
+    dims: dict[str, list[str]] = {}
+    plated_dims: dict[tuple, list[str]] = {}
+    outputs: dict[str, tuple] = {}
     for name, site in model_trace.items():
         if site["type"] != "sample":
             continue

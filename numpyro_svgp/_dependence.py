@@ -308,7 +308,7 @@ def _eqn(eqn, in_tags) -> list[Tag]:
 def analyse(jaxpr: Jaxpr, in_tags) -> list[Tag]:
     """The :class:`Tag` of each output of ``jaxpr`` given those of its inputs
     (its constvars are ``CONST``)."""
-    env = {}
+    env: dict = {}
 
     def read(v):
         return CONST if isinstance(v, Literal) else env.get(v, CONST)

@@ -68,7 +68,7 @@ def use_matrix_form(num_points: int, num_inducing: int, dtype) -> bool:
     :math:`L^{-1} K_{zx} K_{xz} L^{-\top}`, whose round-off grows with
     :math:`\kappa(K_{zz})` rather than :math:`\kappa(L)`; in float32 with jitter 1e-4
     that moved the toy problem's ELBO by several nats."""
-    return num_points >= 2 * num_inducing and jnp.finfo(dtype).eps < 1e-10
+    return bool(num_points >= 2 * num_inducing and jnp.finfo(dtype).eps < 1e-10)
 
 
 @jax.custom_vjp

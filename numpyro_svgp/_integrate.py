@@ -513,8 +513,9 @@ def hermite_grid(moments: dict, points: int):
         shape ``(K^d,) +`` the output's shape, and the log weights ``(K^d,)`` (they sum to 1).
     """
     dtype = next(iter(moments.values()))[0].dtype
-    x, w = hermegauss(points)
-    x, log_w = jnp.asarray(x, dtype), jnp.asarray(np.log(w / np.sum(w)), dtype)
+    nodes_1d, weights_1d = hermegauss(points)
+    x = jnp.asarray(nodes_1d, dtype)
+    log_w = jnp.asarray(np.log(weights_1d / np.sum(weights_1d)), dtype)
     grids = jnp.meshgrid(*[jnp.arange(points)] * len(moments), indexing="ij")
     grids = [g.reshape(-1) for g in grids]
     nodes = {

@@ -76,6 +76,8 @@ import operator
 import os
 import sys
 import warnings
+from types import FrameType
+from typing import cast
 
 import jax
 import jax.numpy as jnp
@@ -90,7 +92,7 @@ from numpyro_svgp._family import family_map
 from numpyro_svgp._features import InducingPoints
 from numpyro_svgp._linalg import MAX_JITTER_ESCALATIONS, cholesky_with_jitter, default_jitter
 from numpyro_svgp._svgp import seeded_key
-from numpyro_svgp.kernels import RBF, Kernel, Matern12, Matern32, Matern52
+from numpyro_svgp.kernels import RBF, Kernel, Matern12, Matern32, Matern52, Stationary
 
 __all__ = ["MAX_EXACT_POINTS", "pathwise"]
 
@@ -215,8 +217,9 @@ class pathwise(Messenger):
 def _user_stack_level() -> int:
     """The ``stacklevel`` of the first caller outside numpyro_svgp, numpyro and jax (the
     model's ``svgp`` call), counted from the function that calls this one."""
-    skip = tuple(os.path.dirname(m.__file__) for m in (sys.modules[__package__], numpyro, jax))
-    frame, level = sys._getframe(2), 2
+    skip = tuple(os.path.dirname(str(m.__file__)) for m in (sys.modules[__package__], numpyro, jax))
+    frame: FrameType | None = sys._getframe(2)
+    level = 2
     while frame is not None and frame.f_code.co_filename.startswith(skip):
         frame, level = frame.f_back, level + 1
     return level
@@ -224,7 +227,8 @@ def _user_stack_level() -> int:
 
 def _smoothness(kernel: Kernel) -> float | None:
     r""":math:`\nu` of a Matérn kernel; ``None`` for the RBF kernel (:math:`\nu = \infty`)."""
-    return {Matern12: 0.5, Matern32: 1.5, Matern52: 2.5}.get(type(kernel))
+    smoothness: dict[type, float] = {Matern12: 0.5, Matern32: 1.5, Matern52: 2.5}
+    return smoothness.get(type(kernel))
 
 
 def _is_spectral(kernel: Kernel) -> bool:
@@ -270,10 +274,12 @@ def _pathwise_one(
 ) -> Float[Array, " N"]:
     r"""One GP's draw, :math:`g(X) + K_{xz} L^{-\top}(v - L^{-1}(g(Z) +
     \sqrt\epsilon\,\varepsilon_z))`."""
-    kernel, L = conditional.kernel, conditional.cholesky
+    kernel, L, inducing = conditional.kernel, conditional.cholesky, conditional.inducing
+    # _has_random_features chose this path for these types only
+    kernel, inducing = cast(Stationary, kernel), cast(InducingPoints, inducing)
     dtype = L.dtype
     X = conditional.inputs.astype(dtype)
-    Z = conditional.inducing.Z.astype(dtype)
+    Z = inducing.Z.astype(dtype)
     R, D = num_features // 2, X.shape[-1]
     frequency_key, gamma_key, weight_key, noise_key = jax.random.split(key, 4)
     z = jax.random.normal(frequency_key, (R, D), dtype)

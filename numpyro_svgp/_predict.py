@@ -159,10 +159,18 @@ def predict_f(
             num_samples,
             full_cov,
         )
-    info = svgp_site(model_trace[whitened])
+    conditional = _conditional_of(model_trace, whitened)
     if full_cov:
-        return predictive_covariance(info.conditional, q.loc, q.scale_tril)
-    return predictive_moments(info.conditional, q.loc, q.scale_tril)
+        return predictive_covariance(conditional, q.loc, q.scale_tril)
+    return predictive_moments(conditional, q.loc, q.scale_tril)
+
+
+def _conditional_of(model_trace, whitened):
+    """The conditional of the svgp whose whitened site is ``whitened``."""
+    info = svgp_site(model_trace[whitened]) if whitened in model_trace else None
+    if info is None:
+        raise KeyError(f"the model has no svgp site '{whitened}'.")
+    return info.conditional
 
 
 @eqx.filter_jit
@@ -179,7 +187,7 @@ def _integrated_moments(
             model_trace = trace(
                 seed(substitute(output_values(model, placeholder=True), data=values), key)
             ).get_trace(*args, **kwargs)
-        conditional = svgp_site(model_trace[whitened]).conditional
+        conditional = _conditional_of(model_trace, whitened)
         q = q[whitened]["fn"]
         moments = predictive_covariance if full_cov else predictive_moments
         return moments(conditional, q.loc, q.scale_tril)

@@ -63,7 +63,8 @@ def shard_data(*arrays, devices=None, axis_name: str = "data"):
         raise ValueError(
             f"the arrays must share a leading (data) axis, got leading lengths {lengths}."
         )
-    if lengths[0] % num_devices:
+    length = int(np.shape(arrays[0])[0])
+    if length % num_devices:
         raise ValueError(
             f"N = {lengths[0]} data points cannot be split evenly over {num_devices} "
             f"devices; use a multiple of {num_devices} (drop or add rows, or use mini-batches "

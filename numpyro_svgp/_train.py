@@ -333,7 +333,7 @@ def train(
 
     state = _initial_state(svi, rng_key, init_state, args, kwargs)
     losses = []
-    if resume and os.path.exists(checkpoint):
+    if resume and checkpoint is not None and os.path.exists(checkpoint):
         state, step, previous = load_checkpoint(checkpoint, like=state)
         if step > num_steps:
             raise ValueError(f"the checkpoint is at step {step}, past num_steps={num_steps}.")
@@ -473,7 +473,7 @@ def train_epochs(
     )
     full, rest = divmod(num_data, batch_size)
     steps_per_epoch = full + (0 if drop_last or rest == 0 else 1)
-    evaluations = []
+    evaluations: list[tuple[int, float]] = []
     best = (-np.inf, 0, loop.state)
     stopped_early = False
 
@@ -523,10 +523,10 @@ def train_epochs(
                     stopped_early = True
                     break
 
-    evaluations = np.asarray(evaluations, dtype=float).reshape(-1, 2)
-    if held_out is None or not evaluations.size:
-        return loop.result(held_out=evaluations, best_epoch=num_epochs)
+    table = np.asarray(evaluations, dtype=float).reshape(-1, 2)
+    if held_out is None or not table.size:
+        return loop.result(held_out=table, best_epoch=num_epochs)
     _, best_epoch, best_state = best
     return loop.result(
-        best_state, held_out=evaluations, best_epoch=best_epoch, stopped_early=stopped_early
+        best_state, held_out=table, best_epoch=best_epoch, stopped_early=stopped_early
     )

@@ -27,6 +27,7 @@ Machine Learning*, chapter 4.
 
 import abc
 import dataclasses
+from collections.abc import Callable
 from typing import ClassVar
 
 import equinox as eqx
@@ -140,7 +141,7 @@ def _check_one_gp(kernel: Kernel) -> None:
     """Refuse, by name, hyperparameters with more axes than one GP's (a family's kernel
     evaluated directly would broadcast them against the inputs)."""
     for field in dataclasses.fields(kernel):
-        value = getattr(kernel, field.name, None)
+        value = getattr(kernel, field.name)
         if isinstance(value, Kernel):
             _check_one_gp(value)
         elif field.name in type(kernel).hyperparameters:
@@ -585,7 +586,7 @@ class Warped(Kernel):
     """
 
     kernel: Kernel
-    warp: object
+    warp: Callable
 
     def __init__(self, kernel: Kernel, warp):
         if not isinstance(kernel, Kernel):
