@@ -11,22 +11,20 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.slow
-def test_standard_svgp_example_tiny(tmp_path):
-    out = tmp_path / "figs"
-    run = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(ROOT, "examples", "standard_svgp.py"),
-            "--out",
-            str(out),
-            "--steps",
-            "25",
-        ],
+def _run_example(script, *flags):
+    """Run ``examples/<script>`` with ``flags`` in a fresh Python process."""
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "examples", script), *flags],
         capture_output=True,
         text=True,
         timeout=600,
     )
+
+
+@pytest.mark.slow
+def test_standard_svgp_example_tiny(tmp_path):
+    out = tmp_path / "figs"
+    run = _run_example("standard_svgp.py", "--out", str(out), "--steps", "25")
     assert run.returncode == 0, run.stderr
     lines = run.stdout.strip().splitlines()
     names = ["final -ELBO", "fitted variance", "fitted lengthscale", "fitted noise std"]
@@ -52,20 +50,8 @@ def test_standard_svgp_example_tiny(tmp_path):
 def test_feature_examples_tiny(tmp_path, script, outputs):
     # --data elsewhere: the UCI and mcycle parts are skipped, the toy parts run
     out = tmp_path / "figs"
-    run = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(ROOT, "examples", script),
-            "--out",
-            str(out),
-            "--steps",
-            "20",
-            "--data",
-            str(tmp_path / "no-data"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
+    run = _run_example(
+        script, "--out", str(out), "--steps", "20", "--data", str(tmp_path / "no-data")
     )
     assert run.returncode == 0, run.stderr[-3000:]
     table = run.stdout.strip().splitlines()
@@ -95,20 +81,8 @@ def test_readme_golden_path_runs_as_pasted(tmp_path):
 @pytest.mark.slow
 def test_heteroscedastic_example_tiny(tmp_path):
     out = tmp_path / "figs"
-    run = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(ROOT, "examples", "heteroscedastic_svgp.py"),
-            "--out",
-            str(out),
-            "--steps",
-            "20",
-            "--folds",
-            "2",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
+    run = _run_example(
+        "heteroscedastic_svgp.py", "--out", str(out), "--steps", "20", "--folds", "2"
     )
     assert run.returncode == 0, run.stderr[-3000:]
     lines = run.stdout.strip().splitlines()
@@ -125,23 +99,17 @@ def test_heteroscedastic_example_tiny(tmp_path):
 @pytest.mark.slow
 def test_hierarchical_example_tiny(tmp_path):
     out = tmp_path / "figs"
-    run = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(ROOT, "examples", "hierarchical_gp.py"),
-            "--out",
-            str(out),
-            "--steps",
-            "20",
-            "--groups",
-            "12",
-            "--scaling",
-            "--pooling",
-            "partial",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
+    run = _run_example(
+        "hierarchical_gp.py",
+        "--out",
+        str(out),
+        "--steps",
+        "20",
+        "--groups",
+        "12",
+        "--scaling",
+        "--pooling",
+        "partial",
     )
     assert run.returncode == 0, run.stderr[-3000:]
     rows = [line for line in run.stdout.splitlines() if "pooling |" in line]
@@ -154,22 +122,8 @@ def test_hierarchical_example_tiny(tmp_path):
 @pytest.mark.slow
 def test_svi_then_nuts_example_tiny(tmp_path):
     out = tmp_path / "figs"
-    run = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(ROOT, "examples", "svi_then_nuts.py"),
-            "--out",
-            str(out),
-            "--steps",
-            "200",
-            "--warmup",
-            "50",
-            "--samples",
-            "50",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
+    run = _run_example(
+        "svi_then_nuts.py", "--out", str(out), "--steps", "200", "--warmup", "50", "--samples", "50"
     )
     assert run.returncode == 0, run.stderr[-3000:]
     table = run.stdout.strip().splitlines()

@@ -44,6 +44,18 @@ def _model(Z, likelihood="gaussian"):
     return model
 
 
+def _shifted_model(Z):
+    """An RBF(1.1, 0.9) svgp plus a latent shift, y ~ Normal(f + shift, 0.2)."""
+
+    def model(X, y):
+        f = ns.svgp("f", ns.kernels.RBF(1.1, 0.9), X, jnp.asarray(Z), jitter=JITTER)
+        shift = numpyro.sample("shift", dist.Normal(0.0, 1.0))
+        with numpyro.plate("data", X.shape[0]):
+            numpyro.sample("y", dist.Normal(f + shift, 0.2), obs=y)
+
+    return model
+
+
 def _conditional(X, Z, variance, lengthscale):
     """Dense p(f | v) = N(A v, diag(K_xx - A A^T)), A = K_xz L^-T, L L^T = K_zz + jitter I."""
     L = np.linalg.cholesky(reference.rbf(Z, Z, variance, lengthscale) + JITTER * np.eye(len(Z)))
@@ -301,11 +313,7 @@ def test_hmcgibbs_and_nuts_match_the_dense_gaussian_posterior():
     y = f + 0.4 + 0.2 * rng.normal(size=len(X))
     Z = np.linspace(-2.5, 2.5, 5)[:, None]
 
-    def model(X, y):
-        f = ns.svgp("f", ns.kernels.RBF(1.1, 0.9), X, jnp.asarray(Z), jitter=JITTER)
-        shift = numpyro.sample("shift", dist.Normal(0.0, 1.0))
-        with numpyro.plate("data", X.shape[0]):
-            numpyro.sample("y", dist.Normal(f + shift, 0.2), obs=y)
+    model = _shifted_model(Z)
 
     A, _ = _conditional(X, Z, 1.1, 0.9)
     design = np.hstack([A, np.ones((len(X), 1))])
@@ -339,11 +347,7 @@ def test_sites_observed_from_outside_keep_their_values():
     y = f + 0.3 + 0.2 * rng.normal(size=len(X))
     Z = np.linspace(-2.5, 2.5, 5)[:, None]
 
-    def model(X, y):
-        f = ns.svgp("f", ns.kernels.RBF(1.1, 0.9), X, jnp.asarray(Z), jitter=JITTER)
-        shift = numpyro.sample("shift", dist.Normal(0.0, 1.0))
-        with numpyro.plate("data", X.shape[0]):
-            numpyro.sample("y", dist.Normal(f + shift, 0.2), obs=y)
+    model = _shifted_model(Z)
 
     v = rng.normal(size=5)
     conditioned = numpyro.handlers.condition(ns.sgpmc(model), {"shift": 0.3})
