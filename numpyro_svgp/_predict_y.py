@@ -95,7 +95,9 @@ def predict_y(
     :param dict params: the SVI params.
     :param str site: the observed site; default the only one that depends on an svgp output.
     :param quantiles: levels in (0, 1), or ``None``. For a discrete site each quantile is
-        the smallest value whose CDF reaches the level.
+        the smallest value whose CDF reaches the level. A quantile beyond
+        :math:`4 \cdot 2^{12}` standard deviations of the mean (a heavy tail) is NaN
+        rather than a clamped value.
     :param int num_samples: draws of the other latent sites (unused when there are none).
     :param int quadrature_points: Gauss–Hermite points per svgp output.
     :param rng_key: a JAX random key for those draws (default ``PRNGKey(0)``).
@@ -539,6 +541,8 @@ def _quantiles(fn, component_mean, weights, mean, variance, levels):
         )
 
     low, high, _ = jax.lax.fori_loop(0, WIDENINGS, widen, (low, high, half))
+    # a bracket that still misses the level would bisect to one of its ends: NaN there
+    held = (mixture_cdf(low) < levels) & (mixture_cdf(high) >= levels)
 
     def step(_, bracket):
         low, high = bracket
@@ -547,7 +551,7 @@ def _quantiles(fn, component_mean, weights, mean, variance, levels):
         return jnp.where(below, middle, low), jnp.where(below, high, middle)
 
     low, high = jax.lax.fori_loop(0, BISECTION_STEPS, step, (low, high))
-    return high
+    return jnp.where(held, high, jnp.nan)
 
 
 def _cdf_of(fn):
