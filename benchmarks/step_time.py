@@ -72,7 +72,7 @@ def data(n, m, dtype):
     return (jnp.asarray(a, dtype) for a in (X, y, Z))
 
 
-def numpyro_step(X, y, Z):
+def numpyro_step(X, y, Z, block_rows="auto"):
     def model(X, y=None):
         kernel = ns.kernels.RBF(
             numpyro.param("variance", jnp.ones((), X.dtype), constraint=dist.constraints.positive),
@@ -87,7 +87,7 @@ def numpyro_step(X, y, Z):
         with numpyro.plate("data", X.shape[0]):
             numpyro.sample("y", dist.Normal(f, jnp.sqrt(s2)), obs=y)
 
-    svi = SVI(model, ns.AutoSVGP(model), optax.adam(1e-2), ns.SVGP_ELBO())
+    svi = SVI(model, ns.AutoSVGP(model), optax.adam(1e-2), ns.SVGP_ELBO(block_rows=block_rows))
     state = svi.init(random.PRNGKey(0), X, y)
     update = jax.jit(svi.update)
 
@@ -250,12 +250,19 @@ def main(argv=None):
         default=3.0,
         help="run at least this long per contender and cell (more rounds for fast steps)",
     )
+    parser.add_argument(
+        "--block-rows",
+        default="auto",
+        help="numpyro_svgp's SVGP_ELBO(block_rows=...): 'auto', 'none' or rows per block",
+    )
     args = parser.parse_args(argv)
+    choice = args.block_rows.lower()
+    block_rows = "auto" if choice == "auto" else None if choice == "none" else int(choice)
     jax.config.update("jax_enable_x64", True)
     on_error = os.environ.get("EQX_ON_ERROR", "raise")
     print(
         f"jax {jax.__version__}, {jax.devices()[0].platform}, {os.cpu_count()} cores, "
-        f"EQX_ON_ERROR={on_error}"
+        f"EQX_ON_ERROR={on_error}, block_rows={block_rows!r}"
     )
     print(
         "| dtype | N | M | numpyro_svgp ms | plain JAX ms | ratio | paired ratios, quartiles "
@@ -276,7 +283,10 @@ def main(argv=None):
                     )
                     continue
                 X, y, Z = data(n, m, dtype)
-                contenders = {"ours": numpyro_step(X, y, Z), "plain": plain_step(X, y, Z)}
+                contenders = {
+                    "ours": numpyro_step(X, y, Z, block_rows),
+                    "plain": plain_step(X, y, Z),
+                }
                 if ns._gaussian.use_matrix_form(n, m, dtype):
                     contenders["plain_vjp"] = plain_step(X, y, Z, gram_vjp=True)
                 timed = time_interleaved(

@@ -81,7 +81,8 @@ class SVGP_ELBO(ELBO):
         ``"per_point"`` or ``"auto"`` (see
         :func:`~numpyro_svgp.gaussian_expected_log_likelihood`).
     :param block_rows: rows per block of the Gaussian data term, ``None`` for the data
-        whole, or ``"auto"``.
+        whole, or ``"auto"`` (small blocks on CPU, large ones on an accelerator; see
+        :func:`~numpyro_svgp.gaussian_expected_log_likelihood`).
     :param bool strict: raise, naming the site and the reason, instead of falling back
         to Monte Carlo.
 

@@ -272,7 +272,8 @@ def gaussian_expected_log_likelihood(
     :param form: ``"matrix"``, ``"per_point"`` or ``"auto"`` (matrix product in float64
         when ``N >= 2 M``, see :func:`use_matrix_form`).
     :param block_rows: rows per block, ``None`` for the data whole, or ``"auto"``
-        (blocks of about 2¹⁸ entries once the data hold two of them and ``N >= 4 M``).
+        (blocks of about 2¹⁸ entries on CPU, 2²⁷ on an accelerator, once the data hold
+        two of them and ``N >= 4 M``).
     """
     num_points, num_inducing = conditional.num_points, conditional.num_inducing
     dtype = conditional.dtype

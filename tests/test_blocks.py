@@ -13,13 +13,29 @@ from numpyro_svgp._blocks import block_rows, sum_over_blocks
 
 def test_block_rows_prefers_an_exact_divisor_and_takes_small_data_whole():
     target = _blocks.BLOCK_ENTRIES // 64
-    assert block_rows(100_000, 64) == 4000  # the largest divisor at or below 4096
-    assert 100_000 % block_rows(100_000, 64) == 0
-    assert block_rows(2 * target - 1, 64) is None  # fewer than two blocks: whole
-    assert block_rows(2 * 4099, 64) == target  # 8198 = 2 * 4099 has no divisor in range
-    assert block_rows(10_000, 2048) == 250  # at least MIN_BLOCK_ROWS (256) as the target
-    assert block_rows(1024, 512) is None  # N < 4 M: the O(M^3) part dominates
-    assert block_rows(4096, 512) == 512
+
+    def cpu(n, m):
+        return block_rows(n, m, backend="cpu")
+
+    assert cpu(100_000, 64) == 4000  # the largest divisor at or below 4096
+    assert 100_000 % cpu(100_000, 64) == 0
+    assert cpu(2 * target - 1, 64) is None  # fewer than two blocks: whole
+    assert cpu(2 * 4099, 64) == target  # 8198 = 2 * 4099 has no divisor in range
+    assert cpu(10_000, 2048) == 250  # at least MIN_BLOCK_ROWS (256) as the target
+    assert cpu(1024, 512) is None  # N < 4 M: the O(M^3) part dominates
+    assert cpu(4096, 512) == 512
+    # the backend of the running process when none is named
+    assert block_rows(100_000, 64) == block_rows(100_000, 64, backend=jax.default_backend())
+
+
+def test_block_rows_on_an_accelerator_takes_data_whole_up_to_large_sizes():
+    # a GPU loops over blocks serially: the step-time grid's largest cell is whole
+    for backend in ("gpu", "tpu"):
+        assert block_rows(100_000, 1024, backend=backend) is None
+        assert block_rows(100_000, 64, backend=backend) is None
+        # 1e6 x 1024 pairs is split, into blocks of 2**27 / 1024 = 131072 rows at most
+        rows = block_rows(1_000_000, 1024, backend=backend)
+        assert rows is not None and 65_536 < rows <= 131_072 and 1_000_000 % rows == 0
 
 
 def _term(shared, rows):
