@@ -63,7 +63,8 @@ def to_inference_data(
     log_likelihood: bool = False,
     params: dict | None = None,
 ) -> "arviz.InferenceData":
-    r"""Package SVI results as an :class:`arviz.InferenceData`.
+    r"""Package SVI results for arviz: an :class:`arviz.InferenceData`, or with arviz 1.x
+    the :class:`xarray.DataTree` that takes its place.
 
     Example::
 
@@ -99,8 +100,9 @@ def to_inference_data(
         ``model_kwargs`` the observations.
     :param dict params: the model's ``numpyro.param`` values (the SVI params), for
         ``log_likelihood``.
-    :return: an :class:`arviz.InferenceData` with groups ``posterior``,
-        ``posterior_predictive``, ``observed_data`` and ``log_likelihood`` as given.
+    :return: an :class:`arviz.InferenceData` (arviz 0.x) or an :class:`xarray.DataTree`
+        (arviz 1.x) with groups ``posterior``, ``posterior_predictive``,
+        ``observed_data`` and ``log_likelihood`` as given.
     """
     if log_likelihood and model is None:
         raise ValueError("to_inference_data(log_likelihood=True) needs the model (model=...).")
@@ -138,8 +140,8 @@ def to_inference_data(
     # arviz (with xarray, pandas and matplotlib) takes seconds to import: only on use
     import arviz as az
 
-    return az.from_dict(
-        **present,
-        coords=coords,
-        dims={name: d for name, d in all_dims.items() if name in used},
-    )
+    used_dims = {name: d for name, d in all_dims.items() if name in used}
+    if int(az.__version__.split(".")[0]) >= 1:
+        # arviz 1.x takes the groups as one dict and returns an xarray DataTree
+        return az.from_dict(present, coords=coords, dims=used_dims)
+    return az.from_dict(**present, coords=coords, dims=used_dims)
