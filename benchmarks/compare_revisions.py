@@ -36,8 +36,6 @@ import jax
 jax.config.update("jax_enable_x64", True)
 
 import jax.numpy as jnp  # noqa: E402
-import numpyro  # noqa: E402
-import numpyro.distributions as dist  # noqa: E402
 import optax  # noqa: E402
 from jax import random  # noqa: E402
 from numpyro.infer import SVI  # noqa: E402
@@ -85,22 +83,7 @@ def load_revision(rev, folder):
 
 
 def svgp_step(lib, X, y, Z):
-    D = X.shape[1]
-
-    def model(X, y=None):
-        kernel = lib.kernels.RBF(
-            numpyro.param("variance", jnp.ones((), X.dtype), constraint=dist.constraints.positive),
-            numpyro.param(
-                "lengthscale", jnp.ones(D, X.dtype), constraint=dist.constraints.positive
-            ),
-        )
-        f = lib.svgp("f", kernel, X, numpyro.param("Z", Z))
-        s2 = numpyro.param(
-            "noise_var", jnp.asarray(0.1, X.dtype), constraint=dist.constraints.positive
-        )
-        with numpyro.plate("data", X.shape[0]):
-            numpyro.sample("y", dist.Normal(f, jnp.sqrt(s2)), obs=y)
-
+    model = step_time.svgp_model(lib, Z)
     svi = SVI(model, lib.AutoSVGP(model), optax.adam(1e-2), lib.SVGP_ELBO())
     state = svi.init(random.PRNGKey(0), X, y)
     update = jax.jit(svi.update)

@@ -111,8 +111,6 @@ BEGIN, END = "<!-- peers:begin -->", "<!-- peers:end -->"
 def build_numpyro_svgp(X, y, Z, jitter, check_mean, check_tril):
     import jax
     import jax.numpy as jnp
-    import numpyro
-    import numpyro.distributions as dist
     import optax
     from jax import random
     from numpyro.infer import SVI
@@ -121,23 +119,11 @@ def build_numpyro_svgp(X, y, Z, jitter, check_mean, check_tril):
     import numpyro_svgp as ns
 
     X, y, Z = (jnp.asarray(a) for a in (X, y, Z))
-    D = X.shape[1]
 
-    # the model of step_time.numpyro_step; written out here because the check below needs
-    # the model and guide themselves
-    def model(X, y=None):
-        kernel = ns.kernels.RBF(
-            numpyro.param("variance", jnp.ones((), X.dtype), constraint=dist.constraints.positive),
-            numpyro.param(
-                "lengthscale", jnp.ones(D, X.dtype), constraint=dist.constraints.positive
-            ),
-        )
-        f = ns.svgp("f", kernel, X, numpyro.param("Z", Z))  # jitter: ns.default_jitter
-        s2 = numpyro.param(
-            "noise_var", jnp.asarray(NOISE_VARIANCE, X.dtype), constraint=dist.constraints.positive
-        )
-        with numpyro.plate("data", X.shape[0]):
-            numpyro.sample("y", dist.Normal(f, jnp.sqrt(s2)), obs=y)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import step_time
+
+    model = step_time.svgp_model(ns, Z)  # jitter: ns.default_jitter
 
     guide = ns.AutoSVGP(model)
     elbo = ns.SVGP_ELBO()

@@ -72,21 +72,30 @@ def data(n, m, dtype):
     return (jnp.asarray(a, dtype) for a in (X, y, Z))
 
 
-def numpyro_step(X, y, Z, block_rows="auto"):
+def svgp_model(lib, Z):
+    """The benchmark's model, built with ``lib`` (numpyro_svgp, or another revision of it
+    in ``compare_revisions.py``): RBF with ARD lengthscales, ``Z`` trained, Gaussian noise,
+    all ``numpyro.param``s; the data plate over the rows of ``X``."""
+
     def model(X, y=None):
-        kernel = ns.kernels.RBF(
+        kernel = lib.kernels.RBF(
             numpyro.param("variance", jnp.ones((), X.dtype), constraint=dist.constraints.positive),
             numpyro.param(
-                "lengthscale", jnp.ones(D, X.dtype), constraint=dist.constraints.positive
+                "lengthscale", jnp.ones(X.shape[1], X.dtype), constraint=dist.constraints.positive
             ),
         )
-        f = ns.svgp("f", kernel, X, numpyro.param("Z", Z))
+        f = lib.svgp("f", kernel, X, numpyro.param("Z", Z))
         s2 = numpyro.param(
             "noise_var", jnp.asarray(0.1, X.dtype), constraint=dist.constraints.positive
         )
         with numpyro.plate("data", X.shape[0]):
             numpyro.sample("y", dist.Normal(f, jnp.sqrt(s2)), obs=y)
 
+    return model
+
+
+def numpyro_step(X, y, Z, block_rows="auto"):
+    model = svgp_model(ns, Z)
     svi = SVI(model, ns.AutoSVGP(model), optax.adam(1e-2), ns.SVGP_ELBO(block_rows=block_rows))
     state = svi.init(random.PRNGKey(0), X, y)
     update = jax.jit(svi.update)
