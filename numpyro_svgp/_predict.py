@@ -88,7 +88,7 @@ def predict_f(
     Runs ``model(*args, **kwargs)`` (typically with new inputs) with the fitted
     params and reads off the moments under :math:`q(v)`. Latent sites other than the
     whitened ones (e.g. hyperparameters with priors) are integrated with ``num_samples``
-    draws :math:`	heta_s` from the guide, as ``Predictive`` does: the moments are those of
+    draws :math:`\theta_s` from the guide, as ``Predictive`` does: the moments are those of
     the mixture, :math:`\mu = \frac1S\sum_s \mu_s` and
     :math:`\Sigma = \frac1S\sum_s \big(\Sigma_s + (\mu_s - \mu)(\mu_s - \mu)^\top\big)`.
     With ``num_samples=None`` they are fixed at the guide's median instead (a plug-in).
