@@ -61,7 +61,8 @@ in each the driver asks the workers one after the other, in an order rotated by 
 round, to time K consecutive steps, each waited for (``block_until_ready`` for JAX,
 ``.numpy()`` of the loss for TensorFlow; torch on the CPU is synchronous). K is chosen per
 library from its warm-up step so that one request takes about ``--round-seconds``. Only one
-worker computes at a time; the others wait on their stdin. Thread settings are each
+worker runs at a time: the driver stops the others (SIGSTOP) between their requests, since
+an idle library's thread pools keep spinning otherwise. Thread settings are each
 library's defaults, and are printed. Run it on an otherwise idle machine: the thread pools
 of all four libraries (torch's OpenMP pool most of all) lose far more than their share of
 time when another process competes for the cores.
@@ -82,6 +83,7 @@ import math
 import os
 import platform
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
@@ -435,15 +437,26 @@ class Worker:
         )
 
     def ask(self, **message):
+        # A worker runs only while it answers, and is stopped (SIGSTOP) the rest of the
+        # time: an idle library's thread pools otherwise keep spinning and polling (all
+        # four workers showed 20-40 % of a core each while only one was asked to compute),
+        # which slowed whichever library was being timed.
+        self._signal(signal.SIGCONT)
         try:
             self.process.stdin.write(json.dumps(message) + "\n")
             self.process.stdin.flush()
         except BrokenPipeError:
             return {"error": "worker exited"}
         line = self.process.stdout.readline()
+        self._signal(signal.SIGSTOP)
         return json.loads(line) if line else {"error": "worker exited"}
 
+    def _signal(self, sig):
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+
     def close(self):
+        self._signal(signal.SIGCONT)
         if self.process.poll() is None:
             self.process.stdin.close()
             try:

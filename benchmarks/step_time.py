@@ -68,7 +68,8 @@ def data(n, m, dtype):
     rng = np.random.default_rng(0)
     X = rng.uniform(-2, 2, size=(n, D))
     y = np.sin(X[:, 0]) + 0.5 * np.cos(2 * X[:, 1]) + 0.1 * rng.normal(size=n)
-    Z = X[rng.choice(n, m, replace=False)]
+    # Z at data points; with more inducing points than data (M > N), uniform in the box
+    Z = X[rng.choice(n, m, replace=False)] if m <= n else rng.uniform(-2, 2, size=(m, D))
     return (jnp.asarray(a, dtype) for a in (X, y, Z))
 
 
