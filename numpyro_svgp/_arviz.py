@@ -24,6 +24,14 @@ if TYPE_CHECKING:
 __all__ = ["to_inference_data"]
 
 
+def arviz_major() -> int:
+    """The installed arviz's major version: 0 (``InferenceData``) or 1 (an xarray
+    ``DataTree``, a different ``from_dict`` and the ``arviz-stats`` functions)."""
+    import arviz
+
+    return int(arviz.__version__.split(".")[0])
+
+
 def _site_dims(model, args, kwargs) -> dict[str, list[str]]:
     model_trace = trace(seed(model, 0)).get_trace(*args, **kwargs)
     dims: dict[str, list[str]] = {}
@@ -141,7 +149,7 @@ def to_inference_data(
     import arviz as az
 
     used_dims = {name: d for name, d in all_dims.items() if name in used}
-    if int(az.__version__.split(".")[0]) >= 1:
+    if arviz_major() >= 1:
         # arviz 1.x takes the groups as one dict and returns an xarray DataTree
         return az.from_dict(present, coords=coords, dims=used_dims)
     return az.from_dict(**present, coords=coords, dims=used_dims)

@@ -13,11 +13,12 @@ from jax import random  # noqa: E402
 from numpyro.infer import SVI, Predictive  # noqa: E402
 
 import numpyro_svgp as ns  # noqa: E402
+from numpyro_svgp._arviz import arviz_major  # noqa: E402
 
 from .helpers import toy_data  # noqa: E402
 
 # arviz 1.x (Python >= 3.12) returns an xarray DataTree and moved the plots to arviz-plots
-ARVIZ_1 = int(az.__version__.split(".")[0]) >= 1
+ARVIZ_1 = arviz_major() >= 1
 
 
 @pytest.mark.slow
