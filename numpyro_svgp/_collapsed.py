@@ -20,7 +20,12 @@ from jax.scipy.linalg import cho_solve, solve_triangular
 from jaxtyping import Array, Float
 
 from numpyro_svgp._checks import as_float_array, check_finite, check_positive
-from numpyro_svgp._conditional import conditional_variance, projection, whitened_conditional
+from numpyro_svgp._conditional import (
+    compiled,
+    conditional_variance,
+    projection,
+    whitened_conditional,
+)
 from numpyro_svgp._linalg import jittered_cholesky
 from numpyro_svgp.kernels import Kernel
 
@@ -55,11 +60,18 @@ def titsias_bound(
     :param noise_var: :math:`\sigma^2 > 0`.
     :param jitter: added to :math:`K_{zz}`, as in :func:`~numpyro_svgp.svgp`.
     """
+    # checked here, before the compiled program, so that bad values raise at once
+    y = check_finite("y", as_float_array("y", y))
+    noise_var = check_positive("noise_var", noise_var)
+    return _titsias_bound(kernel, X, y, Z, noise_var, jitter)
+
+
+@compiled
+def _titsias_bound(kernel, X, y, Z, noise_var, jitter):
     conditional = whitened_conditional(kernel, X, Z, jitter=jitter)
     A = projection(conditional)
     cond_var = conditional_variance(conditional, A)
     y = _targets(y, A.shape[0])
-    noise_var = check_positive("noise_var", noise_var)
     num_points, num_inducing = A.shape
     B = jnp.eye(num_inducing, dtype=A.dtype) + A.T @ A / noise_var
     L_B = jittered_cholesky(B, 0.0, name="I + A^T A / noise_var")
@@ -85,9 +97,14 @@ def exact_log_marginal_likelihood(
     :param noise_var: :math:`\sigma^2 > 0`.
     """
     X = check_finite("X", as_float_array("X", X))
-    K = kernel(X, X)
-    y = _targets(y, K.shape[0])
+    y = _targets(y, X.shape[0])
     noise_var = check_positive("noise_var", noise_var)
+    return _exact_log_marginal_likelihood(kernel, X, y, noise_var)
+
+
+@compiled
+def _exact_log_marginal_likelihood(kernel, X, y, noise_var):
+    K = kernel(X, X)
     L = jittered_cholesky(K, noise_var, name="K_xx + noise_var I")
     alpha = cho_solve((L, True), y)
     return -0.5 * (
