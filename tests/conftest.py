@@ -17,6 +17,15 @@ import pytest
 
 jax.config.update("jax_enable_x64", True)
 
+# Test programs are small and most are compiled once, so XLA's backend (LLVM) optimisation
+# costs more time than it saves: level 0 took a fifth off the quick suite. It is a setting
+# of the test run, not of the library. A level the user set is kept; the compute-bound
+# float32 fits (tests/test_float32.py) drop it for XLA's default. It must be in the
+# environment before the backend starts, and it reaches the subprocesses through it.
+FAST_COMPILE = "--xla_backend_optimization_level=0"
+if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
+
 # One persistent compilation cache per test run, shared by the xdist workers and the
 # subprocesses they start (through the environment): NumPyro's initialisation runs the
 # model outside jit, and every process would otherwise compile the same few hundred

@@ -24,7 +24,8 @@ def _run(num_processes, devices_per_process=1):
     env = {
         **os.environ,
         "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}",
+        "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} "
+        f"--xla_force_host_platform_device_count={devices_per_process}",
     }
     port = str(_free_port())
     procs = [
