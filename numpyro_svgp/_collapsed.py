@@ -32,11 +32,9 @@ from numpyro_svgp.kernels import Kernel
 __all__ = ["titsias_bound", "exact_log_marginal_likelihood"]
 
 
-def _targets(y, num_points: int):
-    y = check_finite("y", as_float_array("y", y))
+def _check_length(y, num_points: int) -> None:
     if y.shape != (num_points,):
         raise ValueError(f"y must have shape ({num_points},) to match X, got {y.shape}.")
-    return y
 
 
 def titsias_bound(
@@ -71,7 +69,7 @@ def _titsias_bound(kernel, X, y, Z, noise_var, jitter):
     conditional = whitened_conditional(kernel, X, Z, jitter=jitter)
     A = projection(conditional)
     cond_var = conditional_variance(conditional, A)
-    y = _targets(y, A.shape[0])
+    _check_length(y, A.shape[0])  # y's values were checked before the compiled program
     num_points, num_inducing = A.shape
     B = jnp.eye(num_inducing, dtype=A.dtype) + A.T @ A / noise_var
     L_B = jittered_cholesky(B, 0.0, name="I + A^T A / noise_var")
@@ -97,7 +95,8 @@ def exact_log_marginal_likelihood(
     :param noise_var: :math:`\sigma^2 > 0`.
     """
     X = check_finite("X", as_float_array("X", X))
-    y = _targets(y, X.shape[0])
+    y = check_finite("y", as_float_array("y", y))
+    _check_length(y, X.shape[0])
     noise_var = check_positive("noise_var", noise_var)
     return _exact_log_marginal_likelihood(kernel, X, y, noise_var)
 

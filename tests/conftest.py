@@ -26,6 +26,16 @@ FAST_COMPILE = "--xla_backend_optimization_level=0"
 if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
 
+
+def subprocess_xla_flags(*extra: str, fast_compile: bool = True) -> str:
+    """``XLA_FLAGS`` for a test's subprocess: this run's flags plus ``extra``, without
+    the test run's optimisation level where ``fast_compile`` is false."""
+    flags = os.environ.get("XLA_FLAGS", "").split()
+    if not fast_compile:
+        flags = [flag for flag in flags if flag != FAST_COMPILE]
+    return " ".join([*flags, *extra])
+
+
 # One persistent compilation cache per test run, shared by the xdist workers and the
 # subprocesses they start (through the environment): NumPyro's initialisation runs the
 # model outside jit, and every process would otherwise compile the same few hundred

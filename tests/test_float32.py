@@ -8,7 +8,7 @@ import textwrap
 import pytest
 
 from . import problems
-from .conftest import FAST_COMPILE
+from .conftest import subprocess_xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -75,7 +75,7 @@ def test_float32_training_is_within_one_percent_of_float64(tmp_path):
             env={
                 **os.environ,
                 "JAX_ENABLE_X64": flag,
-                "XLA_FLAGS": os.environ.get("XLA_FLAGS", "").replace(FAST_COMPILE, ""),
+                "XLA_FLAGS": subprocess_xla_flags(fast_compile=False),
             },
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

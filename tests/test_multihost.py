@@ -11,6 +11,8 @@ import sys
 import numpy as np
 import pytest
 
+from .conftest import subprocess_xla_flags
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -24,8 +26,9 @@ def _run(num_processes, devices_per_process=1):
     env = {
         **os.environ,
         "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} "
-        f"--xla_force_host_platform_device_count={devices_per_process}",
+        "XLA_FLAGS": subprocess_xla_flags(
+            f"--xla_force_host_platform_device_count={devices_per_process}"
+        ),
     }
     port = str(_free_port())
     procs = [

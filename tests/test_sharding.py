@@ -12,7 +12,7 @@ import pytest
 
 import numpyro_svgp as ns
 
-from .conftest import once_per_run
+from .conftest import once_per_run, subprocess_xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -20,7 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _sharded_check():
     env = {
         **os.environ,
-        "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4",
+        "XLA_FLAGS": subprocess_xla_flags("--xla_force_host_platform_device_count=4"),
         "JAX_ENABLE_X64": "1",
         "JAX_PLATFORMS": "cpu",
     }
