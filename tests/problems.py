@@ -72,10 +72,10 @@ def banana():
     schedule = optax.cosine_decay_schedule(3e-2, 1500, alpha=0.05)
     svi = SVI(model, guide, optax.adam(schedule), ns.SVGP_ELBO())
     result = svi.run(random.PRNGKey(0), 1500, X, y, progress_bar=False)
-    estimate = ns.SVGP_ELBO(num_particles=2000).loss(
-        random.PRNGKey(1), result.params, model, guide, X, y
-    )
-    return -float(estimate), str(result.losses.dtype)
+    # the Bernoulli term is quadrature and the only latent is the svgp site, so the bound
+    # is exact and one particle gives it (any key, any number of particles: same value)
+    bound = ns.SVGP_ELBO().loss(random.PRNGKey(1), result.params, model, guide, X, y)
+    return -float(bound), str(result.losses.dtype)
 
 
 def regression_m512():
