@@ -82,7 +82,7 @@ def fit_and_score(X, y, X_test, y_test, steps, deep, seed=0, width=32):
     model = make_model(X, deep, seed, width)
     guide = ns.AutoSVGP(model)
     svi = SVI(
-        model, guide, optax.adam(optax.cosine_decay_schedule(1e-2, steps, 0.05)), ns.SVGP_ELBO()
+        model, guide, optax.adam(optax.cosine_decay_schedule(3e-2, steps, 0.05)), ns.SVGP_ELBO()
     )
     start = time.perf_counter()
     result = ns.train(svi, random.PRNGKey(seed), steps, X, y, progress_bar=False)
