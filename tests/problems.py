@@ -78,13 +78,13 @@ def banana():
     return -float(bound), str(result.losses.dtype)
 
 
-def regression_m512():
-    """Gaussian SVGP with M = 512 inducing points on N = 1000 points in D = 3."""
+def regression_m512(n=640):
+    """Gaussian SVGP with M = 512 inducing points on ``n`` points in D = 3."""
     rng = np.random.default_rng(0)
-    X = rng.uniform(-2, 2, size=(1000, 3))
-    y = np.sin(2 * X[:, 0]) + np.cos(3 * X[:, 1]) + 0.5 * X[:, 2] ** 2 + 0.1 * rng.normal(size=1000)
+    X = rng.uniform(-2, 2, size=(n, 3))
+    y = np.sin(2 * X[:, 0]) + np.cos(3 * X[:, 1]) + 0.5 * X[:, 2] ** 2 + 0.1 * rng.normal(size=n)
     X, y = _float(X), _float(y)
-    Z_init = X[rng.choice(1000, size=512, replace=False)]
+    Z_init = X[rng.choice(n, size=512, replace=False)]
 
     def model(X, y=None):
         kernel = ns.kernels.RBF(
