@@ -103,11 +103,12 @@ def regression_m512(n=640):
 
 
 if __name__ == "__main__":
-    # python -m tests.problems TOY_DATA.npz  (precision from JAX_ENABLE_X64)
-    for name, run in [
-        ("toy", lambda: toy(sys.argv[1])),
-        ("banana", banana),
-        ("regression_m512", regression_m512),
-    ]:
-        elbo, dtype = run()
+    # python -m tests.problems TOY_DATA.npz [NAME ...]  (precision from JAX_ENABLE_X64)
+    runs = {
+        "toy": lambda: toy(sys.argv[1]),
+        "banana": banana,
+        "regression_m512": regression_m512,
+    }
+    for name in sys.argv[2:] or list(runs):
+        elbo, dtype = runs[name]()
         print(f"{name} {dtype} {elbo!r}")
