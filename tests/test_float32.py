@@ -62,7 +62,7 @@ def test_float32_training_smoke():
     assert "float32 ok" in run.stdout
 
 
-@pytest.mark.parametrize("name", ["toy", "banana", "regression_m512"])
+@pytest.mark.parametrize("name", list(problems.PROBLEMS))
 @pytest.mark.slow
 def test_float32_training_is_within_one_percent_of_float64(tmp_path, name):
     """The toy problem, banana classification and an M = 512 regression, one test each
