@@ -12,8 +12,16 @@ import shutil
 import tempfile
 import uuid
 
-import jax
-import pytest
+# One OpenBLAS thread per process (a user's setting is kept). The suite runs two test
+# workers on two cores, and XLA's CPU LAPACK calls (Cholesky, triangular solves) go
+# through SciPy's OpenBLAS, whose threads then compete with XLA's own: the M = 512 fit
+# of tests/test_float32.py took 195 s of CPU with the default threads and 127 s with
+# one. It must be in the environment before NumPy loads OpenBLAS; the subprocesses
+# inherit it.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 

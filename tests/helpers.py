@@ -1,5 +1,6 @@
 """Shared model builders for the tests (the library's public API only)."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import numpyro
@@ -42,3 +43,17 @@ def initial_params(model, guide, *args, elbo=None, **kwargs):
     svi = SVI(model, guide, optax.adam(1e-2), elbo or ns.SVGP_ELBO())
     state = svi.init(random.PRNGKey(0), *args, **kwargs)
     return svi.get_params(state)
+
+
+def compiled_loss(model, guide, *args, elbo=None, **kwargs):
+    """``elbo.loss`` (default :class:`~numpyro_svgp.SVGP_ELBO`) of ``model`` and ``guide``
+    on ``args`` and ``kwargs``, compiled as one program of ``(params, rng_key)``.
+
+    Run eagerly, each operation of the loss, and of its gradient, compiles on its own:
+    several seconds per call. Compiled, the loss is the program that ``svi.update``
+    runs; ``jax.grad`` of it differentiates that program. The guide's prototype must
+    exist (``initial_params`` sets it up). Checks of bad input call ``loss`` directly."""
+    elbo = elbo or ns.SVGP_ELBO()
+    return jax.jit(
+        lambda params, rng_key: elbo.loss(rng_key, params, model, guide, *args, **kwargs)
+    )

@@ -23,7 +23,7 @@ from scipy import integrate, special
 import numpyro_svgp as ns
 
 from . import reference as ref
-from .helpers import initial_params
+from .helpers import compiled_loss, initial_params
 
 JITTER = 1e-6
 N, M, D = 25, 5, 2
@@ -134,12 +134,11 @@ def test_family_elbo_is_the_sum_of_the_dense_elbos_of_its_gps(layout, per_group_
         expected += ref.hensman_elbo_unwhitened(
             np.full(N, var), K_xz, K_zz, Y[index], NOISE, mu, Sigma
         )
-    elbo = -float(ns.SVGP_ELBO().loss(random.PRNGKey(0), params, model, guide, Xs, Y))
+    loss = compiled_loss(model, guide, Xs, Y)
+    elbo = -float(loss(params, random.PRNGKey(0)))
     assert elbo == pytest.approx(expected, rel=1e-9)
     # and its gradient reaches every GP's q(v)
-    grad = jax.grad(lambda p: ns.SVGP_ELBO().loss(random.PRNGKey(0), p, model, guide, Xs, Y))(
-        params
-    )
+    grad = jax.grad(loss)(params, random.PRNGKey(0))
     assert np.all(np.abs(np.asarray(grad["f_whitened_auto_loc"])).reshape(G, -1).max(axis=1) > 0)
 
     mean, variance_f = ns.predict_f(model, guide, params, Xs)
@@ -301,16 +300,16 @@ def test_data_minibatches_inside_groups_and_arviz_dims_named_after_the_plates():
 
     guide = ns.AutoSVGP(model)
     params = _params(model, guide, X, Y, loc, raw)
-    full = ns.SVGP_ELBO().loss(random.PRNGKey(0), params, model, guide, X, Y)
+    full = compiled_loss(model, guide, X, Y)(params, random.PRNGKey(0))
     kl = float(
         ns.kl(params["f_whitened_auto_loc"], guide.scale_tril(params["f_whitened_auto_scale_tril"]))
     )
     # the data term of 5 batches of 5 rows, each scaled by N / 5, adds up to the full one
-    terms = [
-        float(ns.SVGP_ELBO().loss(random.PRNGKey(0), params, model, guide, X[i::5], Y[:, i::5], N))
-        - kl
-        for i in range(5)
-    ]
+    # one program for the five batches: their rows are arguments, not constants
+    batch_loss = jax.jit(
+        lambda p, Xb, Yb: ns.SVGP_ELBO().loss(random.PRNGKey(0), p, model, guide, Xb, Yb, N)
+    )
+    terms = [float(batch_loss(params, X[i::5], Y[:, i::5])) - kl for i in range(5)]
     assert sum(terms) / 5 == pytest.approx(float(full) - kl, rel=1e-10)
 
     draws = Predictive(model, guide=guide, params=params, num_samples=20)(random.PRNGKey(1), X)
@@ -401,7 +400,7 @@ def test_ragged_groups_equal_the_dense_elbo_of_each_group_on_its_own_rows():
             np.full(rows.sum(), variance[g]), K_xz, K_zz, y[rows], NOISE, mu, Sigma
         )
     loss = lambda p: ns.SVGP_ELBO().loss(random.PRNGKey(0), p, model, guide, Xr, group, y)  # noqa: E731
-    assert -float(loss(params)) == pytest.approx(expected, rel=1e-9)
+    assert -float(jax.jit(loss)(params)) == pytest.approx(expected, rel=1e-9)
     mean, var = ns.predict_f(model, guide, params, Xr, group)
     np.testing.assert_allclose(mean, means, rtol=1e-8, atol=1e-10)
     np.testing.assert_allclose(var, variances, rtol=1e-7, atol=1e-10)
@@ -448,7 +447,7 @@ def test_ragged_poisson_groups_by_quadrature_and_bad_group_index_named():
         expected += (
             np.sum(y[rows] * mean - np.exp(mean + var_f / 2) - special.gammaln(y[rows] + 1)) - kl
         )
-    elbo = -float(ns.SVGP_ELBO().loss(random.PRNGKey(0), params, model, guide, Xr, group, y))
+    elbo = -float(compiled_loss(model, guide, Xr, group, y)(params, random.PRNGKey(0)))
     assert elbo == pytest.approx(expected, rel=1e-8)
 
     f = seed(model, 0)
@@ -520,11 +519,9 @@ def test_ragged_form_equals_the_plated_form_with_its_padding_masked():
             "f_whitened_auto_loc": jnp.asarray(loc.reshape(shape + (M,))),
             "f_whitened_auto_scale_tril": jnp.asarray(raw.reshape(shape + (M, M))),
         }
-        loss, grad = jax.value_and_grad(
-            lambda p, model=model, guide=guide, args=args: ns.SVGP_ELBO().loss(
-                random.PRNGKey(0), p, model, guide, *args
-            )
-        )(params)
+        loss, grad = jax.value_and_grad(compiled_loss(model, guide, *args))(
+            params, random.PRNGKey(0)
+        )
         losses[name] = float(loss)
         grads[name] = [
             np.asarray(grad[k]).reshape(G, -1)
