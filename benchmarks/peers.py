@@ -63,9 +63,11 @@ round, to time K consecutive steps, each waited for (``block_until_ready`` for J
 library from its warm-up step so that one request takes about ``--round-seconds``. Only one
 worker runs at a time: the driver stops the others (SIGSTOP) between their requests, since
 an idle library's thread pools keep spinning otherwise. Thread settings are each
-library's defaults, and are printed. Run it on an otherwise idle machine: the thread pools
-of all four libraries (torch's OpenMP pool most of all) lose far more than their share of
-time when another process competes for the cores.
+library's defaults, and are printed; numpyro_svgp's BLAS libraries are held at one thread,
+as ``ns.train`` holds them while it trains (``--blas-threads none`` leaves OpenBLAS's own
+default; ``benchmarks/threads.py`` compares the two, idle and under load). Run it on an
+otherwise idle machine: the thread pools of all four libraries (torch's OpenMP pool most of
+all) lose far more than their share of time when another process competes for the cores.
 
 **Reading the table.** One row per cell and library: the median over rounds of the
 time per step, the quartiles over rounds, the ratio of the peer's median to
@@ -329,7 +331,7 @@ def describe(lib):
             return (
                 f"numpyro_svgp {numpyro_svgp.__version__} (jax {jax.__version__}, "
                 f"numpyro {numpyro.__version__})",
-                f"{xla}, EQX_ON_ERROR={on_error}",
+                f"{xla}, EQX_ON_ERROR={on_error}, {blas_description()}",
             )
         import gpjax
 
@@ -402,7 +404,28 @@ def handle(lib, message, current):
     raise ValueError(f"unknown command {command!r}")
 
 
-def worker(lib):
+def hold_blas_threads(blas_threads):
+    """Hold this worker's BLAS libraries at ``blas_threads`` threads for its lifetime, as
+    ``ns.train(..., blas_threads=n)`` holds them while it trains (``"none"``: OpenBLAS's
+    own default, one thread per core)."""
+    if blas_threads == "none":
+        return
+    sys.path.insert(0, ROOT)
+    from numpyro_svgp._train import _blas_threads
+
+    _blas_threads(int(blas_threads)).__enter__()  # never left: the worker lives for one run
+
+
+def blas_description():
+    from threadpoolctl import threadpool_info
+
+    found = [i for i in threadpool_info() if i["user_api"] == "blas"]
+    return ", ".join(f"{i['prefix']} {i['num_threads']} threads" for i in found) or "no BLAS"
+
+
+def worker(lib, blas_threads="none"):
+    if lib == OURS:
+        hold_blas_threads(blas_threads)
     # the replies get the real stdout to themselves; whatever the libraries print goes to
     # stderr, where it cannot break a line of the protocol
     replies = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
@@ -423,12 +446,13 @@ def worker(lib):
 
 
 class Worker:
-    def __init__(self, lib, python):
+    def __init__(self, lib, python, blas_threads="1"):
         env = dict(os.environ)
         env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter
         self.lib = lib
+        command = [python, os.path.abspath(__file__), "--worker", lib]
         self.process = subprocess.Popen(
-            [python, os.path.abspath(__file__), "--worker", lib],
+            command + ["--blas-threads", blas_threads],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -589,11 +613,13 @@ def shown(argv):
     return kept
 
 
-def write_section(path, section):
+def write_section(path, section, begin=BEGIN, end=END):
+    """Put ``section`` (which starts with ``begin`` and ends with ``end``) in place of the
+    one between those markers in ``path``, or at its end."""
     text = open(path).read() if os.path.exists(path) else ""
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + section + rest.split(END, 1)[1]
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + section + rest.split(end, 1)[1]
     else:
         text = text.rstrip("\n") + ("\n\n" if text else "") + section + "\n"
     with open(path, "w") as f:
@@ -603,6 +629,11 @@ def write_section(path, section):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", choices=LIBS, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--blas-threads",
+        default="1",
+        help="numpyro_svgp's BLAS threads: 1 as ns.train holds them, or none (OpenBLAS's own)",
+    )
     parser.add_argument(
         "--n", type=int, nargs="+", help="data sizes; with --n or --m the grid is all pairs"
     )
@@ -629,12 +660,12 @@ def main(argv=None):
     parser.add_argument("--results", default=os.path.join(HERE, "RESULTS.md"))
     args = parser.parse_args(argv)
     if args.worker:
-        return worker(args.worker)
+        return worker(args.worker, args.blas_threads)
 
     libs = [OURS] + [lib for lib in LIBS if lib in args.libs and lib != OURS]
     workers, versions, threads = {}, [], []
     for lib in libs:  # started together: the imports (TensorFlow's is slow) overlap
-        workers[lib] = Worker(lib, args.python)
+        workers[lib] = Worker(lib, args.python, args.blas_threads)
     try:
         for lib in libs:
             reply = workers[lib].ask(cmd="hello")

@@ -13,6 +13,7 @@ The compiled chunk is a module-level ``jax.jit`` whose static arguments are the
 with the same ``svi`` and shapes reuses the compiled code instead of compiling again.
 """
 
+import contextlib
 import functools
 import os
 import sys
@@ -23,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from numpyro.infer.svi import SVIState
+from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 from numpyro_svgp._checkpoint import load_checkpoint, save_checkpoint
@@ -261,6 +263,32 @@ def _initial_state(svi, rng_key, init_state, args, kwargs) -> SVIState:
     return init_state
 
 
+@contextlib.contextmanager
+def _blas_threads(n: int | None):
+    """Hold the BLAS libraries of this process at ``n`` threads (``None``: as they are).
+
+    XLA:CPU runs its LAPACK calls (Cholesky, triangular solves) through SciPy's
+    OpenBLAS, whose threads then compete with XLA's own thread pool for the same cores,
+    and spin while they wait, which costs most when another process is busy too.
+    """
+    if n is None:
+        yield
+        return
+    # the limit reaches only libraries already loaded: load the one XLA:CPU calls
+    import scipy.linalg.cython_lapack  # noqa: F401
+
+    with threadpool_limits(limits=n, user_api="blas"):
+        yield
+
+
+def _check_blas_threads(n) -> None:
+    if n is not None and (not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1):
+        raise ValueError(
+            f"blas_threads must be None (leave BLAS's threads as they are) or an "
+            f"integer >= 1, got {n!r}."
+        )
+
+
 def _check_counts(**counts) -> None:
     for name, (value, least) in counts.items():
         if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < least:
@@ -279,6 +307,7 @@ def train(
     checkpoint_every: int | None = None,
     resume: bool = False,
     progress_bar: bool = True,
+    blas_threads: int | None = 1,
     **kwargs,
 ) -> TrainResult:
     """Run ``num_steps`` SVI steps with non-finite-step guards and optional checkpoints.
@@ -309,6 +338,10 @@ def train(
         only at the end.
     :param bool resume: continue from ``checkpoint`` if the file exists.
     :param bool progress_bar: show a tqdm bar with the running loss.
+    :param blas_threads: threads of the BLAS libraries (SciPy's and NumPy's OpenBLAS)
+        while training; ``None`` leaves them as they are. XLA:CPU's LAPACK calls run in
+        SciPy's OpenBLAS, whose threads compete with XLA's, so the default is one. The
+        setting is restored on return.
     :param kwargs: the model's keyword arguments, split as ``args`` are.
     :return: a :class:`TrainResult`.
     :raises TrainingStopped: after ``max_nonfinite_in_a_row`` skipped steps in a row.
@@ -324,6 +357,7 @@ def train(
         raise ValueError("resume=True needs a checkpoint path.")
     if resume and init_state is not None:
         raise ValueError("give init_state or resume=True, not both.")
+    _check_blas_threads(blas_threads)
     for i, a in enumerate(args):
         if _is_array(a) and np.ndim(a):
             _check_finite(a, f"positional argument {i} of the model")
@@ -331,35 +365,36 @@ def train(
         if _is_array(a) and np.ndim(a):
             _check_finite(a, f"keyword argument {k!r} of the model")
 
-    state = _initial_state(svi, rng_key, init_state, args, kwargs)
-    losses = []
-    if resume and checkpoint is not None and os.path.exists(checkpoint):
-        state, step, previous = load_checkpoint(checkpoint, like=state)
-        if step > num_steps:
-            raise ValueError(f"the checkpoint is at step {step}, past num_steps={num_steps}.")
-        print(
-            f"resuming from {os.fspath(checkpoint)!r} at step {step} of {num_steps}",
-            file=sys.stderr,
-        )
-        losses = [previous]
-    loop = _Loop(svi, state, max_nonfinite_in_a_row, args, kwargs, losses)
-    every = checkpoint_every or num_steps or 1
-    # one chunk length whatever num_steps is, so that runs of other lengths reuse it
-    length = min(steps_per_call, checkpoint_every or steps_per_call)
-
-    with tqdm(total=num_steps, initial=loop.step, disable=not progress_bar, desc="SVI") as bar:
-        while loop.step < num_steps:
-            step = loop.step
-            boundary = min(
-                (step // steps_per_call + 1) * steps_per_call,
-                (step // every + 1) * every,
-                num_steps,
+    with _blas_threads(blas_threads):
+        state = _initial_state(svi, rng_key, init_state, args, kwargs)
+        losses = []
+        if resume and checkpoint is not None and os.path.exists(checkpoint):
+            state, step, previous = load_checkpoint(checkpoint, like=state)
+            if step > num_steps:
+                raise ValueError(f"the checkpoint is at step {step}, past num_steps={num_steps}.")
+            print(
+                f"resuming from {os.fspath(checkpoint)!r} at step {step} of {num_steps}",
+                file=sys.stderr,
             )
-            loop.show(bar, loop.run(length, boundary - step))
-            loop.raise_if_stopped()
-            if checkpoint is not None and (loop.step % every == 0 or loop.step == num_steps):
-                save_checkpoint(checkpoint, loop.state, loop.step, loop.history())
-    return loop.result()
+            losses = [previous]
+        loop = _Loop(svi, state, max_nonfinite_in_a_row, args, kwargs, losses)
+        every = checkpoint_every or num_steps or 1
+        # one chunk length whatever num_steps is, so that runs of other lengths reuse it
+        length = min(steps_per_call, checkpoint_every or steps_per_call)
+
+        with tqdm(total=num_steps, initial=loop.step, disable=not progress_bar, desc="SVI") as bar:
+            while loop.step < num_steps:
+                step = loop.step
+                boundary = min(
+                    (step // steps_per_call + 1) * steps_per_call,
+                    (step // every + 1) * every,
+                    num_steps,
+                )
+                loop.show(bar, loop.run(length, boundary - step))
+                loop.raise_if_stopped()
+                if checkpoint is not None and (loop.step % every == 0 or loop.step == num_steps):
+                    save_checkpoint(checkpoint, loop.state, loop.step, loop.history())
+        return loop.result()
 
 
 def _seed_from_key(rng_key) -> int:
@@ -381,6 +416,7 @@ def train_epochs(
     max_nonfinite_in_a_row: int = 20,
     steps_per_call: int = 50,
     progress_bar: bool = True,
+    blas_threads: int | None = 1,
     **kwargs,
 ) -> TrainResult:
     """SVI over shuffled epochs of host data, with optional early stopping.
@@ -428,6 +464,7 @@ def train_epochs(
     :param int steps_per_call: batches compiled into one call (and sent to the device
         together).
     :param bool progress_bar: a tqdm bar with the running loss and held-out score.
+    :param blas_threads: as in :func:`train`.
     :param kwargs: keyword arguments of the model, for training and evaluation;
         arrays are traced, anything else is a compile-time constant.
     :return: a :class:`TrainResult` with ``held_out``, ``best_epoch`` and ``stopped_early``.
@@ -455,73 +492,78 @@ def train_epochs(
         raise ValueError(f"batch_size must be in [1, N = {num_data}], got {batch_size}.")
     if patience is not None and (held_out is None or patience < 1):
         raise ValueError("patience needs held_out data and must be >= 1.")
+    _check_blas_threads(blas_threads)
     for i, d in enumerate(data):
         _check_finite(d, f"data[{i}]")
     for i, d in enumerate(held_out or ()):
         if _is_array(d) and np.ndim(d):
             _check_finite(d, f"held_out[{i}]")
 
-    init_key, eval_key, shuffle_key = jax.random.split(rng_key, 3)
-    shuffle = np.random.default_rng(_seed_from_key(shuffle_key))
-    first = tuple(jnp.asarray(d[:batch_size]) for d in data)
-    loop = _Loop(
-        svi,
-        _initial_state(svi, init_key, init_state, first, kwargs),
-        max_nonfinite_in_a_row,
-        (),
-        kwargs,
-    )
-    full, rest = divmod(num_data, batch_size)
-    steps_per_epoch = full + (0 if drop_last or rest == 0 else 1)
-    evaluations: list[tuple[int, float]] = []
-    best = (-np.inf, 0, loop.state)
-    stopped_early = False
-
-    length = min(steps_per_call, max(full, 1))
-
-    def run(rows, epoch):
-        # gather on the host, then send only these batches to the device; a short last
-        # chunk is padded (its extra steps are not taken) to reuse the compiled one
-        steps = rows.shape[0]
-        if rows.shape[1] == batch_size and steps < length:
-            rows = np.concatenate([rows, np.repeat(rows[-1:], length - steps, axis=0)])
-        losses = loop.run(rows.shape[0], steps, tuple(jnp.asarray(d[rows]) for d in data))
-        loop.raise_if_stopped(
-            f" (epoch {epoch})",
-            best_epoch=epoch,
-            held_out=np.asarray(evaluations, dtype=float).reshape(-1, 2),
+    with _blas_threads(blas_threads):
+        init_key, eval_key, shuffle_key = jax.random.split(rng_key, 3)
+        shuffle = np.random.default_rng(_seed_from_key(shuffle_key))
+        first = tuple(jnp.asarray(d[:batch_size]) for d in data)
+        loop = _Loop(
+            svi,
+            _initial_state(svi, init_key, init_state, first, kwargs),
+            max_nonfinite_in_a_row,
+            (),
+            kwargs,
         )
-        return losses
+        full, rest = divmod(num_data, batch_size)
+        steps_per_epoch = full + (0 if drop_last or rest == 0 else 1)
+        evaluations: list[tuple[int, float]] = []
+        best = (-np.inf, 0, loop.state)
+        stopped_early = False
 
-    with tqdm(
-        total=num_epochs * steps_per_epoch, disable=not progress_bar, desc="SVI epochs"
-    ) as bar:
-        for epoch in range(1, num_epochs + 1):
-            order = shuffle.permutation(num_data)
-            batched = order[: full * batch_size].reshape(full, batch_size)
-            postfix = {"epoch": epoch, **({"held_out": f"{best[0]:.4g}"} if evaluations else {})}
-            for start in range(0, full, steps_per_call):
-                loop.show(bar, run(batched[start : start + steps_per_call], epoch), **postfix)
-            if steps_per_epoch > full:
-                loop.show(bar, run(order[full * batch_size :][None], epoch), **postfix)
-            if held_out is not None and (epoch % eval_every == 0 or epoch == num_epochs):
-                score = float(
-                    held_out_log_likelihood(
-                        svi.model,
-                        svi.guide,
-                        svi.get_params(loop.state),
-                        *held_out,
-                        rng_key=eval_key,
-                        num_samples=num_eval_samples,
-                        **kwargs,
+        length = min(steps_per_call, max(full, 1))
+
+        def run(rows, epoch):
+            # gather on the host, then send only these batches to the device; a short last
+            # chunk is padded (its extra steps are not taken) to reuse the compiled one
+            steps = rows.shape[0]
+            if rows.shape[1] == batch_size and steps < length:
+                rows = np.concatenate([rows, np.repeat(rows[-1:], length - steps, axis=0)])
+            losses = loop.run(rows.shape[0], steps, tuple(jnp.asarray(d[rows]) for d in data))
+            loop.raise_if_stopped(
+                f" (epoch {epoch})",
+                best_epoch=epoch,
+                held_out=np.asarray(evaluations, dtype=float).reshape(-1, 2),
+            )
+            return losses
+
+        with tqdm(
+            total=num_epochs * steps_per_epoch, disable=not progress_bar, desc="SVI epochs"
+        ) as bar:
+            for epoch in range(1, num_epochs + 1):
+                order = shuffle.permutation(num_data)
+                batched = order[: full * batch_size].reshape(full, batch_size)
+                postfix = {
+                    "epoch": epoch,
+                    **({"held_out": f"{best[0]:.4g}"} if evaluations else {}),
+                }
+                for start in range(0, full, steps_per_call):
+                    loop.show(bar, run(batched[start : start + steps_per_call], epoch), **postfix)
+                if steps_per_epoch > full:
+                    loop.show(bar, run(order[full * batch_size :][None], epoch), **postfix)
+                if held_out is not None and (epoch % eval_every == 0 or epoch == num_epochs):
+                    score = float(
+                        held_out_log_likelihood(
+                            svi.model,
+                            svi.guide,
+                            svi.get_params(loop.state),
+                            *held_out,
+                            rng_key=eval_key,
+                            num_samples=num_eval_samples,
+                            **kwargs,
+                        )
                     )
-                )
-                evaluations.append((epoch, score))
-                if score > best[0]:
-                    best = (score, epoch, loop.state)
-                elif patience is not None and epoch - best[1] >= patience * eval_every:
-                    stopped_early = True
-                    break
+                    evaluations.append((epoch, score))
+                    if score > best[0]:
+                        best = (score, epoch, loop.state)
+                    elif patience is not None and epoch - best[1] >= patience * eval_every:
+                        stopped_early = True
+                        break
 
     table = np.asarray(evaluations, dtype=float).reshape(-1, 2)
     if held_out is None or not table.size:

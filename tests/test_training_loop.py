@@ -14,6 +14,7 @@ import optax
 import pytest
 from jax import random
 from numpyro.infer import SVI, Predictive
+from threadpoolctl import threadpool_info, threadpool_limits
 
 import numpyro_svgp as ns
 
@@ -268,3 +269,37 @@ def test_a_new_group_under_the_fitted_plate_is_refused_and_the_new_plate_pattern
     old_groups = np.asarray(draws["y"])[:, :3].mean(axis=0)
     mean, _ = ns.predict_f(grouped_model, svi.guide, result.params, X[:3], np.arange(3), G)
     np.testing.assert_allclose(old_groups, np.asarray(mean) + fitted, atol=0.05)
+
+
+def _blas_threads_now():
+    return sorted({i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"})
+
+
+def test_training_holds_blas_at_one_thread_and_restores_it():
+    """XLA:CPU's LAPACK runs in SciPy's OpenBLAS: ``blas_threads`` (default 1) holds its
+    threads while the steps run, seen from inside the compiled step, and gives them back."""
+    import scipy.linalg.cython_lapack  # noqa: F401  (loaded, so that the limits reach it)
+
+    seen = []
+
+    def model(X, y=None):
+        jax.debug.callback(lambda: seen.append(_blas_threads_now()))
+        gaussian_model(Z0)(X, y)
+
+    svi = _svi(model)
+    with threadpool_limits(limits=2, user_api="blas"):
+        ns.train(svi, random.PRNGKey(0), 3, X, Y, steps_per_call=3, progress_bar=False)
+        assert seen and all(s == [1] for s in seen), seen
+        assert _blas_threads_now() == [2]
+        seen.clear()
+        ns.train(svi, random.PRNGKey(0), 3, X, Y, blas_threads=None, progress_bar=False)
+        assert seen and all(s == [2] for s in seen), seen
+        seen.clear()
+        ns.train_epochs(svi, random.PRNGKey(0), 1, X, Y, batch_size=30, progress_bar=False)
+        assert seen and all(s == [1] for s in seen), seen
+        assert _blas_threads_now() == [2]
+    for bad in (0, 1.5, True, "1"):
+        with pytest.raises(ValueError, match=r"blas_threads must be None .* got"):
+            ns.train(svi, random.PRNGKey(0), 3, X, Y, blas_threads=bad)
+        with pytest.raises(ValueError, match=r"blas_threads must be None .* got"):
+            ns.train_epochs(svi, random.PRNGKey(0), 1, X, Y, batch_size=30, blas_threads=bad)
