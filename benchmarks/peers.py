@@ -78,6 +78,7 @@ of it into ``benchmarks/RESULTS.md`` between ``<!-- peers:begin -->`` and
 """
 
 import argparse
+import contextlib
 import datetime
 import gc
 import json
@@ -404,16 +405,16 @@ def handle(lib, message, current):
     raise ValueError(f"unknown command {command!r}")
 
 
-def hold_blas_threads(blas_threads):
-    """Hold this worker's BLAS libraries at ``blas_threads`` threads for its lifetime, as
-    ``ns.train(..., blas_threads=n)`` holds them while it trains (``"none"``: OpenBLAS's
-    own default, one thread per core)."""
-    if blas_threads == "none":
-        return
+def blas_limit(lib, blas_threads):
+    """A context holding numpyro_svgp's BLAS libraries at ``blas_threads`` threads, as
+    ``ns.train(..., blas_threads=n)`` holds them while it trains (``"none"``, or another
+    library: as they are, OpenBLAS's own default being one thread per core)."""
+    if lib != OURS or blas_threads == "none":
+        return contextlib.nullcontext()
     sys.path.insert(0, ROOT)
     from numpyro_svgp._train import _blas_threads
 
-    _blas_threads(int(blas_threads)).__enter__()  # never left: the worker lives for one run
+    return _blas_threads(int(blas_threads))
 
 
 def blas_description():
@@ -424,8 +425,11 @@ def blas_description():
 
 
 def worker(lib, blas_threads="none"):
-    if lib == OURS:
-        hold_blas_threads(blas_threads)
+    with blas_limit(lib, blas_threads):
+        serve(lib)
+
+
+def serve(lib):
     # the replies get the real stdout to themselves; whatever the libraries print goes to
     # stderr, where it cannot break a line of the protocol
     replies = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
