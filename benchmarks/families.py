@@ -55,7 +55,7 @@ def data(groups, points, m, dtype):
     return (jnp.asarray(a, dtype) for a in (X, Y, Z))
 
 
-def plated_step(X, Y, Z):
+def plated_step(X, Y, Z, form="auto"):
     G, n, _ = X.shape
     dtype = X.dtype
 
@@ -70,10 +70,10 @@ def plated_step(X, Y, Z):
             with numpyro.plate("data", n, dim=-1):
                 numpyro.sample("y", dist.Normal(f, jnp.sqrt(noise_var)), obs=Y)
 
-    return _svi_step(model, X, Y)
+    return _svi_step(model, X, Y, form=form)
 
 
-def ragged_step(X, Y, Z):
+def ragged_step(X, Y, Z, form="auto"):
     G, n, _ = X.shape
     dtype = X.dtype
     rows, ys = X.reshape(G * n, D), Y.reshape(G * n)
@@ -90,11 +90,11 @@ def ragged_step(X, Y, Z):
         with numpyro.plate("data", X.shape[0]):
             numpyro.sample("y", dist.Normal(f, jnp.sqrt(noise_var)), obs=y)
 
-    return _svi_step(model, rows, group, ys)
+    return _svi_step(model, rows, group, ys, form=form)
 
 
-def _svi_step(model, *args):
-    svi = SVI(model, ns.AutoSVGP(model), optax.adam(1e-2), ns.SVGP_ELBO())
+def _svi_step(model, *args, form="auto"):
+    svi = SVI(model, ns.AutoSVGP(model), optax.adam(1e-2), ns.SVGP_ELBO(gaussian_form=form))
     state = svi.init(random.PRNGKey(0), *args)
     update = jax.jit(svi.update)
 
@@ -154,6 +154,12 @@ def main(argv=None):
     parser.add_argument("--dtype", nargs="+", default=["float64", "float32"])
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--min-seconds", type=float, default=3.0)
+    parser.add_argument(
+        "--form",
+        default="auto",
+        choices=["auto", "matrix", "per_point"],
+        help="SVGP_ELBO(gaussian_form=)",
+    )
     args = parser.parse_args(argv)
     jax.config.update("jax_enable_x64", True)
     print(
@@ -168,9 +174,9 @@ def main(argv=None):
     for dtype in args.dtype:
         X, Y, Z = data(args.groups, args.points, args.m, jnp.dtype(dtype))
         contenders = {
-            "plated": plated_step(X, Y, Z),
+            "plated": plated_step(X, Y, Z, args.form),
             "vmap": vmap_reference_step(X, Y, Z),
-            "ragged": ragged_step(X, Y, Z),
+            "ragged": ragged_step(X, Y, Z, args.form),
         }
         times, _ = time_interleaved(
             contenders, args.repeats, max_seconds=60.0, min_seconds=args.min_seconds
