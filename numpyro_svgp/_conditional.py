@@ -37,7 +37,6 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 from jaxtyping import Array, Float
 
 from numpyro_svgp._checks import (
@@ -57,7 +56,12 @@ from numpyro_svgp._family import (
     split_kernel,
 )
 from numpyro_svgp._features import InducingFeatures, InducingPoints, as_inducing
-from numpyro_svgp._linalg import MAX_JITTER_ESCALATIONS, default_jitter, lower_inverse
+from numpyro_svgp._linalg import (
+    MAX_JITTER_ESCALATIONS,
+    default_jitter,
+    lower_inverse,
+    lower_solve_right,
+)
 from numpyro_svgp.kernels import Kernel
 
 __all__ = [
@@ -439,7 +443,7 @@ def projection(conditional: Conditional) -> Float[Array, "N M"]:
     L = conditional.cholesky
     if K.shape[0] >= K.shape[1]:
         return K @ lower_inverse(L).T
-    return lax.linalg.triangular_solve(L, K, left_side=False, lower=True, transpose_a=True)
+    return lower_solve_right(L, K)
 
 
 def conditional_variance(

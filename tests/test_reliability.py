@@ -16,6 +16,7 @@ from numpyro.infer import SVI
 
 import numpyro_svgp as ns
 
+from . import reference
 from .helpers import gaussian_model, toy_data
 
 X, Y = toy_data(80, seed=21)
@@ -336,3 +337,46 @@ def test_train_shows_a_progress_bar_with_the_running_loss(capsys):
     ns.train(_svi(gaussian_model(Z0)), random.PRNGKey(0), 20, X, Y, steps_per_call=10)
     err = capsys.readouterr().err
     assert "SVI" in err and "loss=" in err and "20/20" in err
+
+
+@pytest.mark.parametrize("num_points", [200, 700], ids=["N<M", "N>M"])
+def test_factors_above_the_solve_block_match_dense_numpy_and_jax(num_points):
+    # M = 300 is above the order up to which LAPACK solves triangular systems whole, so
+    # the projection and the Cholesky derivative solve by blocks (300 -> 150 -> 75).
+    # References: the dense NumPy marginals of q(f), and the gradient that JAX derives
+    # for the same marginals through its own Cholesky and triangular solve.
+    rng = np.random.default_rng(11)
+    M, D, variance, lengthscale, jitter = 300, 2, 1.3, 0.4, 1e-6
+    X = rng.uniform(-3, 3, size=(num_points, D))
+    Z = rng.uniform(-3, 3, size=(M, D))
+    m = rng.normal(size=M)
+    S = np.tril(0.1 * rng.normal(size=(M, M)), -1) + np.diag(rng.uniform(0.3, 1.0, M))
+    W = rng.normal(size=num_points)
+
+    def marginals(Z, m, S):
+        kernel = ns.kernels.RBF(variance, lengthscale)
+        conditional = ns.whitened_conditional(kernel, X, Z, jitter=jitter)
+        return ns.predictive_moments(conditional, m, S)
+
+    mean, var = jax.jit(marginals)(Z, m, S)
+    want_mean, want_var, _, _ = reference.whitened_svgp_marginals(
+        X, Z, variance, lengthscale, m, S, jitter
+    )
+    np.testing.assert_allclose(mean, want_mean, rtol=1e-7, atol=1e-9)
+    np.testing.assert_allclose(var, want_var, rtol=1e-7, atol=1e-9)
+
+    def plain(Z, m, S):
+        K_zz = ns.kernels.RBF(variance, lengthscale)(Z) + jitter * jnp.eye(M)
+        L = jnp.linalg.cholesky(K_zz)
+        A = jax.scipy.linalg.solve_triangular(
+            L, ns.kernels.RBF(variance, lengthscale)(X, Z).T, lower=True
+        ).T
+        return A @ m, variance - jnp.sum(A**2, 1) + jnp.sum((A @ S) ** 2, 1)
+
+    def objective(f):
+        return lambda *a: sum(jnp.sum(W * out) for out in f(*a))
+
+    got = jax.jit(jax.grad(objective(marginals), argnums=(0, 1, 2)))(Z, m, S)
+    want = jax.jit(jax.grad(objective(plain), argnums=(0, 1, 2)))(Z, m, S)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-8 * np.max(np.abs(w)))
