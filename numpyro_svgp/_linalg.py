@@ -21,6 +21,7 @@ from jaxtyping import Array, Float
 
 __all__ = [
     "MAX_JITTER_ESCALATIONS",
+    "blocked_cholesky",
     "cholesky_with_jitter",
     "default_jitter",
     "fail_if",
@@ -76,7 +77,7 @@ def _escalating_cholesky(
     eye = jnp.eye(K.shape[-1], dtype=K.dtype)
 
     def factor(k):
-        return lax.linalg.cholesky(K + jitter * 10.0**k * eye, symmetrize_input=False)
+        return blocked_cholesky(K + jitter * 10.0**k * eye)
 
     if limit == 0:
         L = factor(0)
@@ -205,6 +206,27 @@ def lower_solve_right(L: Float[Array, "M M"], B: Float[Array, "K M"]) -> Float[A
     X1 = lower_solve_right(L[:h, :h], B[:, :h])
     X2 = lower_solve_right(L[h:, h:], B[:, h:] - X1 @ L[h:, :h].T)
     return jnp.concatenate([X1, X2], axis=1)
+
+
+def blocked_cholesky(K: Float[Array, "M M"]) -> Float[Array, "M M"]:
+    r"""The lower Cholesky factor of a symmetric :math:`K`, by blocks (read from its lower
+    triangle, as LAPACK reads it).
+
+    :math:`L_{11} = \operatorname{chol}(K_{11})`, :math:`L_{21} = K_{21} L_{11}^{-\top}`
+    (:func:`lower_solve_right`), :math:`L_{22} = \operatorname{chol}(K_{22} - L_{21}
+    L_{21}^\top)`, recursively down to blocks of :data:`SOLVE_BLOCK`, which LAPACK
+    factorises; most of the flops are then matrix products. A matrix that is not
+    positive definite gives a factor with NaN in it, as LAPACK's does.
+    """
+    M = K.shape[0]
+    if M <= SOLVE_BLOCK:
+        return lax.linalg.cholesky(K, symmetrize_input=False)
+    h = M // 2
+    L11 = blocked_cholesky(K[:h, :h])
+    L21 = lower_solve_right(L11, K[h:, :h])
+    L22 = blocked_cholesky(K[h:, h:] - L21 @ L21.T)
+    top = jnp.concatenate([L11, jnp.zeros((h, M - h), K.dtype)], axis=1)
+    return jnp.concatenate([top, jnp.concatenate([L21, L22], axis=1)], axis=0)
 
 
 def lower_inverse(L: Float[Array, "M M"]) -> Float[Array, "M M"]:

@@ -69,9 +69,12 @@ def banana():
             numpyro.sample("y", dist.Bernoulli(logits=f), obs=y)
 
     guide = ns.AutoSVGP(model)
-    schedule = optax.cosine_decay_schedule(3e-2, 1500, alpha=0.05)
+    # 3000 steps: after 1500 the float32 fit was still descending, and its final ELBO
+    # moved between -108.78 and -109.70 when the rate was changed by 0.1 % (float64:
+    # -108.53); after 3000 all such float32 fits end within 0.01 of one another
+    schedule = optax.cosine_decay_schedule(3e-2, 3000, alpha=0.05)
     svi = SVI(model, guide, optax.adam(schedule), ns.SVGP_ELBO())
-    result = svi.run(random.PRNGKey(0), 1500, X, y, progress_bar=False)
+    result = svi.run(random.PRNGKey(0), 3000, X, y, progress_bar=False)
     # the Bernoulli term is quadrature and the only latent is the svgp site, so the bound
     # is exact and one particle gives it (any key, any number of particles: same value)
     bound = ns.SVGP_ELBO().loss(random.PRNGKey(1), result.params, model, guide, X, y)

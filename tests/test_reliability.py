@@ -380,3 +380,14 @@ def test_factors_above_the_solve_block_match_dense_numpy_and_jax(num_points):
     want = jax.jit(jax.grad(objective(plain), argnums=(0, 1, 2)))(Z, m, S)
     for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-8 * np.max(np.abs(w)))
+
+
+def test_a_factor_by_blocks_escalates_its_jitter_as_a_whole_factor_does():
+    # M = 300 is factorised by blocks; a matrix that is indefinite until the jitter
+    # reaches 1e-2 (rank 5, minus 2e-3 I) must still escalate to exactly that jitter
+    B = np.random.default_rng(12).normal(size=(300, 5))
+    K = B @ B.T - 2e-3 * np.eye(300)
+    L, used = jax.jit(lambda K: ns.cholesky_with_jitter(K, 1e-6))(K)
+    assert float(used) == pytest.approx(1e-2)
+    np.testing.assert_allclose(L, np.linalg.cholesky(K + 1e-2 * np.eye(300)), rtol=1e-8, atol=1e-12)
+    assert np.all(np.triu(np.asarray(L), 1) == 0.0)
