@@ -222,7 +222,16 @@ def _scaled_sq_dist_symmetric(X: jax.Array, lengthscale: jax.Array) -> jax.Array
     JAX's own derivative of the differences runs elementwise over an ``(M, M, D)``
     tensor in both directions, far slower on CPU than the product once M is large.
     """
-    return jnp.sum(jnp.square((X[:, None, :] - X[None, :, :]) / lengthscale), axis=-1)
+    if X.shape[1] > 32:
+        return jnp.sum(jnp.square((X[:, None, :] - X[None, :, :]) / lengthscale), axis=-1)
+    # one (M, M) term per feature, added in order: XLA:CPU fuses these into one pass,
+    # where the sum over a short last axis of an (M, M, D) tensor runs several times
+    # slower; the same differences, so still exactly symmetric with a zero diagonal
+    scale = jnp.broadcast_to(lengthscale, X.shape[1:])
+    r2 = jnp.zeros((X.shape[0], X.shape[0]), X.dtype)
+    for d in range(X.shape[1]):
+        r2 = r2 + jnp.square((X[:, d, None] - X[None, :, d]) / scale[d])
+    return r2
 
 
 @_scaled_sq_dist_symmetric.defjvp
