@@ -197,15 +197,11 @@ def lower_solve(L: Float[Array, "M M"], B: Float[Array, "M K"]) -> Float[Array, 
 
 def lower_solve_right(L: Float[Array, "M M"], B: Float[Array, "K M"]) -> Float[Array, "K M"]:
     r""":math:`X = B L^{-\top}` for a lower-triangular :math:`L` (so :math:`X L^\top = B`),
-    by blocks as :func:`lower_solve`: :math:`X_1 = B_1 L_{11}^{-\top}`,
-    :math:`X_2 = (B_2 - X_1 L_{21}^\top) L_{22}^{-\top}` over column blocks."""
-    M = L.shape[0]
-    if M <= SOLVE_BLOCK:
+    as :math:`(L^{-1} B^\top)^\top` by :func:`lower_solve`: its blocks are then rows,
+    contiguous in memory, where blocks of columns of ``B`` would each be a strided copy."""
+    if L.shape[0] <= SOLVE_BLOCK:
         return lax.linalg.triangular_solve(L, B, left_side=False, lower=True, transpose_a=True)
-    h = M // 2
-    X1 = lower_solve_right(L[:h, :h], B[:, :h])
-    X2 = lower_solve_right(L[h:, h:], B[:, h:] - X1 @ L[h:, :h].T)
-    return jnp.concatenate([X1, X2], axis=1)
+    return lower_solve(L, B.T).T
 
 
 def blocked_cholesky(K: Float[Array, "M M"]) -> Float[Array, "M M"]:
