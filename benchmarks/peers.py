@@ -409,12 +409,13 @@ def blas_limit(lib, blas_threads):
     """A context holding numpyro_svgp's BLAS libraries at ``blas_threads`` threads, as
     ``ns.train(..., blas_threads=n)`` holds them while it trains (``"none"``, or another
     library: as they are, OpenBLAS's own default being one thread per core)."""
-    if lib != OURS or blas_threads == "none":
+    if lib != OURS:
         return contextlib.nullcontext()
     sys.path.insert(0, ROOT)
-    from numpyro_svgp._train import _blas_threads
+    from numpyro_svgp._train import _process_settings
 
-    return _blas_threads(int(blas_threads))
+    # and the freed memory kept for the next steps, as ns.train keeps it (keep_memory)
+    return _process_settings(None if blas_threads == "none" else int(blas_threads), True)
 
 
 def blas_description():

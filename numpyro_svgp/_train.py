@@ -14,8 +14,10 @@ with the same ``svi`` and shapes reuses the compiled code instead of compiling a
 """
 
 import contextlib
+import ctypes
 import functools
 import os
+import platform
 import sys
 from typing import NamedTuple
 
@@ -281,6 +283,42 @@ def _blas_threads(n: int | None):
         yield
 
 
+# glibc's mallopt parameters (malloc.h) and their defaults
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_DEFAULT_TRIM_THRESHOLD, _DEFAULT_MMAP_MAX = 128 * 1024, 65536
+
+
+@contextlib.contextmanager
+def _kept_memory(keep: bool):
+    """While training, glibc's malloc serves every allocation from its heap and keeps
+    what is freed there (``mallopt``), instead of mapping large blocks afresh.
+
+    XLA:CPU allocates a step's temporaries anew at every call; blocks larger than
+    malloc's mmap threshold (at most 32 MB) are mapped and unmapped each time, and each
+    new page then faults and is zeroed by the kernel, every step. Restored on return,
+    when the memory kept is given back (``malloc_trim``). Not glibc: nothing is done.
+    """
+    if not keep or platform.libc_ver()[0] != "glibc":
+        yield
+        return
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(_M_MMAP_MAX, 0)
+    libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
+    try:
+        yield
+    finally:
+        libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
+        libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
+        libc.malloc_trim(0)
+
+
+@contextlib.contextmanager
+def _process_settings(blas_threads: int | None, keep_memory: bool):
+    """The process settings :func:`train` holds while it trains."""
+    with _blas_threads(blas_threads), _kept_memory(keep_memory):
+        yield
+
+
 def _check_blas_threads(n) -> None:
     if n is not None and (not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1):
         raise ValueError(
@@ -308,6 +346,7 @@ def train(
     resume: bool = False,
     progress_bar: bool = True,
     blas_threads: int | None = 1,
+    keep_memory: bool = True,
     **kwargs,
 ) -> TrainResult:
     """Run ``num_steps`` SVI steps with non-finite-step guards and optional checkpoints.
@@ -342,6 +381,11 @@ def train(
         while training; ``None`` leaves them as they are. XLA:CPU's LAPACK calls run in
         SciPy's OpenBLAS, whose threads compete with XLA's, so the default is one. The
         setting is restored on return.
+    :param bool keep_memory: on glibc (Linux), keep the memory that the steps free for
+        the next steps instead of returning it to the system and mapping it again, which
+        costs a page fault per page per step for temporaries above malloc's mmap
+        threshold (32 MB at most, e.g. the backward pass at M = 1024). Given back on
+        return.
     :param kwargs: the model's keyword arguments, split as ``args`` are.
     :return: a :class:`TrainResult`.
     :raises TrainingStopped: after ``max_nonfinite_in_a_row`` skipped steps in a row.
@@ -358,6 +402,8 @@ def train(
     if resume and init_state is not None:
         raise ValueError("give init_state or resume=True, not both.")
     _check_blas_threads(blas_threads)
+    if not isinstance(keep_memory, bool):
+        raise ValueError(f"keep_memory must be True or False, got {keep_memory!r}.")
     for i, a in enumerate(args):
         if _is_array(a) and np.ndim(a):
             _check_finite(a, f"positional argument {i} of the model")
@@ -365,7 +411,7 @@ def train(
         if _is_array(a) and np.ndim(a):
             _check_finite(a, f"keyword argument {k!r} of the model")
 
-    with _blas_threads(blas_threads):
+    with _process_settings(blas_threads, keep_memory):
         state = _initial_state(svi, rng_key, init_state, args, kwargs)
         losses = []
         if resume and checkpoint is not None and os.path.exists(checkpoint):
@@ -417,6 +463,7 @@ def train_epochs(
     steps_per_call: int = 50,
     progress_bar: bool = True,
     blas_threads: int | None = 1,
+    keep_memory: bool = True,
     **kwargs,
 ) -> TrainResult:
     """SVI over shuffled epochs of host data, with optional early stopping.
@@ -465,6 +512,7 @@ def train_epochs(
         together).
     :param bool progress_bar: a tqdm bar with the running loss and held-out score.
     :param blas_threads: as in :func:`train`.
+    :param bool keep_memory: as in :func:`train`.
     :param kwargs: keyword arguments of the model, for training and evaluation;
         arrays are traced, anything else is a compile-time constant.
     :return: a :class:`TrainResult` with ``held_out``, ``best_epoch`` and ``stopped_early``.
@@ -493,13 +541,15 @@ def train_epochs(
     if patience is not None and (held_out is None or patience < 1):
         raise ValueError("patience needs held_out data and must be >= 1.")
     _check_blas_threads(blas_threads)
+    if not isinstance(keep_memory, bool):
+        raise ValueError(f"keep_memory must be True or False, got {keep_memory!r}.")
     for i, d in enumerate(data):
         _check_finite(d, f"data[{i}]")
     for i, d in enumerate(held_out or ()):
         if _is_array(d) and np.ndim(d):
             _check_finite(d, f"held_out[{i}]")
 
-    with _blas_threads(blas_threads):
+    with _process_settings(blas_threads, keep_memory):
         init_key, eval_key, shuffle_key = jax.random.split(rng_key, 3)
         shuffle = np.random.default_rng(_seed_from_key(shuffle_key))
         first = tuple(jnp.asarray(d[:batch_size]) for d in data)

@@ -4,6 +4,8 @@ predicted without ``num_data``, NaN rows in host data, a new group under a fitte
 plate, a state passed as params, and going on from an earlier result."""
 
 import logging
+import platform
+import resource
 
 import jax
 import jax.numpy as jnp
@@ -303,3 +305,25 @@ def test_training_holds_blas_at_one_thread_and_restores_it():
             ns.train(svi, random.PRNGKey(0), 3, X, Y, blas_threads=bad)
         with pytest.raises(ValueError, match=r"blas_threads must be None .* got"):
             ns.train_epochs(svi, random.PRNGKey(0), 1, X, Y, batch_size=30, blas_threads=bad)
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc settings are glibc's")
+def test_training_keeps_freed_memory_instead_of_faulting_it_in_every_step():
+    # M = 300: the step's temporaries are large enough that malloc maps and unmaps them
+    # each step, so every page faults anew, unless training keeps the memory it frees
+    rng = np.random.default_rng(8)
+    X_big = rng.uniform(-2, 2, size=(500, 3))
+    y_big = np.sin(X_big[:, 0]) + 0.1 * rng.normal(size=500)
+    svi = _svi(gaussian_model(X_big[:300]))
+    args = (svi, random.PRNGKey(0), 10, X_big, y_big)
+    ns.train(*args, steps_per_call=10, progress_bar=False)  # compiled once
+
+    def faults(keep):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        ns.train(*args, steps_per_call=10, progress_bar=False, keep_memory=keep)
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+    given_back, kept = faults(False), faults(True)
+    assert kept < 0.6 * given_back, (kept, given_back)
+    with pytest.raises(ValueError, match="keep_memory must be True or False, got 1"):
+        ns.train(*args, keep_memory=1)
