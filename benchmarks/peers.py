@@ -606,6 +606,21 @@ def run_cell(workers, dtype_name, n, m, args, tmp):
     return [rows[lib] for lib in workers if lib in rows]
 
 
+def run_head(script, argv, versions, threads, *more):
+    """The lines above a results table: the command, date, machine, versions, threads
+    and ``more``."""
+    command = f"python benchmarks/{script} " + " ".join(map(shlex.quote, shown(argv)))
+    return [
+        f"`{command.strip()}`, {datetime.date.today().isoformat()}.",
+        "",
+        f"Machine: {machine()}.",
+        f"Versions: {'; '.join(dict.fromkeys(versions))}.",
+        f"Threads: {thread_env()}; " + "; ".join(threads) + ".",
+        *more,
+        "",
+    ]
+
+
 def shown(argv):
     """The command-line arguments that shape the table (not where it is written)."""
     argv, kept = list(sys.argv[1:] if argv is None else argv), []
@@ -618,13 +633,16 @@ def shown(argv):
     return kept
 
 
-def write_section(path, section, begin=BEGIN, end=END):
-    """Put ``section`` (which starts with ``begin`` and ends with ``end``) in place of the
-    one between those markers in ``path``, or at its end."""
+def write_section(path, title, head, reading, table, header=None, begin=BEGIN, end=END):
+    """Put a section (``title``, the ``head`` lines, the ``reading`` sentence, the
+    table) between the markers ``begin`` and ``end`` of ``path``, in place of the one
+    there, or at its end."""
+    header = header or [HEADER, RULE]
+    section = "\n".join([begin, title, "", *head, reading, "", *header, *table, end])
     text = open(path).read() if os.path.exists(path) else ""
     if begin in text and end in text:
-        head, rest = text.split(begin, 1)
-        text = head + section + rest.split(end, 1)[1]
+        before, rest = text.split(begin, 1)
+        text = before + section + rest.split(end, 1)[1]
     else:
         text = text.rstrip("\n") + ("\n\n" if text else "") + section + "\n"
     with open(path, "w") as f:
@@ -683,15 +701,7 @@ def main(argv=None):
             versions.append(reply["versions"])
             threads.append(f"{lib}: {reply['threads']}")
 
-        command = "python benchmarks/peers.py " + " ".join(map(shlex.quote, shown(argv)))
-        head = [
-            f"`{command.strip()}`, {datetime.date.today().isoformat()}.",
-            "",
-            f"Machine: {machine()}.",
-            f"Versions: {'; '.join(versions)}.",
-            f"Threads: {thread_env()}; " + "; ".join(threads) + ".",
-            "",
-        ]
+        head = run_head("peers.py", argv, versions, threads)
         print("\n".join(head))
         print(HEADER)
         print(RULE)
@@ -708,24 +718,16 @@ def main(argv=None):
             w.close()
 
     if args.write:
-        section = "\n".join(
-            [
-                BEGIN,
-                "## One SVGP step against GPflow, GPyTorch and GPJax (`benchmarks/peers.py`)",
-                "",
-                *head,
-                "Times are medians over rounds of each library's time per step, ratios are the "
-                "peer's median over numpyro_svgp's (above 1: the peer is slower), the loss "
-                "columns are numpyro_svgp's total −ELBO and each peer's relative difference to "
-                "it (see the module docstring).",
-                "",
-                HEADER,
-                RULE,
-                *table,
-                END,
-            ]
+        write_section(
+            args.results,
+            "## One SVGP step against GPflow, GPyTorch and GPJax (`benchmarks/peers.py`)",
+            head,
+            "Times are medians over rounds of each library's time per step, ratios are the "
+            "peer's median over numpyro_svgp's (above 1: the peer is slower), the loss "
+            "columns are numpyro_svgp's total −ELBO and each peer's relative difference to "
+            "it (see the module docstring).",
+            table,
         )
-        write_section(args.results, section)
     return 0
 
 

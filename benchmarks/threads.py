@@ -29,10 +29,8 @@ default should be within 1.10 of the best in both, and its slowdown no worse tha
 """
 
 import argparse
-import datetime
 import math
 import os
-import shlex
 import signal
 import subprocess
 import sys
@@ -182,16 +180,8 @@ def main(argv=None):
         if ONE not in workers:
             return 1
         load = Load(args.load)
-        command = "python benchmarks/threads.py " + " ".join(map(shlex.quote, peers.shown(argv)))
-        head = [
-            f"`{command.strip()}`, {datetime.date.today().isoformat()}.",
-            "",
-            f"Machine: {peers.machine()}.",
-            f"Versions: {'; '.join(dict.fromkeys(versions))}.",
-            f"Threads: {peers.thread_env()}; " + "; ".join(threads) + ".",
-            f"Load: {args.load} spinning Python processes, running in the loaded rounds only.",
-            "",
-        ]
+        load_line = f"Load: {args.load} spinning Python processes, in the loaded rounds only."
+        head = peers.run_head("threads.py", argv, versions, threads, load_line)
         print("\n".join(head) + "\n" + HEADER + "\n" + RULE, flush=True)
         table = []
         with tempfile.TemporaryDirectory() as tmp:
@@ -207,23 +197,18 @@ def main(argv=None):
             w.close()
 
     if args.write:
-        section = "\n".join(
-            [
-                BEGIN,
-                "## Idle and loaded, one BLAS thread or OpenBLAS's own (`benchmarks/threads.py`)",
-                "",
-                *head,
-                "Medians over rounds of the time per step; slowdown is loaded over idle; the "
-                "last two columns divide by the better numpyro_svgp setting in that condition "
-                "(see the module docstring).",
-                "",
-                HEADER,
-                RULE,
-                *table,
-                END,
-            ]
+        peers.write_section(
+            args.results,
+            "## Idle and loaded, one BLAS thread or OpenBLAS's own (`benchmarks/threads.py`)",
+            head,
+            "Medians over rounds of the time per step; slowdown is loaded over idle; the "
+            "last two columns divide by the better numpyro_svgp setting in that condition "
+            "(see the module docstring).",
+            table,
+            [HEADER, RULE],
+            BEGIN,
+            END,
         )
-        peers.write_section(args.results, section, BEGIN, END)
     return 0
 
 
