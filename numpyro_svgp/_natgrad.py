@@ -22,9 +22,9 @@ update.
 import jax
 import jax.numpy as jnp
 import optax
-from jax.scipy.linalg import cho_solve
 
 from numpyro_svgp._guide import AutoSVGP
+from numpyro_svgp._linalg import blocked_cholesky, lower_inverse
 
 __all__ = ["natural_gradient"]
 
@@ -41,17 +41,22 @@ def _natural_step(m, raw, grad_m, grad_raw, step_size, scale_tril):
     # the lower triangle its Jacobian J is diagonal with entries +-1, so J^T = J^-1 = J
     # and the loss gradient in S is J applied to the gradient in the parameter.
     grad_S = jnp.tril(jax.jvp(scale_tril, (raw,), (grad_raw,))[1])
-    grad_Sigma = jax.vjp(jnp.linalg.cholesky, Sigma)[1](grad_S)[0]
+    # the Cholesky factors, inverses and their derivative by blocks (_linalg): above
+    # order 128 mostly matrix products, which XLA:CPU runs far faster than LAPACK's
+    # solves; Sigma^-1 from the inverse of its factor rather than from an LU
+    L, cholesky_vjp = jax.vjp(lambda A: blocked_cholesky(0.5 * (A + A.T)), Sigma)
+    grad_Sigma = cholesky_vjp(grad_S)[0]
     grad_Sigma = 0.5 * (grad_Sigma + grad_Sigma.T)
     # ascent on the ELBO = descent on the loss
-    precision = jnp.linalg.inv(Sigma)
+    L_inverse = lower_inverse(L)
+    precision = L_inverse.T @ L_inverse
     theta1 = precision @ m - step_size * (grad_m - 2.0 * grad_Sigma @ m)
     theta2 = -0.5 * precision - step_size * grad_Sigma
     new_precision = -2.0 * theta2
-    L_p = jnp.linalg.cholesky(0.5 * (new_precision + new_precision.T))
-    new_Sigma = cho_solve((L_p, True), jnp.eye(m.shape[0], dtype=m.dtype))
+    L_p_inverse = lower_inverse(blocked_cholesky(0.5 * (new_precision + new_precision.T)))
+    new_Sigma = L_p_inverse.T @ L_p_inverse
     new_m = new_Sigma @ theta1
-    return new_m, jnp.linalg.cholesky(0.5 * (new_Sigma + new_Sigma.T))
+    return new_m, blocked_cholesky(0.5 * (new_Sigma + new_Sigma.T))
 
 
 def _batched_natural_step(m, raw, grad_m, grad_raw, step_size, scale_tril):

@@ -92,3 +92,33 @@ def test_natural_gradient_with_adam_on_minibatches_fits():
     )
     assert full <= bound + 1e-6 and bound - full < 1.0
     assert jax.tree.all(jax.tree.map(lambda v: bool(jnp.all(jnp.isfinite(v))), p))
+
+
+@pytest.mark.slow
+def test_one_natural_step_reaches_the_optimal_q_above_the_solve_block():
+    # M = 150 is above the order up to which LAPACK factorises and solves whole, so the
+    # natural step's Cholesky factors, inverses and Cholesky derivative go by blocks
+    rng = np.random.default_rng(17)
+    X2 = rng.uniform(-3, 3, size=(300, 2))
+    Y2 = np.sin(X2[:, 0]) * np.cos(X2[:, 1]) + 0.2 * rng.normal(size=300)
+    Z2 = rng.uniform(-3, 3, size=(150, 2))
+    variance, lengthscale, noise = (
+        0.8,
+        0.4,
+        0.05,
+    )  # Z far apart in lengthscales: K_zz well conditioned
+    model = gaussian_model(Z2, variance, lengthscale, noise, jitter=1e-6)
+    guide = ns.AutoSVGP(model)
+    optimizer = ns.natural_gradient(optax.set_to_zero(), step_size=1.0, guide=guide)
+    svi = SVI(model, guide, optimizer, ns.SVGP_ELBO())
+    state, _ = jax.jit(svi.update)(svi.init(random.PRNGKey(0), X2, Y2), X2, Y2)
+    params = svi.get_params(state)
+    K_zz = ref.rbf(Z2, Z2, variance, lengthscale) + 1e-6 * np.eye(150)
+    mu, Sigma = ref.optimal_q_u(ref.rbf(X2, Z2, variance, lengthscale), K_zz, Y2, noise)
+    m_opt, S_opt = ref.whiten(mu, Sigma, K_zz)
+    np.testing.assert_allclose(params["f_whitened_auto_loc"], m_opt, rtol=1e-6, atol=1e-7)
+    S = np.asarray(params["f_whitened_auto_scale_tril"])
+    np.testing.assert_allclose(S @ S.T, S_opt @ S_opt.T, rtol=1e-6, atol=1e-8)
+    bound = ns.titsias_bound(ns.kernels.RBF(variance, lengthscale), X2, Y2, Z2, noise, jitter=1e-6)
+    elbo = -ns.SVGP_ELBO().loss(random.PRNGKey(0), params, model, guide, X2, Y2)
+    assert float(elbo) == pytest.approx(float(bound), rel=1e-8)
