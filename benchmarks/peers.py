@@ -405,16 +405,15 @@ def handle(lib, message, current):
     raise ValueError(f"unknown command {command!r}")
 
 
-def blas_limit(lib, blas_threads):
-    """A context holding numpyro_svgp's BLAS libraries at ``blas_threads`` threads, as
-    ``ns.train(..., blas_threads=n)`` holds them while it trains (``"none"``, or another
-    library: as they are, OpenBLAS's own default being one thread per core)."""
+def train_settings(lib, blas_threads):
+    """For numpyro_svgp, a context holding the process settings that ``ns.train`` holds
+    while it trains: BLAS at ``blas_threads`` threads (``"none"``: OpenBLAS's own
+    default, one per core) and freed memory kept (``keep_memory``). Other libraries: none."""
     if lib != OURS:
         return contextlib.nullcontext()
     sys.path.insert(0, ROOT)
     from numpyro_svgp._train import _process_settings
 
-    # and the freed memory kept for the next steps, as ns.train keeps it (keep_memory)
     return _process_settings(None if blas_threads == "none" else int(blas_threads), True)
 
 
@@ -426,7 +425,7 @@ def blas_description():
 
 
 def worker(lib, blas_threads="none"):
-    with blas_limit(lib, blas_threads):
+    with train_settings(lib, blas_threads):
         serve(lib)
 
 

@@ -295,8 +295,10 @@ def _kept_memory(keep: bool):
 
     XLA:CPU allocates a step's temporaries anew at every call; blocks larger than
     malloc's mmap threshold (at most 32 MB) are mapped and unmapped each time, and each
-    new page then faults and is zeroed by the kernel, every step. Restored on return,
-    when the memory kept is given back (``malloc_trim``). Not glibc: nothing is done.
+    new page then faults and is zeroed by the kernel, every step. On return both settings
+    go back to glibc's defaults (a value set by the user before is not read back: glibc
+    offers no way to), and the memory kept is given back (``malloc_trim``). Not glibc:
+    nothing is done.
     """
     if not keep or platform.libc_ver()[0] != "glibc":
         yield
@@ -319,12 +321,15 @@ def _process_settings(blas_threads: int | None, keep_memory: bool):
         yield
 
 
-def _check_blas_threads(n) -> None:
+def _check_process_settings(blas_threads, keep_memory) -> None:
+    n = blas_threads
     if n is not None and (not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1):
         raise ValueError(
             f"blas_threads must be None (leave BLAS's threads as they are) or an "
             f"integer >= 1, got {n!r}."
         )
+    if not isinstance(keep_memory, bool):
+        raise ValueError(f"keep_memory must be True or False, got {keep_memory!r}.")
 
 
 def _check_counts(**counts) -> None:
@@ -401,9 +406,7 @@ def train(
         raise ValueError("resume=True needs a checkpoint path.")
     if resume and init_state is not None:
         raise ValueError("give init_state or resume=True, not both.")
-    _check_blas_threads(blas_threads)
-    if not isinstance(keep_memory, bool):
-        raise ValueError(f"keep_memory must be True or False, got {keep_memory!r}.")
+    _check_process_settings(blas_threads, keep_memory)
     for i, a in enumerate(args):
         if _is_array(a) and np.ndim(a):
             _check_finite(a, f"positional argument {i} of the model")
@@ -540,9 +543,7 @@ def train_epochs(
         raise ValueError(f"batch_size must be in [1, N = {num_data}], got {batch_size}.")
     if patience is not None and (held_out is None or patience < 1):
         raise ValueError("patience needs held_out data and must be >= 1.")
-    _check_blas_threads(blas_threads)
-    if not isinstance(keep_memory, bool):
-        raise ValueError(f"keep_memory must be True or False, got {keep_memory!r}.")
+    _check_process_settings(blas_threads, keep_memory)
     for i, d in enumerate(data):
         _check_finite(d, f"data[{i}]")
     for i, d in enumerate(held_out or ()):

@@ -194,17 +194,6 @@ def _scaled_sq_dist_matrix(X1, X2, lengthscale) -> jax.Array:
     return jnp.maximum(left @ right.T, 0.0)
 
 
-def _scaled_sq_dist_pairwise(X, lengthscale) -> jax.Array:
-    r""":math:`r^2_{ij}` within one set, as differences of the scaled inputs.
-
-    Exactly symmetric with an exact zero diagonal (the matrix is factorised).
-    Scaling before pairing keeps the ``(N, N, D)`` work to a subtraction and a square.
-    """
-    _per_feature("lengthscale", lengthscale, X.shape[-1])
-    a = X / lengthscale
-    return jnp.sum(jnp.square(a[:, None, :] - a[None, :, :]), axis=-1)
-
-
 @jax.custom_jvp
 def _scaled_sq_dist_symmetric(X: jax.Array, lengthscale: jax.Array) -> jax.Array:
     r"""All :math:`r^2_{ij} = \|(x_i - x_j)/\ell\|^2` within one set (e.g. :math:`K_{zz}`).
@@ -222,6 +211,7 @@ def _scaled_sq_dist_symmetric(X: jax.Array, lengthscale: jax.Array) -> jax.Array
     JAX's own derivative of the differences runs elementwise over an ``(M, M, D)``
     tensor in both directions, far slower on CPU than the product once M is large.
     """
+    _per_feature("lengthscale", lengthscale, X.shape[-1])
     if X.shape[1] > 32:
         return jnp.sum(jnp.square((X[:, None, :] - X[None, :, :]) / lengthscale), axis=-1)
     # one (M, M) term per feature, added in order: XLA:CPU fuses these into one pass,
@@ -285,11 +275,10 @@ class Stationary(Kernel):
         if symmetric:
             # K(Z, Z) must be exactly symmetric with an exact diagonal (it is
             # factorised), so it keeps the pairwise-difference form of `evaluate`, with a
-            # derivative as matrix products. Not _scaled_sq_dist_pairwise: under jit on
-            # XLA:CPU (jax 0.10.2) that form, scaled before differencing, was miscompiled
+            # derivative as matrix products. Differences first, then scaled: under jit on
+            # XLA:CPU (jax 0.10.2) the inputs scaled before differencing were miscompiled
             # for Matern kernels in 1-D (M = 4 to 30): K(Z, Z) came out O(1) wrong, and
             # the jitter search then escalated to 1.0 without a word.
-            _per_feature("lengthscale", self.lengthscale, X1.shape[-1])
             r2 = _scaled_sq_dist_symmetric(X1, self.lengthscale)
             return self.variance * self.profile(r2)
         return self.variance * self.profile(_scaled_sq_dist_matrix(X1, X2, self.lengthscale))
