@@ -6,7 +6,8 @@ Build (from the repository root, no network needed)::
     .venv/bin/python -m sphinx -W --keep-going -b html docs docs/_build/html
 
 ``NUMPYRO_SVGP_DOCS_FAST=1`` builds the API reference, the performance pages and the
-first tutorial only (for CI); without it every tutorial is executed. Executed notebooks
+first tutorial only (a quick check while editing); without it every tutorial is
+executed, as in CI. Executed notebooks
 are cached in ``docs/_build/.jupyter_cache``: a tutorial runs again only when its code
 changes.
 """
@@ -39,8 +40,8 @@ extensions = [
 source_suffix = {".rst": "restructuredtext", ".md": "myst-nb"}
 exclude_patterns = ["_build", "jupyter_execute", "README.md", ".jupyter_cache"]
 
-# The first tutorial is the one CI executes in fast mode; the rest need
-# NUMPYRO_SVGP_DOCS_FAST unset. The tutorials' toctree is a glob, so excluded ones
+# Fast mode executes the first tutorial only; the rest need NUMPYRO_SVGP_DOCS_FAST
+# unset. The tutorials' toctree is a glob, so excluded ones
 # simply drop out of it.
 FAST = os.environ.get("NUMPYRO_SVGP_DOCS_FAST", "") not in ("", "0")
 FAST_TUTORIAL = "tutorials/01_regression.md"

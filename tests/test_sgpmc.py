@@ -409,3 +409,62 @@ def test_a_deep_gp_and_an_outside_observation_get_their_own_messages():
         log_density(outside, (X,), {}, values)
     with pytest.raises(TypeError, match="required positional argument: .fn."):
         ns.sgpmc(quadrature_points=10)
+
+
+@pytest.mark.slow
+def test_partial_pooling_recovers_the_population_lengthscale():
+    """A GP per group (svgp in a plate, X and Z per group), each group's log lengthscale
+    drawn from a learnt population N(mu, tau^2). On groups simulated from a known
+    population, NUTS on the SGPMC density puts the true mu within 2 posterior sds, and
+    its posterior of (mu, tau) is that of NUTS on the exact hierarchical GP (Z = X, so the
+    two densities are equal) within Monte-Carlo error."""
+    groups, points, noise = 8, 20, 0.3
+    true_mu, true_tau = np.log(0.5), 0.3
+    rng = np.random.default_rng(0)
+    log_lengthscales = true_mu + true_tau * rng.normal(size=groups)
+    X = np.sort(rng.uniform(-1.5, 1.5, size=(groups, points, 1)), axis=1)
+    Y = np.stack(
+        [
+            rng.multivariate_normal(
+                np.zeros(points),
+                reference.rbf(X[g], X[g], 1.0, np.exp(log_lengthscales[g]))
+                + 1e-9 * np.eye(points),
+            )
+            for g in range(groups)
+        ]
+    ) + noise * rng.normal(size=(groups, points))
+
+    def population():
+        mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
+        tau = numpyro.sample("tau", dist.HalfNormal(0.5))
+        return mu, tau
+
+    def sparse(X, Y):
+        mu, tau = population()
+        with numpyro.plate("group", groups, dim=-2):
+            z = numpyro.sample("z", dist.Normal(0.0, 1.0))  # non-centred log lengthscale
+            kernel = ns.kernels.RBF(1.0, jnp.exp(mu + tau * z))
+            f = ns.svgp("f", kernel, X, X, jitter=JITTER)
+            with numpyro.plate("data", points, dim=-1):
+                numpyro.sample("y", dist.Normal(f, noise), obs=Y)
+
+    def exact(X, Y):
+        mu, tau = population()
+        with numpyro.plate("group", groups, dim=-1):
+            z = numpyro.sample("z", dist.Normal(0.0, 1.0))
+            scaled = (X - jnp.swapaxes(X, -1, -2)) / jnp.exp(mu + tau * z)[:, None, None]
+            cov = jnp.exp(-0.5 * scaled**2) + (noise**2 + JITTER) * jnp.eye(points)
+            numpyro.sample("y", dist.MultivariateNormal(jnp.zeros(points), cov), obs=Y)
+
+    def run(model, key):
+        mcmc = MCMC(NUTS(model), num_warmup=500, num_samples=1000, progress_bar=False)
+        mcmc.run(key, jnp.asarray(X), jnp.asarray(Y))
+        return mcmc.get_samples(group_by_chain=True)
+
+    got, want = run(ns.sgpmc(sparse), random.PRNGKey(0)), run(exact, random.PRNGKey(1))
+    mu = np.asarray(got["mu"])
+    assert abs(mu.mean() - true_mu) < 2 * mu.std(), (mu.mean(), mu.std(), true_mu)
+    for name in ("mu", "tau"):
+        a, b = np.asarray(got[name]), np.asarray(want[name])
+        se = [np.std(s) / np.sqrt(effective_sample_size(s)) for s in (a, b)]
+        assert abs(a.mean() - b.mean()) < 4 * np.hypot(*se), (name, a.mean(), b.mean(), se)
