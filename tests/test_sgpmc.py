@@ -427,8 +427,7 @@ def test_partial_pooling_recovers_the_population_lengthscale():
         [
             rng.multivariate_normal(
                 np.zeros(points),
-                reference.rbf(X[g], X[g], 1.0, np.exp(log_lengthscales[g]))
-                + 1e-9 * np.eye(points),
+                reference.rbf(X[g], X[g], 1.0, np.exp(log_lengthscales[g])) + 1e-9 * np.eye(points),
             )
             for g in range(groups)
         ]
