@@ -48,6 +48,12 @@ def data_sharding(devices=None, axis_name: str = "data") -> NamedSharding:
 def shard_data(*arrays, devices=None, axis_name: str = "data"):
     """Place data arrays on ``devices``, split along their leading axis.
 
+    For a family of GPs in a group plate with per-group data, ``X`` of shape
+    ``(G, n, D)`` and ``y`` of shape ``(G, n)``, the leading axis is the groups: each
+    device holds whole groups, and ``G`` must be a multiple of the number of devices.
+    For ragged groups (``svgp(..., group_index=group)``), pass the rows and their group
+    indices, ``shard_data(X, group, y)``: the rows are split, whatever their groups.
+
     :param arrays: arrays with the same leading length ``N`` (e.g. ``X``, ``y``),
         which ``len(devices)`` must divide.
     :param devices: default ``jax.devices()``.

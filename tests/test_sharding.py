@@ -1,6 +1,7 @@
 """Data parallelism: on 4 forced CPU devices, the loss, gradients and one SVI step
 with X, y split along N equal the single-device ones, and the compiled program
-really works on N/4 rows per device (no all-gather of the data)."""
+really works on N/4 rows per device (no all-gather of the data); the same for GP
+families, split by groups or by rows."""
 
 import json
 import os
@@ -80,3 +81,26 @@ def test_shard_data_refuses_uneven_splits_and_mismatched_arrays(report):
         ns.shard_data()
     X = ns.shard_data(np.zeros((3, 2)), devices=devices)
     assert X.shape == (3, 2)
+
+
+@pytest.mark.parametrize("family", ["family", "ragged"])
+@pytest.mark.slow
+def test_gp_families_sharded_equal_single_device(report, family):
+    """A plated family with its groups split over the devices (each holds whole groups),
+    and a ragged family with its rows and their group indices split: the loss, gradients
+    and one SVI step are the single-device ones."""
+    r = report[family]
+    single, sharded = r["loss"]
+    assert sharded == pytest.approx(single, rel=1e-12)
+    assert r["grad_max_abs"] > 1.0
+    assert r["grad_max_abs_diff"] <= 1e-12 * r["grad_max_abs"]
+    assert r["step_max_abs_diff"] <= 1e-12
+    assert r["input_sharding"] == "P('data',)"
+
+
+@pytest.mark.slow
+def test_a_plated_family_is_split_by_groups(report):
+    r = report["family"]
+    assert r["per_device_rows"]  # K_xz of one group per device
+    assert not r["full_rows_anywhere"]  # no array with every group's rows
+    assert r["all_reduce"]  # the groups' sums meet the shared noise's gradient
