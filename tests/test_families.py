@@ -224,6 +224,115 @@ def test_predictive_draws_have_the_family_shape_and_its_moments():
     np.testing.assert_allclose(draws["f"].var(0), var, rtol=0.2)
 
 
+def _params_model(X_shape, Z_init, variance_init, lengthscale_init):
+    """A GP per group whose hyperparameters and Z are numpyro.params (so the loss has
+    gradients in them), and a noise shared by all groups; without a group axis in X, one
+    GP with the same param names."""
+    positive = dist.constraints.positive
+
+    def gp_and_likelihood(X, Y, rows):
+        kernel = ns.kernels.RBF(
+            numpyro.param("variance", jnp.asarray(variance_init), constraint=positive),
+            numpyro.param("lengthscale", jnp.asarray(lengthscale_init), constraint=positive),
+        )
+        f = ns.svgp("f", kernel, X, numpyro.param("Z", jnp.asarray(Z_init)), jitter=JITTER)
+        noise = numpyro.param("noise", 0.3, constraint=positive)
+        with numpyro.plate("data", rows, dim=-1):
+            numpyro.sample("y", dist.Normal(f, noise), obs=Y)
+
+    def model(X, Y=None):
+        if X.ndim == 2:
+            return gp_and_likelihood(X, Y, X.shape[0])
+        with numpyro.plate("group", X.shape[0], dim=-2):
+            gp_and_likelihood(X, Y, X.shape[1])
+
+    return model
+
+
+@pytest.mark.slow
+def test_family_loss_and_gradients_are_the_sums_of_its_single_gps():
+    """G GPs in a plate, each with its own variance, ARD lengthscales, Z, X and q(v), and a
+    shared noise: the loss is the sum of the G single-GP losses (each its own model,
+    svgp outside any plate) to 1e-10, and so are the gradients: per group in the
+    per-group params, summed over groups in the shared noise. A plate size other than
+    the fitted one is refused at prediction."""
+    G = 3
+    rng = np.random.default_rng(5)
+    Xs = rng.uniform(-2, 2, size=(G, N, D))
+    Y = np.sin(Xs[..., 0]) + 0.3 * rng.normal(size=(G, N))
+    Z = rng.uniform(-2, 2, size=(G, M, D))
+    variance = rng.uniform(0.5, 1.5, size=(G, 1))
+    lengthscale = rng.uniform(0.5, 1.2, size=(G, 1, D))
+    loc = rng.normal(size=(G, 1, M))
+    raw = np.tril(0.3 * rng.normal(size=(G, 1, M, M))) + np.eye(M) * rng.uniform(
+        0.4, 1.0, size=(G, 1, M, 1)
+    )
+    family = _params_model(Xs.shape, Z, variance, lengthscale)
+    guide = ns.AutoSVGP(family)
+    params = {
+        **initial_params(family, guide, Xs, Y),
+        "f_whitened_auto_loc": jnp.asarray(loc),
+        "f_whitened_auto_scale_tril": jnp.asarray(raw),
+    }
+    loss = compiled_loss(family, guide, Xs, Y)
+    value, grads = jax.value_and_grad(loss)(params, random.PRNGKey(0))
+
+    total, noise_grad = 0.0, 0.0
+    for g in range(G):
+        single = _params_model(Xs[g].shape, Z[g], variance[g, 0], lengthscale[g, 0])
+        single_guide = ns.AutoSVGP(single)
+        single_params = {
+            **initial_params(single, single_guide, Xs[g], Y[g]),
+            "f_whitened_auto_loc": jnp.asarray(loc[g, 0]),
+            "f_whitened_auto_scale_tril": jnp.asarray(raw[g, 0]),
+        }
+        single_loss = compiled_loss(single, single_guide, Xs[g], Y[g])
+        value_g, grads_g = jax.value_and_grad(single_loss)(single_params, random.PRNGKey(0))
+        total += float(value_g)
+        noise_grad += float(grads_g["noise"])
+        for name in ("variance", "lengthscale", "Z", "f_whitened_auto_loc"):
+            expected = np.asarray(grads_g[name])
+            np.testing.assert_allclose(
+                np.asarray(grads[name][g]).reshape(expected.shape),
+                expected,
+                rtol=1e-10,
+                atol=1e-10 * np.abs(expected).max(),
+                err_msg=f"{name} of group {g}",
+            )
+        expected = np.tril(np.asarray(grads_g["f_whitened_auto_scale_tril"]))
+        np.testing.assert_allclose(
+            np.tril(np.asarray(grads["f_whitened_auto_scale_tril"][g, 0])),
+            expected,
+            rtol=1e-10,
+            atol=1e-10 * np.abs(expected).max(),
+        )
+    assert float(value) == pytest.approx(total, rel=1e-10)
+    assert float(grads["noise"]) == pytest.approx(noise_grad, rel=1e-10)
+
+    # the fitted plate has G members: a call with G + 1 groups is refused, not clamped;
+    # by the model where a per-group param cannot grow, else by the guide
+    grown = np.concatenate([Xs, Xs[:1]])
+    with pytest.raises(ValueError, match=r"RBF.variance has shape \(3, 1\).*\(4, 1\)"):
+        ns.predict_f(family, guide, params, grown)
+
+    def shared(X, Y=None):
+        with numpyro.plate("group", X.shape[0], dim=-2):
+            f = ns.svgp("f", ns.kernels.RBF(1.0, 0.8), X, jnp.asarray(Z[0]), jitter=JITTER)
+            with numpyro.plate("data", X.shape[1], dim=-1):
+                numpyro.sample("y", dist.Normal(f, 0.3), obs=Y)
+
+    guide = ns.AutoSVGP(shared)
+    params = initial_params(shared, guide, Xs, Y)
+    for predict in (
+        lambda: ns.predict_f(shared, guide, params, grown),
+        lambda: Predictive(shared, guide=guide, params=params, num_samples=2)(
+            random.PRNGKey(1), grown
+        ),
+    ):
+        with pytest.raises(ValueError, match=r"plate 'group' has size 4 .* fitted with size 3"):
+            predict()
+
+
 def test_hyperparameters_shared_or_per_gp_and_shape_errors_name_the_argument():
     def model(variance, lengthscale, Z, X=X):
         with numpyro.plate("group", 3, dim=-2):
