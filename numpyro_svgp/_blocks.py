@@ -5,9 +5,9 @@ each need one row of :math:`K_{xz}` and of :math:`A = K_{xz} L^{-\top}`. Formed 
 these ``(N, M)`` arrays and their cotangents make up nearly all of a step's memory. On
 CPU the memory also costs time: XLA:CPU allocates a program's temporaries afresh on
 every call, and an allocation beyond glibc's mmap threshold (32 MiB at most) comes
-back from the kernel as fresh pages, zeroed on first touch. That was 47,000 page
-faults and 95 ms of system time per step at N = 10⁵, M = 64 in float32, against 130 ms
-of user time (``benchmarks/step_time.py`` counts the faults).
+back from the kernel as fresh pages, zeroed on first touch: at large ``N`` the page
+faults cost a step about as much system time as its arithmetic costs user time
+(``benchmarks/step_time.py`` counts them).
 
 :func:`sum_over_blocks` evaluates :math:`\sum_b g(\theta, \text{rows}_b)` as a
 ``lax.scan`` over blocks of about :data:`BLOCK_ENTRIES` ``(row, inducing point)``
@@ -60,7 +60,7 @@ def block_rows(num_points: int, num_inducing: int, backend: str | None = None) -
     """Rows per block for ``num_points`` rows against ``num_inducing`` inducing
     points, or ``None`` when the data are better taken whole: fewer than two blocks, or
     fewer than 4 M rows, where the O(M³) work dominates the step and the blocks' loop
-    only adds to it (measured: N = 1024, M = 512 took 5% longer in blocks, in float32).
+    only adds to it.
 
     :param backend: the JAX platform the step runs on (``"cpu"``, ``"gpu"``,
         ``"tpu"``); ``None`` for :func:`jax.default_backend`. CPU blocks hold

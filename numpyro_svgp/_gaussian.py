@@ -66,8 +66,8 @@ def use_matrix_form(num_points: int, num_inducing: int, dtype) -> bool:
     the inducing points by 2 or more (there it is the fastest form; see
     ``benchmarks/step_time.py``). Not below float64: the form goes through
     :math:`L^{-1} K_{zx} K_{xz} L^{-\top}`, whose round-off grows with
-    :math:`\kappa(K_{zz})` rather than :math:`\kappa(L)`; in float32 with jitter 1e-4
-    that moved the toy problem's ELBO by several nats."""
+    :math:`\kappa(K_{zz})` rather than :math:`\kappa(L)`, which float32 cannot carry
+    at the jitters a float32 :math:`K_{zz}` needs."""
     return bool(num_points >= 2 * num_inducing and jnp.finfo(dtype).eps < 1e-10)
 
 

@@ -7,10 +7,10 @@ to the :math:`\mathcal N(0, I)` prior is analytic.
 
 :math:`S` is parametrised as in GPflow's SVGP: its lower triangle is free, the
 diagonal included, and starts at the prior, :math:`S = I`. The diagonal is not
-pushed through ``exp``/``softplus``: on the toy problem of the main example that
-reparametrisation slows the early shrinking of :math:`q(v)` so much that the kernel
-variance is driven down to 0.31 before :math:`q` catches up (−ELBO −176.9 after 800
-Adam steps against −184.5 with the free diagonal). A diagonal entry may change sign;
+pushed through ``exp``/``softplus``: that reparametrisation slows the early shrinking
+of :math:`q(v)`, and while :math:`q` lags, the kernel hyperparameters move to fit the
+wide :math:`q` (the kernel variance is driven down) rather than the data. A diagonal
+entry may change sign;
 that leaves :math:`S S^\top` unchanged, and the guide hands numpyro the equivalent
 factor with positive diagonal, :math:`S\,\operatorname{diag}(\operatorname{sign} S_{ii})`.
 
@@ -150,7 +150,7 @@ class AutoSVGP(AutoNormal):
         # One run of the model, outside jit, with every latent site at its initial value
         # and the svgp outputs as placeholders. numpyro's own set-up (initialize_model)
         # runs it twice more and differentiates its log density, primitive by primitive:
-        # each primitive of a new shape is compiled on its own, and that was most of
+        # each primitive of a new shape is compiled on its own, which would dominate
         # the time to a first fit. The log density at the start is checked by the first
         # SVI step instead (ns.train skips and counts non-finite steps).
         with block():
