@@ -10,9 +10,9 @@ diagonal included, and starts at the prior, :math:`S = I`. The diagonal is not
 pushed through ``exp``/``softplus``: that reparametrisation slows the early shrinking
 of :math:`q(v)`, and while :math:`q` lags, the kernel hyperparameters move to fit the
 wide :math:`q` (the kernel variance is driven down) rather than the data. A diagonal
-entry may change sign;
-that leaves :math:`S S^\top` unchanged, and the guide hands numpyro the equivalent
-factor with positive diagonal, :math:`S\,\operatorname{diag}(\operatorname{sign} S_{ii})`.
+entry may change sign; that leaves :math:`S S^\top` unchanged, and the guide hands
+numpyro the equivalent factor with positive diagonal,
+:math:`S\,\operatorname{diag}(\operatorname{sign} S_{ii})`.
 
 ``AutoSVGP`` is numpyro's :class:`~numpyro.infer.autoguide.AutoNormal` with the
 whitened sites taken out of its prototype and guided here: every other continuous

@@ -138,11 +138,11 @@ def families(out):
     leading axis: a device holds whole groups), and the ragged family with its rows and
     their group indices split."""
     elbo = ns.SVGP_ELBO()
-    X, y = X0.reshape(GROUPS, N // GROUPS, D), Y_REAL.reshape(GROUPS, N // GROUPS)
+    rows = N // GROUPS
+    X, y = X0.reshape(GROUPS, rows, D), Y_REAL.reshape(GROUPS, rows)
     single = loss_and_grads(family, elbo, jnp.asarray(X), jnp.asarray(y))
     Xs, ys = ns.shard_data(X, y)
     sharded = loss_and_grads(family, elbo, Xs, ys)
-    rows = N // GROUPS
     out["family"] = {
         **compare(single, sharded),
         "input_sharding": str(Xs.sharding.spec),

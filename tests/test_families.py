@@ -224,7 +224,7 @@ def test_predictive_draws_have_the_family_shape_and_its_moments():
     np.testing.assert_allclose(draws["f"].var(0), var, rtol=0.2)
 
 
-def _params_model(X_shape, Z_init, variance_init, lengthscale_init):
+def _params_model(Z_init, variance_init, lengthscale_init):
     """A GP per group whose hyperparameters and Z are numpyro.params (so the loss has
     gradients in them), and a noise shared by all groups; without a group axis in X, one
     GP with the same param names."""
@@ -267,7 +267,7 @@ def test_family_loss_and_gradients_are_the_sums_of_its_single_gps():
     raw = np.tril(0.3 * rng.normal(size=(G, 1, M, M))) + np.eye(M) * rng.uniform(
         0.4, 1.0, size=(G, 1, M, 1)
     )
-    family = _params_model(Xs.shape, Z, variance, lengthscale)
+    family = _params_model(Z, variance, lengthscale)
     guide = ns.AutoSVGP(family)
     params = {
         **initial_params(family, guide, Xs, Y),
@@ -279,7 +279,7 @@ def test_family_loss_and_gradients_are_the_sums_of_its_single_gps():
 
     total, noise_grad = 0.0, 0.0
     for g in range(G):
-        single = _params_model(Xs[g].shape, Z[g], variance[g, 0], lengthscale[g, 0])
+        single = _params_model(Z[g], variance[g, 0], lengthscale[g, 0])
         single_guide = ns.AutoSVGP(single)
         single_params = {
             **initial_params(single, single_guide, Xs[g], Y[g]),
