@@ -23,9 +23,17 @@ and of the settings rotated every round. So each cell's idle and loaded figures 
 the same processes, interleaved, and drift of the machine falls on both alike.
 
 **Reading the table.** Per cell and setting: the medians over rounds of the time per step,
-idle and loaded, and the slowdown (loaded over idle). The last two columns divide the
-setting's median by the better of numpyro_svgp's two settings in that condition: the
-default should be within 1.10 of the best in both, and its slowdown no worse than GPflow's.
+idle and loaded, and the slowdown (loaded over idle). *Cores* is the process's CPU time
+(all its threads, spinning included) over its wall time per step: how many cores the step
+keeps busy. The slowdown splits as
+
+    slowdown = (cores idle / cores loaded) * (CPU per step loaded / CPU per step idle),
+
+so a step that keeps more cores busy when idle loses more when those cores are taken: with
+``--load`` spinners on as many cores, a process gets about one core in all. The last two
+columns divide the setting's median by the better of numpyro_svgp's two settings in that
+condition: the default should be within 1.10 of the best in both, and its slowdown no worse
+than GPflow's.
 """
 
 import argparse
@@ -51,10 +59,10 @@ SETTINGS = {ONE: (OURS, "1"), OWN: (OURS, "none"), "gpflow": ("gpflow", "none")}
 DEFAULT_CELLS = ((10_000, 64), (100_000, 64), (10_000, 256), (1_000, 1024))
 BEGIN, END = "<!-- threads:begin -->", "<!-- threads:end -->"
 HEADER = (
-    "| dtype | N | M | setting | idle ms | loaded ms | slowdown | idle / best ours "
-    "| loaded / best ours |"
+    "| dtype | N | M | setting | idle ms | loaded ms | slowdown | cores idle | cores loaded "
+    "| idle / best ours | loaded / best ours |"
 )
-RULE = "|---|---|---|---|---|---|---|---|---|"
+RULE = "|---|---|---|---|---|---|---|---|---|---|---|"
 
 
 class Load:
@@ -100,10 +108,10 @@ def run_cell(workers, load, dtype_name, n, m, args, tmp):
     for name, w in workers.items():
         reply = w.ask(cmd="build", data=path, jitter=jitter)
         if "error" in reply:
-            rows.append(f"{cell} {name} | error: {reply['error']} | | | | |")
+            rows.append(f"{cell} {name} | error: {reply['error']} | | | | | | |")
         elif reply["warm_seconds"] > args.max_seconds:
             rows.append(
-                f"{cell} {name} | skipped ({reply['warm_seconds']:.1f} s per step) | | | | |"
+                f"{cell} {name} | skipped ({reply['warm_seconds']:.1f} s per step) | | | | | | |"
             )
             w.ask(cmd="release")
         else:
@@ -114,6 +122,7 @@ def run_cell(workers, load, dtype_name, n, m, args, tmp):
         for name in names
     }
     times = {(name, c): [] for name in names for c in ("idle", "loaded")}
+    cores = {(name, c): [] for name in names for c in ("idle", "loaded")}
     for round_ in range(args.rounds):
         conditions = ("idle", "loaded") if round_ % 2 == 0 else ("loaded", "idle")
         for condition in conditions:
@@ -122,12 +131,15 @@ def run_cell(workers, load, dtype_name, n, m, args, tmp):
             shift = round_ % len(names)
             for name in names[shift:] + names[:shift]:
                 reply = workers[name].ask(cmd="time", k=k[name])
-                times[name, condition].append(reply.get("seconds", math.nan))
+                seconds = reply.get("seconds", math.nan)
+                times[name, condition].append(seconds)
+                cores[name, condition].append(reply.get("cpu_seconds", math.nan) / seconds)
             load.off()
     for w in workers.values():
         w.ask(cmd="release")
 
     median = {key: float(np.median(v)) for key, v in times.items()}
+    used = {key: float(np.median(v)) for key, v in cores.items()}
     best = {
         c: min(median[name, c] for name in (ONE, OWN) if name in built) for c in ("idle", "loaded")
     }
@@ -135,6 +147,7 @@ def run_cell(workers, load, dtype_name, n, m, args, tmp):
         idle, loaded = median[name, "idle"], median[name, "loaded"]
         rows.append(
             f"{cell} {name} | {1e3 * idle:.3g} | {1e3 * loaded:.3g} | {loaded / idle:.2f} | "
+            f"{used[name, 'idle']:.2f} | {used[name, 'loaded']:.2f} | "
             f"{idle / best['idle']:.2f} | {loaded / best['loaded']:.2f} |"
         )
     return rows
@@ -201,9 +214,9 @@ def main(argv=None):
             args.results,
             "## Idle and loaded, one BLAS thread or OpenBLAS's own (`benchmarks/threads.py`)",
             head,
-            "Medians over rounds of the time per step; slowdown is loaded over idle; the "
-            "last two columns divide by the better numpyro_svgp setting in that condition "
-            "(see the module docstring).",
+            "Medians over rounds of the time per step; slowdown is loaded over idle; cores "
+            "is the process's CPU time over its wall time; the last two columns divide by the "
+            "better numpyro_svgp setting in that condition (see the module docstring).",
             table,
             [HEADER, RULE],
             BEGIN,
