@@ -24,13 +24,14 @@ the same processes, interleaved, and drift of the machine falls on both alike.
 
 **Reading the table.** Per cell and setting: the medians over rounds of the time per step,
 idle and loaded, and the slowdown (loaded over idle). *Cores* is the process's CPU time
-(all its threads, spinning included) over its wall time per step: how many cores the step
-keeps busy. The slowdown splits as
+(all its threads, including its own workers' spin-waiting) over its wall time per step: how
+many cores the step keeps busy. The slowdown splits as
 
     slowdown = (cores idle / cores loaded) * (CPU per step loaded / CPU per step idle),
 
-so a step that keeps more cores busy when idle loses more when those cores are taken: with
-``--load`` spinners on as many cores, a process gets about one core in all. The last two
+so where the CPU per step stays about the same, a step that keeps more cores busy when idle
+loses more when those cores are taken: with one spinner per core, a process gets about half
+the cores (one, on two cores). The last two
 columns divide the setting's median by the better of numpyro_svgp's two settings in that
 condition: the default should be within 1.10 of the best in both, and its slowdown no worse
 than GPflow's.

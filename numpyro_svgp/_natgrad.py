@@ -53,10 +53,10 @@ def _natural_step(m, raw, grad_m, grad_raw, step_size, scale_tril):
     theta1 = precision @ m - step_size * (grad_m - 2.0 * grad_Sigma @ m)
     theta2 = -0.5 * precision - step_size * grad_Sigma
     new_precision = -2.0 * theta2
-    # The new factor straight from the new precision P, with no product to form and
+    # The new factor straight from the new precision P, with no covariance to form and
     # factorise again: with J the exchange matrix and J P J = R R^T (R lower),
     # P = (J R J)(J R J)^T with J R J upper, so the new Sigma = P^-1 = N N^T with
-    # N = J R^-T J, lower and with a positive diagonal: its Cholesky factor.
+    # N = (J R J)^-T = J R^-T J, lower and with a positive diagonal: its Cholesky factor.
     R = blocked_cholesky(_reversed(0.5 * (new_precision + new_precision.T)))
     new_S = _reversed(lower_inverse(R).T)
     new_m = new_S @ (new_S.T @ theta1)
@@ -65,7 +65,7 @@ def _natural_step(m, raw, grad_m, grad_raw, step_size, scale_tril):
 
 def _reversed(A):
     """:math:`J A J`: rows and columns in reverse order."""
-    return A[::-1, ::-1]
+    return A[..., ::-1, ::-1]
 
 
 def _batched_natural_step(m, raw, grad_m, grad_raw, step_size, scale_tril):
