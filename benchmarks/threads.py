@@ -31,10 +31,9 @@ many cores the step keeps busy. The slowdown splits as
 
 so where the CPU per step stays about the same, a step that keeps more cores busy when idle
 loses more when those cores are taken: with one spinner per core, a process gets about half
-the cores (one, on two cores). The last two
-columns divide the setting's median by the better of numpyro_svgp's two settings in that
-condition: the default should be within 1.10 of the best in both, and its slowdown no worse
-than GPflow's.
+the cores (one, on two cores). The last two columns divide the setting's median by the
+better of numpyro_svgp's two settings in that condition: the default should be within 1.10
+of the best in both, and its slowdown no worse than GPflow's.
 """
 
 import argparse
