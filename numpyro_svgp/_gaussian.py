@@ -71,7 +71,6 @@ def use_matrix_form(num_points: int, num_inducing: int, dtype) -> bool:
     return bool(num_points >= 2 * num_inducing and jnp.finfo(dtype).eps < 1e-10)
 
 
-@jax.custom_vjp
 def _weighted_gram(
     K_zx: Float[Array, "M N"], w: Float[Array, "*N"], u: Float[Array, " N"]
 ) -> tuple[Float[Array, "M M"], Float[Array, " M"]]:
@@ -83,19 +82,41 @@ def _weighted_gram(
     + \bar r u^\top` is one O(N M²) product, where the transpose of
     ``K_zx @ K_zx.T`` that JAX derives takes two (one per factor).
     """
+    return _split_gram(_stacked_gram(K_zx, w, u))
+
+
+def _split_gram(stacked: Float[Array, "M M+1"]) -> tuple[Float[Array, "M M"], Float[Array, " M"]]:
+    r"""``(P, r)`` from the ``[P | r]`` that the custom-derivative functions return.
+
+    Those functions return one array, not the pair: JAX batches a custom VJP's outputs
+    one by one, so under ``vmap`` (numpyro's vectorised particles) :math:`P` can be
+    unbatched (the kernel and noise are params) while :math:`r` is batched (it carries
+    ``y`` minus a latent offset). The backward rule then receives :math:`\bar P` already
+    summed over the batch, adds it to every element's own :math:`\bar r u^\top`, and
+    the sum over the batch counts :math:`\bar P`'s share once per particle: a gradient
+    that is wrong while the value is right. One output is batched whenever any input is.
+    """
+    return stacked[:, :-1], stacked[:, -1]
+
+
+@jax.custom_vjp
+def _stacked_gram(
+    K_zx: Float[Array, "M N"], w: Float[Array, "*N"], u: Float[Array, " N"]
+) -> Float[Array, "M M+1"]:
     return _gram_forward(K_zx, w, u)[0]
 
 
 def _gram_forward(K_zx, w, u):
+    r = (K_zx @ u)[:, None]
     if jnp.ndim(w) == 0:
         gram = K_zx @ K_zx.T
-        return (w * gram, K_zx @ u), (K_zx, w, u, gram)
-    return ((K_zx * w) @ K_zx.T, K_zx @ u), (K_zx, w, u, None)
+        return jnp.concatenate([w * gram, r], axis=1), (K_zx, w, u, gram)
+    return jnp.concatenate([(K_zx * w) @ K_zx.T, r], axis=1), (K_zx, w, u, None)
 
 
-def _gram_backward(residuals, cotangents):
+def _gram_backward(residuals, cotangent):
     K_zx, w, u, gram = residuals
-    P_bar, r_bar = cotangents
+    P_bar, r_bar = _split_gram(cotangent)
     G = (P_bar + P_bar.T) @ K_zx
     if gram is None:
         # dP/dw_n = k_n k_nᵀ; a sum over M as a GEMV, not a slow column reduction
@@ -107,7 +128,7 @@ def _gram_backward(residuals, cotangents):
     return K_bar + jnp.outer(r_bar, u), w_bar, r_bar @ K_zx
 
 
-_weighted_gram.defvjp(_gram_forward, _gram_backward)
+_stacked_gram.defvjp(_gram_forward, _gram_backward)
 
 
 def _blocked_weighted_gram(
@@ -152,10 +173,11 @@ def _blocked_weighted_gram(
             P, r = jax.tree.map(jnp.add, (P, r), block(rest))
         return P, r
 
+    # one output, not the pair (P, r): see _split_gram
     @jax.custom_vjp
     def weighted_gram(dynamic, X, w, u):
         P, r = gram(dynamic, X, w, u)
-        return (P if per_point else w * P), r
+        return jnp.concatenate([P if per_point else w * P, r[:, None]], axis=1)
 
     def forward(dynamic, X, w, u):
         X_value = X.value
@@ -164,13 +186,14 @@ def _blocked_weighted_gram(
         P, r = gram(dynamic, X_value, w, u)
         # the structure of the residuals says whether X needs a gradient
         X_needed = jnp.zeros(()) if X.perturbed else None
-        return ((P if per_point else w * P), r), (dynamic, X_value, w, u, P, X_needed)
+        stacked = jnp.concatenate([P if per_point else w * P, r[:, None]], axis=1)
+        return stacked, (dynamic, X_value, w, u, P, X_needed)
 
-    def backward(residuals, cotangents):
+    def backward(residuals, cotangent):
         dynamic, X, w, u, P, X_needed = residuals
-        P_bar, r_bar = cotangents
-        P_bar = jnp.zeros_like(P) if _is_zero(P_bar) else P_bar
-        r_bar = jnp.zeros(P.shape[:1], P.dtype) if _is_zero(r_bar) else r_bar
+        if _is_zero(cotangent):
+            cotangent = jnp.zeros((P.shape[0], P.shape[0] + 1), P.dtype)
+        P_bar, r_bar = _split_gram(cotangent)
         H = P_bar + P_bar.T if per_point else w * (P_bar + P_bar.T)
 
         def block(b):
@@ -203,7 +226,7 @@ def _blocked_weighted_gram(
         return d_dynamic, outs["X"], w_bar, outs["u"]
 
     weighted_gram.defvjp(forward, backward, symbolic_zeros=True)
-    return weighted_gram(dynamic, X, w, u)
+    return _split_gram(weighted_gram(dynamic, X, w, u))
 
 
 def _is_zero(x) -> bool:
