@@ -30,7 +30,11 @@ from numpyro_svgp._features import (
     InducingPoints,
     SphericalHarmonicFeatures,
 )
-from numpyro_svgp._gaussian import expected_log_likelihood, gaussian_expected_log_likelihood
+from numpyro_svgp._gaussian import (
+    MATRIX_FORM_ROUNDOFF,
+    expected_log_likelihood,
+    gaussian_expected_log_likelihood,
+)
 from numpyro_svgp._guide import AutoSVGP
 from numpyro_svgp._inducing import greedy_variance_inducing, kmeans_inducing
 from numpyro_svgp._linalg import (
@@ -77,6 +81,7 @@ __all__ = [
     "format_integration_report",
     "expected_log_likelihood",
     "gaussian_expected_log_likelihood",
+    "MATRIX_FORM_ROUNDOFF",
     "greedy_variance_inducing",
     "held_out_log_likelihood",
     "integration_report",

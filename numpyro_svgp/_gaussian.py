@@ -44,6 +44,11 @@ __all__ = [
 FORMS = ("auto", "matrix", "per_point")
 """The values of the ``form`` option."""
 
+MATRIX_FORM_ROUNDOFF = 1e-2
+"""Under ``form="auto"``, the matrix form's value is used only where its estimated
+round-off (in nats, see :func:`gaussian_expected_log_likelihood`) is at most this; else
+the per-point form is computed instead, inside the same program."""
+
 
 def expected_log_likelihood(y, mean, var, noise_var) -> jax.Array:
     r"""Elementwise :math:`\mathbb E_{f \sim \mathcal N(\mu, \sigma^2_f)}\big[\log
@@ -285,6 +290,15 @@ def gaussian_expected_log_likelihood(
     0, as the per-point form clamps each term: round-off can make the difference of
     the two sums negative, which a shrinking noise variance would turn into a spurious gain.
 
+    The matrix form's round-off grows with :math:`\kappa(K_{uu})`, not
+    :math:`\kappa(L)`: its error in :math:`T` is about
+    :math:`\varepsilon \operatorname{tr}(P) / \lambda_{\min}(K_{uu})`, taken against
+    :math:`\tilde\Sigma`. Under ``form="auto"`` it is estimated in the program as
+    :math:`\varepsilon \operatorname{tr}(P)\,(\|m\|^2 + \|S\|_F^2 + M) / \min_i L_{ii}^2`,
+    and where that exceeds :data:`MATRIX_FORM_ROUNDOFF` nats (large kernel variances
+    with long lengthscales, as unnormalised data give) the per-point form is computed
+    instead (a ``lax.cond``: only one of the two runs).
+
     :param conditional: the output of :func:`~numpyro_svgp.whitened_conditional`.
     :param loc: :math:`m`, shape ``(M,)``.
     :param scale_tril: :math:`S`, shape ``(M, M)``.
@@ -293,14 +307,15 @@ def gaussian_expected_log_likelihood(
     :param weight: :math:`c_n` (e.g. ``N_total / B`` for a mini-batch), ``None`` (1),
         a scalar or shape ``(N,)``.
     :param form: ``"matrix"``, ``"per_point"`` or ``"auto"`` (matrix product in float64
-        when ``N >= 2 M``, see :func:`use_matrix_form`).
+        when ``N >= 2 M``, see :func:`use_matrix_form`, unless its round-off estimate is
+        too large, above).
     :param block_rows: rows per block, ``None`` for the data whole, or ``"auto"``
         (blocks of about 2¹⁸ entries on CPU, 2²⁷ on an accelerator, once the data hold
         two of them and ``N >= 4 M``).
     """
     num_points, num_inducing = conditional.num_points, conditional.num_inducing
     dtype = conditional.dtype
-    form = resolve_form(form, num_points, num_inducing, dtype)
+    resolved = resolve_form(form, num_points, num_inducing, dtype)
     rows = resolve_block_rows(block_rows, num_points, num_inducing)
     if jnp.shape(y) != (num_points,):
         raise ValueError(f"y must have shape ({num_points},), got {jnp.shape(y)}.")
@@ -311,8 +326,20 @@ def gaussian_expected_log_likelihood(
             )
     noise_var = _per_row_or_scalar(noise_var, num_points)
     weight = None if weight is None else _per_row_or_scalar(weight, num_points)
+    arguments = (conditional, loc, scale_tril, y, noise_var, weight, rows)
+    if resolved == "per_point":
+        return _per_point_form(*arguments)
+    value, roundoff = _matrix_form(*arguments)
     if form == "matrix":
-        return _matrix_form(conditional, loc, scale_tril, y, noise_var, weight, rows)
+        return value
+    # "auto": the per-point form where the matrix form's round-off could reach
+    # MATRIX_FORM_ROUNDOFF (a far-from-white K_zz: large variances, long lengthscales)
+    return jax.lax.cond(
+        roundoff <= MATRIX_FORM_ROUNDOFF, lambda: value, lambda: _per_point_form(*arguments)
+    )
+
+
+def _per_point_form(conditional, loc, scale_tril, y, noise_var, weight, rows):
     if rows is None:
         mean, var = predictive_moments(conditional, loc, scale_tril)
         ell = expected_log_likelihood(y, mean, var, noise_var)
@@ -344,7 +371,16 @@ def _matrix_form(conditional, loc, scale_tril, y, noise_var, weight, rows):
     prior_variance = conditional.kernel.diag(conditional.inputs)
     residual = jnp.maximum(jnp.sum(w * prior_variance) - jnp.trace(T), 0.0)
     quadratic = jnp.sum(wy * y) + residual - 2.0 * (loc @ b) + jnp.sum(T * q_cov)
-    return -0.5 * (log_norm + quadratic)
+    # |dT| <~ eps tr(P) / lambda_min(K_uu), lambda_min estimated by the factor's smallest
+    # pivot; the terms take dT against m m^T + S S^T - I
+    smallest_pivot = jnp.min(jnp.abs(jnp.diagonal(L)))
+    roundoff = (
+        jnp.finfo(L.dtype).eps
+        * jnp.trace(P)
+        / jnp.square(smallest_pivot)
+        * (jnp.sum(jnp.square(loc)) + jnp.sum(jnp.square(scale_tril)) + loc.shape[0])
+    )
+    return -0.5 * (log_norm + quadratic), jax.lax.stop_gradient(roundoff)
 
 
 def _blocked_per_point(conditional, loc, scale_tril, y, noise_var, weight, rows):

@@ -358,3 +358,55 @@ def test_matrix_form_clamps_a_negative_residual_variance_like_the_per_point_form
             conditional, m, S, jnp.asarray(y), NOISE, form="per_point"
         )
     ) == pytest.approx(float(per_point), rel=1e-10)
+
+
+@pytest.mark.parametrize(("variance", "lengthscale"), [(1e4, 5.0), (1e5, 1.0), (1.0, 0.5)])
+def test_auto_form_is_accurate_where_K_uu_is_ill_conditioned(variance, lengthscale):
+    """Unnormalised data (kernel variances of 1e4-1e5, long lengthscales): the matrix form's
+    round-off grows with the condition number of K_uu and reaches nats there, so the default
+    form must compute the term per point. Reference: the whitened marginals written in NumPy
+    with triangular solves only (round-off of the order of the condition number of L)."""
+    from scipy.linalg import solve_triangular
+
+    rng = np.random.default_rng(7)
+    n, m = 200, 40
+    X = np.linspace(-3, 3, n)[:, None]
+    Z = np.linspace(-3, 3, m)[:, None]
+    scale = np.sqrt(variance)
+    y = scale * (np.sin(2 * X[:, 0]) + 0.2 * rng.normal(size=n))
+    noise_var = (0.2 * scale) ** 2
+    loc = rng.normal(size=m)
+    scale_tril = np.tril(0.05 * rng.normal(size=(m, m)), -1) + 0.3 * np.eye(m)
+    conditional = ns.whitened_conditional(ns.kernels.RBF(variance, lengthscale), X, Z)
+    K_zz = ref.rbf(Z, Z, variance, lengthscale) + float(conditional.jitter) * np.eye(m)
+    A = solve_triangular(
+        np.linalg.cholesky(K_zz), ref.rbf(Z, X, variance, lengthscale), lower=True
+    ).T
+    mean = A @ loc
+    var = variance - np.sum(A**2, axis=1) + np.sum((A @ scale_tril) ** 2, axis=1)
+    expected = np.sum(-0.5 * (np.log(2 * np.pi * noise_var) + ((y - mean) ** 2 + var) / noise_var))
+
+    def term(form):
+        return float(
+            ns.gaussian_expected_log_likelihood(
+                conditional,
+                jnp.asarray(loc),
+                jnp.asarray(scale_tril),
+                jnp.asarray(y),
+                noise_var,
+                form=form,
+                block_rows=None,
+            )
+        )
+
+    # the guard's promise: round-off of at most MATRIX_FORM_ROUNDOFF nats (the reference
+    # and the per-point form themselves differ by ~1e-7 relative here, the sensitivity of
+    # the term to round-off in K_uu at these condition numbers)
+    assert abs(term("auto") - expected) <= ns.MATRIX_FORM_ROUNDOFF
+    if variance > 1.0:
+        # the case needs the guard: the matrix form alone is off by more
+        assert abs(term("matrix") - expected) > ns.MATRIX_FORM_ROUNDOFF
+    else:
+        # a well-conditioned K_uu keeps the matrix form
+        assert term("matrix") == term("auto")
+        assert abs(term("auto") - expected) <= 1e-9 * abs(expected)
