@@ -598,36 +598,57 @@ def _seed_from_key(rng_key) -> int:
     return int(jax.random.randint(rng_key, (), 0, np.iinfo(np.int32).max))
 
 
+def _is_one(scale) -> bool:
+    """Whether a site's scale leaves its log-likelihood as it is: ``None`` or one. A
+    scale the model computes from traced values cannot be read and is taken as set."""
+    if scale is None:
+        return True
+    try:
+        return bool(jnp.all(jnp.asarray(scale) == 1))
+    except jax.errors.ConcretizationTypeError:
+        return False
+
+
 def _check_batch_plates(model, batch: tuple, kwargs: dict, batch_size: int, num_data: int):
-    """Refuse a subsampled plate whose full size is the batch size (the model was not
-    told ``N``, so its ELBO is one batch's), and warn of a plate of that size that is
-    not subsampled (its likelihood is not scaled by ``N / batch_size``)."""
+    """Refuse an observed site whose plate has the batch size as its full size and which
+    is not scaled up (the model was not told ``N``, so its ELBO is one batch's) when
+    the plate is subsampled; warn when it is not (a full-data model fed batches)."""
     if batch_size == num_data:
         return
-    plates: list[tuple[str, tuple]] = []
+    plates: dict[str, tuple] = {}
+    unscaled: list[tuple[str, str]] = []
 
     def record(*batch):
         trace = handlers.trace(handlers.seed(model, rng_seed=0)).get_trace(*batch, **kwargs)
-        plates.extend(
+        plates.update(
             (name, site["args"]) for name, site in trace.items() if site["type"] == "plate"
         )
+        for name, site in trace.items():
+            if site["type"] != "sample" or not site.get("is_observed"):
+                continue
+            if not _is_one(site.get("scale")):
+                continue
+            unscaled.extend(
+                (frame.name, name)
+                for frame in site["cond_indep_stack"]
+                if plates.get(frame.name, (None,))[0] == batch_size
+            )
         return 0
 
     jax.eval_shape(record, *batch)  # shapes only: the plates' sizes are Python ints
-    for name, (size, subsample_size) in plates:
-        if size != batch_size:
-            continue
-        if subsample_size is not None:
+    for plate, _ in unscaled:
+        if plates[plate][1] is not None:
             raise ValueError(
-                f"train_epochs: the plate {name!r} is subsampled but its size is the batch "
+                f"train_epochs: the plate {plate!r} is subsampled but its size is the batch "
                 f"size, {batch_size}, not the N = {num_data} rows of the data, so the ELBO "
                 f"would be one batch's and the posterior too wide. Give the model N, e.g. "
                 f"num_data={num_data} for a plate of size `num_data or size`."
             )
+    for plate, site in unscaled[:1]:
         warnings.warn(
-            f"train_epochs: the plate {name!r} has the batch size, {batch_size}, and is not "
-            f"subsampled: its likelihood is not scaled by N / batch_size = {num_data} / "
-            f"{batch_size}, so the ELBO is one batch's. Use numpyro.plate({name!r}, N, "
+            f"train_epochs: the observed site {site!r} is in the plate {plate!r} of the "
+            f"batch size, {batch_size}, and is not scaled by N / batch_size = {num_data} / "
+            f"{batch_size}, so the ELBO is one batch's. Use numpyro.plate({plate!r}, N, "
             "subsample_size=batch_size) with N the number of rows.",
             stacklevel=3,
         )
@@ -683,9 +704,10 @@ def train_epochs(
         result = ns.train_epochs(svi, key, 20, X, y, batch_size=1024, num_data=len(X),
                                  held_out=(X_val, y_val), patience=3)
 
-    A subsampled plate whose size is the batch size (``num_data`` forgotten) is refused,
-    and a plate of that size that is not subsampled is warned of: in both the ELBO
-    would be one batch's.
+    An observed site left unscaled in a plate whose size is the batch size is refused if
+    the plate is subsampled (``num_data`` forgotten) and warned of if not: in both the
+    ELBO would be one batch's. (A model may scale the site itself, with
+    ``numpyro.handlers.scale``.)
 
     Steps run in the loop of :func:`train` (non-finite steps skipped, at most
     ``max_nonfinite_in_a_row`` in a row). With ``held_out``, every ``eval_every``

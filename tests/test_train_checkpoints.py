@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import struct
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -178,9 +179,27 @@ def test_train_epochs_refuses_a_subsampled_plate_of_the_batch_size():
     ns.train_epochs(svi, random.PRNGKey(0), 1, X, Y, batch_size=20, num_data=60, progress_bar=False)
     ns.train_epochs(svi, random.PRNGKey(0), 1, X, Y, batch_size=60, progress_bar=False)
     # a full-data model fed batches: warned, its likelihood is not scaled
-    with pytest.warns(UserWarning, match=r"plate 'data' has the batch size, 20, and is not"):
+    with pytest.warns(UserWarning, match=r"site 'y' is in the plate 'data' of the batch size"):
         ns.train_epochs(
             _svi(gaussian_model(Z0)), random.PRNGKey(0), 1, X, Y, batch_size=20, progress_bar=False
+        )
+
+    # scaled by the model itself: nothing to say
+    def scaled_model(X_batch, y_batch=None, num_data=None):
+        with numpyro.handlers.scale(scale=1.0 if num_data is None else num_data / len(X_batch)):
+            gaussian_model(Z0)(X_batch, y_batch)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ns.train_epochs(
+            _svi(scaled_model),
+            random.PRNGKey(0),
+            1,
+            X,
+            Y,
+            batch_size=20,
+            num_data=60,
+            progress_bar=False,
         )
 
 
