@@ -7,6 +7,8 @@ a step whose loss or new optimizer state is not finite is skipped, meaning the
 parameters and optimizer state stay as they were while the random key moves on,
 and is counted. After ``max_nonfinite_in_a_row`` such steps in a row training stops
 with :class:`TrainingStopped`, which carries everything up to the last good step.
+Every result says whether the loss had levelled off at the end (``converged``, from the
+least-squares slope of the last quarter of the losses, ``relative_slope``).
 
 The compiled chunk is a module-level ``jax.jit`` whose static arguments are the
 ``SVI`` object, the chunk length and the non-array model arguments, so a second call
@@ -16,20 +18,29 @@ with the same ``svi`` and shapes reuses the compiled code instead of compiling a
 import contextlib
 import ctypes
 import functools
+import inspect
 import os
 import platform
 import sys
+import warnings
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from numpyro import handlers
 from numpyro.infer.svi import SVIState
 from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
-from numpyro_svgp._checkpoint import load_checkpoint, save_checkpoint
+from numpyro_svgp._checkpoint import (
+    CheckpointError,
+    _read,
+    check_writable,
+    load_checkpoint,
+    save_checkpoint,
+)
 from numpyro_svgp._predict import held_out_log_likelihood
 
 __all__ = ["EpochsResult", "TrainResult", "TrainingStopped", "train", "train_epochs"]
@@ -57,10 +68,64 @@ class TrainResult(NamedTuple):
     """The epoch whose params are returned, counted from 1 (:func:`train_epochs`)."""
     stopped_early: bool = False
     """Whether ``patience`` ran out before ``num_epochs``."""
+    converged: bool | None = None
+    """``False`` when the loss was still moving at the end: the straight line fitted to
+    the last quarter of the losses changes by more than 0.1% of their mean over that
+    stretch (``|relative_slope| > 1e-3``), and its slope is more than three standard
+    errors from zero, so that the noise of a Monte Carlo or mini-batch loss does not
+    count. ``None`` with fewer than 80 losses."""
+    relative_slope: float = float("nan")
+    r"""The change of the loss over the last quarter of the steps, by the least-squares
+    line through those losses, relative to their mean absolute value:
+    :math:`\hat\beta\, w / |\bar\ell|` for a window of :math:`w` steps. Negative: still
+    falling; about ``-0.01`` means 1% lower per quarter of the run, so more steps pay."""
 
 
 EpochsResult = TrainResult
 """The result of :func:`train_epochs`: the same type as :class:`TrainResult`."""
+
+
+# the loss's trend at the end: the last quarter of the steps, at least this many of them
+_TREND_SHARE, _TREND_MIN_STEPS = 0.25, 20
+# a relative change over that stretch above this, and this many standard errors from zero
+_TREND_TOLERANCE, _TREND_STANDARD_ERRORS = 1e-3, 3.0
+
+
+def _trend(losses: np.ndarray) -> tuple[bool | None, float]:
+    """``(converged, relative_slope)`` of a loss history (see :class:`TrainResult`)."""
+    width = int(losses.size * _TREND_SHARE)
+    if width < _TREND_MIN_STEPS:
+        return None, float("nan")
+    window = np.asarray(losses[-width:], dtype=np.float64)
+    finite = np.isfinite(window)
+    if finite.sum() < _TREND_MIN_STEPS // 2:
+        return None, float("nan")
+    t = np.arange(width, dtype=np.float64)[finite]
+    y = window[finite]
+    t = t - t.mean()
+    centred = y - y.mean()
+    spread = float(t @ t)
+    slope = float(t @ centred) / spread
+    residual = centred - slope * t
+    standard_error = np.sqrt(float(residual @ residual) / max(y.size - 2, 1) / spread)
+    relative = slope * width / max(abs(float(y.mean())), np.finfo(np.float64).tiny)
+    moving = (
+        abs(relative) > _TREND_TOLERANCE and abs(slope) > _TREND_STANDARD_ERRORS * standard_error
+    )
+    return not moving, relative
+
+
+def _report_trend(result: "TrainResult", progress_bar: bool) -> None:
+    """A line under the progress bar when the loss had not levelled off."""
+    if not progress_bar or result.converged is not False:
+        return
+    width = int(result.losses.size * _TREND_SHARE)
+    where = "still falling" if result.relative_slope < 0 else "rising"
+    tqdm.write(
+        f"not converged: the loss is {where} ({100 * result.relative_slope:+.2g}% over the "
+        f"last {width} steps, result.relative_slope); train on with init_state=result.",
+        file=sys.stderr,
+    )
 
 
 class TrainingStopped(RuntimeError):
@@ -203,6 +268,7 @@ class _Loop:
         self.in_a_row = jnp.asarray(0)
         self.skipped = jnp.asarray(int(np.sum(~np.isfinite(previous))))
         self.step = previous.size
+        self.trend, self.trend_at = float("nan"), 0
 
     def run(self, length: int, steps: int, batches=None) -> np.ndarray:
         """Run ``steps <= length`` steps in the compiled chunk of ``length`` (the
@@ -229,8 +295,16 @@ class _Loop:
 
     def result(self, state=None, **extra) -> TrainResult:
         state = self.state if state is None else state
+        losses = self.history()
+        converged, relative_slope = _trend(losses)
         return TrainResult(
-            self.svi.get_params(state), state, self.history(), int(self.skipped), **extra
+            self.svi.get_params(state),
+            state,
+            losses,
+            int(self.skipped),
+            **extra,
+            converged=converged,
+            relative_slope=relative_slope,
         )
 
     def raise_if_stopped(self, where: str = "", **extra) -> None:
@@ -248,8 +322,42 @@ class _Loop:
     def show(self, bar, losses, **postfix) -> None:
         bar.update(losses.size)
         finite = losses[np.isfinite(losses)]
-        if finite.size:
-            bar.set_postfix(loss=f"{finite.mean():.4g}", skipped=int(self.skipped), **postfix)
+        if finite.size and not bar.disable:
+            # the trend reads the whole history: refreshed when it has grown by 2%, so
+            # that short chunks do not make the bar's cost quadratic in the steps
+            if self.step >= self.trend_at:
+                self.trend = _trend(self.history())[1]
+                self.trend_at = self.step + self.step // 50
+            trend = {} if np.isnan(self.trend) else {"trend": f"{self.trend:+.1e}"}
+            bar.set_postfix(
+                loss=f"{finite.mean():.4g}", skipped=int(self.skipped), **trend, **postfix
+            )
+
+
+class _Checkpoints:
+    """Saves to ``path``; a failed save warns and training goes on."""
+
+    def __init__(self, path):
+        self.path = path
+        self.last: int | None = None
+
+    def save(self, loop: "_Loop", **more) -> None:
+        try:
+            save_checkpoint(self.path, loop.state, loop.step, loop.history(), **more)
+        except OSError as err:
+            held = (
+                f"it holds step {self.last} of this run"
+                if self.last is not None
+                else "none was written in this run"
+            )
+            warnings.warn(
+                f"could not write the checkpoint {os.fspath(self.path)!r} at step {loop.step} "
+                f"({err}); training goes on and returns its result, but {held}.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        else:
+            self.last = loop.step
 
 
 def _initial_state(svi, rng_key, init_state, args, kwargs) -> SVIState:
@@ -338,6 +446,34 @@ def _check_counts(**counts) -> None:
             raise ValueError(f"{name} must be an integer >= {least}, got {value!r}.")
 
 
+def _own_keywords(function) -> list[str]:
+    return [
+        p.name for p in inspect.signature(function).parameters.values() if p.kind is p.KEYWORD_ONLY
+    ]
+
+
+def _check_model_keywords(svi, kwargs: dict, function) -> None:
+    """Refuse a keyword that is neither the training function's nor the model's: it
+    would reach the model and fail inside it (or be taken for a model argument)."""
+    if not kwargs:
+        return
+    try:
+        parameters = inspect.signature(svi.model).parameters.values()
+    except (TypeError, ValueError):  # no signature to read (a C callable): the model says
+        return
+    if any(p.kind is p.VAR_KEYWORD for p in parameters):
+        return
+    accepted = [p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    for name in kwargs:
+        if name not in accepted:
+            raise TypeError(
+                f"{function.__name__}() got the keyword argument {name!r}, which is neither "
+                f"one of its own ({', '.join(_own_keywords(function))}) nor one the model "
+                f"takes ({', '.join(accepted) or 'none'}); other keywords are passed to "
+                "the model."
+            )
+
+
 def train(
     svi,
     rng_key,
@@ -377,7 +513,9 @@ def train(
     :param int max_nonfinite_in_a_row: stop after this many consecutive skipped steps.
     :param int steps_per_call: steps compiled into one call (progress-bar granularity).
     :param checkpoint: a file to save the full state (params, optimizer state, step,
-        rng key, loss history) to, atomically.
+        rng key, loss history) to, atomically. A trial write before the first step
+        refuses a folder that cannot hold it; a save that fails later (a full disk)
+        warns, and training goes on.
     :param int checkpoint_every: save every this many steps (and at the end); default:
         only at the end.
     :param bool resume: continue from ``checkpoint`` if the file exists.
@@ -391,8 +529,11 @@ def train(
         costs a page fault per page per step for temporaries above malloc's mmap
         threshold (32 MB at most, e.g. the backward pass at M = 1024). Given back on
         return.
-    :param kwargs: the model's keyword arguments, split as ``args`` are.
-    :return: a :class:`TrainResult`.
+    :param kwargs: the model's keyword arguments, split as ``args`` are; a keyword the
+        model does not take is refused by name.
+    :return: a :class:`TrainResult`; ``converged`` and ``relative_slope`` say whether
+        the loss had levelled off (also shown on the progress bar, as ``trend``, with a
+        line at the end when it had not).
     :raises TrainingStopped: after ``max_nonfinite_in_a_row`` skipped steps in a row.
     """
     _check_counts(
@@ -407,6 +548,7 @@ def train(
     if resume and init_state is not None:
         raise ValueError("give init_state or resume=True, not both.")
     _check_process_settings(blas_threads, keep_memory)
+    _check_model_keywords(svi, kwargs, train)
     for i, a in enumerate(args):
         if _is_array(a) and np.ndim(a):
             _check_finite(a, f"positional argument {i} of the model")
@@ -427,6 +569,10 @@ def train(
             )
             losses = [previous]
         loop = _Loop(svi, state, max_nonfinite_in_a_row, args, kwargs, losses)
+        checkpoints = None
+        if checkpoint is not None:
+            check_writable(checkpoint, loop.state, loop.step, loop.history())
+            checkpoints = _Checkpoints(checkpoint)
         every = checkpoint_every or num_steps or 1
         # one chunk length whatever num_steps is, so that runs of other lengths reuse it
         length = min(steps_per_call, checkpoint_every or steps_per_call)
@@ -441,13 +587,80 @@ def train(
                 )
                 loop.show(bar, loop.run(length, boundary - step))
                 loop.raise_if_stopped()
-                if checkpoint is not None and (loop.step % every == 0 or loop.step == num_steps):
-                    save_checkpoint(checkpoint, loop.state, loop.step, loop.history())
-        return loop.result()
+                if checkpoints is not None and (loop.step % every == 0 or loop.step == num_steps):
+                    checkpoints.save(loop)
+        result = loop.result()
+    _report_trend(result, progress_bar)
+    return result
 
 
 def _seed_from_key(rng_key) -> int:
     return int(jax.random.randint(rng_key, (), 0, np.iinfo(np.int32).max))
+
+
+def _is_one(scale) -> bool:
+    """Whether a site's scale leaves its log-likelihood as it is: ``None`` or one. A
+    scale the model computes from traced values cannot be read and is taken as set."""
+    if scale is None:
+        return True
+    try:
+        return bool(jnp.all(jnp.asarray(scale) == 1))
+    except jax.errors.ConcretizationTypeError:
+        return False
+
+
+def _check_batch_plates(model, batch: tuple, kwargs: dict, batch_size: int, num_data: int):
+    """Refuse an observed site whose plate has the batch size as its full size and which
+    is not scaled up (the model was not told ``N``, so its ELBO is one batch's) when
+    the plate is subsampled; warn when it is not (a full-data model fed batches)."""
+    if batch_size == num_data:
+        return
+    plates: dict[str, tuple] = {}
+    unscaled: list[tuple[str, str]] = []
+
+    def record(*batch):
+        trace = handlers.trace(handlers.seed(model, rng_seed=0)).get_trace(*batch, **kwargs)
+        plates.update(
+            (name, site["args"]) for name, site in trace.items() if site["type"] == "plate"
+        )
+        for name, site in trace.items():
+            if site["type"] != "sample" or not site.get("is_observed"):
+                continue
+            if not _is_one(site.get("scale")):
+                continue
+            unscaled.extend(
+                (frame.name, name)
+                for frame in site["cond_indep_stack"]
+                if plates.get(frame.name, (None,))[0] == batch_size
+            )
+        return 0
+
+    jax.eval_shape(record, *batch)  # shapes only: the plates' sizes are Python ints
+    for plate, _ in unscaled:
+        if plates[plate][1] is not None:
+            raise ValueError(
+                f"train_epochs: the plate {plate!r} is subsampled but its size is the batch "
+                f"size, {batch_size}, not the N = {num_data} rows of the data, so the ELBO "
+                f"would be one batch's and the posterior too wide. Give the model N, e.g. "
+                f"num_data={num_data} for a plate of size `num_data or size`."
+            )
+    for plate, site in unscaled[:1]:
+        warnings.warn(
+            f"train_epochs: the observed site {site!r} is in the plate {plate!r} of the "
+            f"batch size, {batch_size}, and is not scaled by N / batch_size = {num_data} / "
+            f"{batch_size}, so the ELBO is one batch's. Use numpyro.plate({plate!r}, N, "
+            "subsample_size=batch_size) with N the number of rows.",
+            stacklevel=3,
+        )
+
+
+def _epochs_facts(num_data, batch_size, steps_per_epoch) -> dict:
+    return {
+        "loop": "train_epochs",
+        "num_data": int(num_data),
+        "batch_size": int(batch_size),
+        "steps_per_epoch": int(steps_per_epoch),
+    }
 
 
 def train_epochs(
@@ -464,6 +677,9 @@ def train_epochs(
     drop_last: bool = True,
     max_nonfinite_in_a_row: int = 20,
     steps_per_call: int = 50,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int | None = None,
+    resume: bool = False,
     progress_bar: bool = True,
     blas_threads: int | None = 1,
     keep_memory: bool = True,
@@ -488,6 +704,11 @@ def train_epochs(
         result = ns.train_epochs(svi, key, 20, X, y, batch_size=1024, num_data=len(X),
                                  held_out=(X_val, y_val), patience=3)
 
+    An observed site left unscaled in a plate whose size is the batch size is refused if
+    the plate is subsampled (``num_data`` forgotten) and warned of if not: in both the
+    ELBO would be one batch's. (A model may scale the site itself, with
+    ``numpyro.handlers.scale``.)
+
     Steps run in the loop of :func:`train` (non-finite steps skipped, at most
     ``max_nonfinite_in_a_row`` in a row). With ``held_out``, every ``eval_every``
     epochs the :func:`~numpyro_svgp.held_out_log_likelihood` of those arguments is
@@ -498,7 +719,8 @@ def train_epochs(
     :param svi: a :class:`numpyro.infer.SVI` whose guide can ``sample_posterior``
         (e.g. an :class:`~numpyro_svgp.AutoSVGP`) when ``held_out`` is given.
     :param rng_key: random key for initialisation, the steps and the shuffling.
-    :param int num_epochs: passes over the data.
+    :param int num_epochs: passes over the data; with ``resume``, the total including
+        those of the checkpoint.
     :param data: host arrays (NumPy) with the same leading length ``N``; checked once
         for NaN and inf.
     :param int batch_size: rows per step.
@@ -513,12 +735,24 @@ def train_epochs(
     :param int max_nonfinite_in_a_row: as in :func:`train`.
     :param int steps_per_call: batches compiled into one call (and sent to the device
         together).
-    :param bool progress_bar: a tqdm bar with the running loss and held-out score.
+    :param checkpoint: as in :func:`train`; the file also keeps the shuffling's state,
+        the held-out evaluations and the best state so far, so that a resumed run takes
+        the same batches, evaluations and early-stopping decisions as one that was not
+        interrupted, bit for bit.
+    :param int checkpoint_every: save every this many steps (mid-epoch too), at the end
+        and on stopping early; default: at the end only.
+    :param bool resume: continue from ``checkpoint`` if the file exists; it must come
+        from ``train_epochs`` with the same ``N`` and batches per epoch, and the same
+        ``rng_key`` and data should be given.
+    :param bool progress_bar: a tqdm bar with the running loss, its ``trend`` (as in
+        :func:`train`) and the held-out score.
     :param blas_threads: as in :func:`train`.
     :param bool keep_memory: as in :func:`train`.
     :param kwargs: keyword arguments of the model, for training and evaluation;
-        arrays are traced, anything else is a compile-time constant.
-    :return: a :class:`TrainResult` with ``held_out``, ``best_epoch`` and ``stopped_early``.
+        arrays are traced, anything else is a compile-time constant. A keyword the model
+        does not take is refused by name.
+    :return: a :class:`TrainResult` with ``held_out``, ``best_epoch`` and
+        ``stopped_early``, and ``converged`` as in :func:`train`.
     :raises TrainingStopped: after ``max_nonfinite_in_a_row`` skipped steps in a row.
     """
     if not data:
@@ -543,7 +777,14 @@ def train_epochs(
         raise ValueError(f"batch_size must be in [1, N = {num_data}], got {batch_size}.")
     if patience is not None and (held_out is None or patience < 1):
         raise ValueError("patience needs held_out data and must be >= 1.")
+    if checkpoint_every is not None and (checkpoint is None or checkpoint_every < 1):
+        raise ValueError("checkpoint_every needs a checkpoint path and must be >= 1.")
+    if resume and checkpoint is None:
+        raise ValueError("resume=True needs a checkpoint path.")
+    if resume and init_state is not None:
+        raise ValueError("give init_state or resume=True, not both.")
     _check_process_settings(blas_threads, keep_memory)
+    _check_model_keywords(svi, kwargs, train_epochs)
     for i, d in enumerate(data):
         _check_finite(d, f"data[{i}]")
     for i, d in enumerate(held_out or ()):
@@ -554,18 +795,69 @@ def train_epochs(
         init_key, eval_key, shuffle_key = jax.random.split(rng_key, 3)
         shuffle = np.random.default_rng(_seed_from_key(shuffle_key))
         first = tuple(jnp.asarray(d[:batch_size]) for d in data)
-        loop = _Loop(
-            svi,
-            _initial_state(svi, init_key, init_state, first, kwargs),
-            max_nonfinite_in_a_row,
-            (),
-            kwargs,
-        )
+        state = _initial_state(svi, init_key, init_state, first, kwargs)
+        _check_batch_plates(svi.model, first, kwargs, batch_size, num_data)
         full, rest = divmod(num_data, batch_size)
         steps_per_epoch = full + (0 if drop_last or rest == 0 else 1)
+        total = num_epochs * steps_per_epoch
+        facts = _epochs_facts(num_data, batch_size, steps_per_epoch)
         evaluations: list[tuple[int, float]] = []
-        best = (-np.inf, 0, loop.state)
+        best = (-np.inf, 0, state)
         stopped_early = False
+        losses = []
+        if resume and checkpoint is not None and os.path.exists(checkpoint):
+            state, step, previous, extra, saved_best = _read(checkpoint, like=state)
+            if extra.get("loop") != "train_epochs":
+                raise CheckpointError(
+                    f"{os.fspath(checkpoint)} was not written by train_epochs: it has no "
+                    "epoch order to resume (ns.train resumes it)."
+                )
+            for name, value in facts.items():
+                if extra.get(name) != value:
+                    raise CheckpointError(
+                        f"{os.fspath(checkpoint)} was written with {name}={extra.get(name)}, "
+                        f"but this run has {name}={value}: its batches would not be the "
+                        "same."
+                    )
+            if step > total:
+                raise ValueError(
+                    f"the checkpoint is at step {step}, past num_epochs={num_epochs} "
+                    f"({total} steps)."
+                )
+            shuffle.bit_generator.state = extra["shuffle"]
+            evaluations = [(int(e), float(v)) for e, v in extra["evaluations"]]
+            if saved_best is not None:
+                best = (float(extra["best_score"]), int(extra["best_epoch"]), saved_best)
+            stopped_early = bool(extra["stopped_early"])
+            print(
+                f"resuming from {os.fspath(checkpoint)!r} at step {step} of {total} "
+                f"(epoch {min(step // steps_per_epoch + 1, num_epochs)} of {num_epochs})",
+                file=sys.stderr,
+            )
+            losses = [previous]
+        loop = _Loop(svi, state, max_nonfinite_in_a_row, (), kwargs, losses)
+        checkpoints = None
+        if checkpoint is not None:
+            check_writable(checkpoint, loop.state, loop.step, loop.history())
+            checkpoints = _Checkpoints(checkpoint)
+        every = checkpoint_every or total or 1
+
+        def save(shuffled) -> None:
+            # `shuffled`: the shuffling's state before the permutation of the epoch that
+            # holds the next step, so that a resumed run draws that permutation again
+            assert checkpoints is not None
+            checkpoints.save(
+                loop,
+                extra={
+                    **facts,
+                    "shuffle": shuffled,
+                    "evaluations": evaluations,
+                    "best_score": float(best[0]) if evaluations else None,
+                    "best_epoch": best[1],
+                    "stopped_early": stopped_early,
+                },
+                best=best[2] if evaluations else None,
+            )
 
         length = min(steps_per_call, max(full, 1))
 
@@ -583,20 +875,40 @@ def train_epochs(
             )
             return losses
 
+        done = loop.step % steps_per_epoch  # steps of the first epoch already taken
         with tqdm(
-            total=num_epochs * steps_per_epoch, disable=not progress_bar, desc="SVI epochs"
+            total=total, initial=loop.step, disable=not progress_bar, desc="SVI epochs"
         ) as bar:
-            for epoch in range(1, num_epochs + 1):
+            for epoch in range(loop.step // steps_per_epoch + 1, num_epochs + 1):
+                if stopped_early:
+                    break
+                before = shuffle.bit_generator.state
                 order = shuffle.permutation(num_data)
                 batched = order[: full * batch_size].reshape(full, batch_size)
                 postfix = {
                     "epoch": epoch,
                     **({"held_out": f"{best[0]:.4g}"} if evaluations else {}),
                 }
-                for start in range(0, full, steps_per_call):
-                    loop.show(bar, run(batched[start : start + steps_per_call], epoch), **postfix)
+                while done < full:
+                    # chunks end at multiples of steps_per_call within the epoch and at
+                    # checkpoints, so that a resumed run cuts them where this one did
+                    base = loop.step - done
+                    stop = min(
+                        (done // steps_per_call + 1) * steps_per_call,
+                        (loop.step // every + 1) * every - base,
+                        full,
+                    )
+                    loop.show(bar, run(batched[done:stop], epoch), **postfix)
+                    done = stop
+                    if (
+                        checkpoints is not None
+                        and loop.step % every == 0
+                        and done < steps_per_epoch
+                    ):
+                        save(before)
                 if steps_per_epoch > full:
                     loop.show(bar, run(order[full * batch_size :][None], epoch), **postfix)
+                done = 0
                 if held_out is not None and (epoch % eval_every == 0 or epoch == num_epochs):
                     score = float(
                         held_out_log_likelihood(
@@ -614,12 +926,18 @@ def train_epochs(
                         best = (score, epoch, loop.state)
                     elif patience is not None and epoch - best[1] >= patience * eval_every:
                         stopped_early = True
-                        break
+                if checkpoints is not None and (
+                    loop.step % every == 0 or epoch == num_epochs or stopped_early
+                ):
+                    save(shuffle.bit_generator.state)
 
     table = np.asarray(evaluations, dtype=float).reshape(-1, 2)
     if held_out is None or not table.size:
-        return loop.result(held_out=table, best_epoch=num_epochs)
-    _, best_epoch, best_state = best
-    return loop.result(
-        best_state, held_out=table, best_epoch=best_epoch, stopped_early=stopped_early
-    )
+        result = loop.result(held_out=table, best_epoch=num_epochs)
+    else:
+        _, best_epoch, best_state = best
+        result = loop.result(
+            best_state, held_out=table, best_epoch=best_epoch, stopped_early=stopped_early
+        )
+    _report_trend(result, progress_bar)
+    return result
