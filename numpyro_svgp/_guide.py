@@ -452,8 +452,10 @@ class AutoSVGP(AutoNormal):
     def _check_setup(self):
         if self.prototype_trace is None:
             raise RuntimeError(
-                "AutoSVGP has not seen the model yet: run SVI (or call the guide with "
-                "the model's arguments) before asking for posterior summaries."
+                "AutoSVGP has not seen the model yet: run SVI, a prediction with the "
+                "params (ns.predict_f, Predictive), or pass the model's arguments to "
+                "sample_posterior (guide.sample_posterior(key, params, X)) before asking "
+                "for posterior summaries."
             )
 
     def _whitened_q(self, params, name):
@@ -466,10 +468,16 @@ class AutoSVGP(AutoNormal):
 
         :param rng_key: a JAX random key.
         :param dict params: the SVI params (``svi_result.params``).
+        :param args: the model's arguments, needed only by a guide that has not seen
+            the model yet (loaded params in a new process): it is set up on them with
+            ``params``, as a prediction would set it up.
         :param tuple sample_shape: leading shape of the draws.
         :return: a dict from latent site name to constrained draws of shape
             ``sample_shape + site_shape``.
         """
+        if self.prototype_trace is None and (args or kwargs):
+            with block():
+                seed(substitute(self, data=params), 0)(*args, **kwargs)
         self._check_setup()
         key, *keys = jax.random.split(rng_key, len(self._whitened) + 1)
         draws = (

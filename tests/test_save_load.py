@@ -182,6 +182,13 @@ def test_a_fresh_guide_on_a_prediction_call_predicts_as_the_fitted_one():
         strict=True,
     ):
         np.testing.assert_allclose(f_fresh, f_fitted, rtol=tol, atol=tol)
+    # posterior draws from a fresh guide: set up on the model's arguments with the params
+    key = random.PRNGKey(2)
+    fresh = ns.AutoSVGP(_classifier).sample_posterior(key, params, X_test, sample_shape=(3,))
+    fitted = guide.sample_posterior(key, params, sample_shape=(3,))
+    assert fresh.keys() == fitted.keys() == {"f_whitened", "shift"}
+    for name in fitted:
+        np.testing.assert_allclose(fresh[name], fitted[name], rtol=tol, atol=tol)
     draws = Predictive(_classifier, guide=ns.AutoSVGP(_classifier), params=params, num_samples=4)(
         random.PRNGKey(1), X_test
     )
