@@ -20,10 +20,19 @@ latent site gets AutoNormal's mean-field Normal in unconstrained space, with its
 handling of plates and of local latent sites under subsampled plates. Its prototype
 comes from one run of the model with every latent site at ``init_loc_fn``'s value
 (the whitened ones at 0) and nothing drawn for the svgp outputs.
+
+A fresh guide set up on a prediction call with loaded params (a new process: rebuild the
+model, ``ns.AutoSVGP(model)``, then ``predict_f``/``predict_y``/``Predictive`` with the
+saved params) meets the observed sites as latent ones, since ``y`` is not passed. It
+leaves unguided each latent site whose ``loc`` param the fitted params lack while they
+hold those of :math:`q(v)`: such a site was observed in the fit, and the model draws it
+from its likelihood, as it would with a guide set up on a training call.
 """
 
+import inspect
+import traceback
 from collections import OrderedDict
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 
 import jax
 import jax.numpy as jnp
@@ -36,8 +45,9 @@ from numpyro.handlers import block, seed, substitute, trace
 from numpyro.infer.autoguide import AutoNormal
 from numpyro.infer.initialization import init_to_median
 from numpyro.infer.util import helpful_support_errors
+from numpyro.primitives import _PYRO_STACK
 
-from numpyro_svgp._checks import check_observed_site
+from numpyro_svgp._checks import check_observed_site, is_traced
 from numpyro_svgp._svgp import output_values, svgp_site
 
 __all__ = ["AutoSVGP", "whitened_scale_tril"]
@@ -67,6 +77,107 @@ def _same_signature(a, b) -> bool:
         except Exception:  # values without a plain equality: assume they differ
             return False
     return True
+
+
+def _param_given(name: str) -> bool:
+    """Whether a param ``name`` called here would take its value from a handler around
+    the call, such as ``substitute(guide, data=params)`` (as ``Predictive`` and the
+    prediction functions run the guide), rather than its initial value.
+
+    The message goes through the handlers' ``process_message`` only, as numpyro's
+    ``apply_stack`` would send it, so nothing is recorded (``trace`` records in
+    ``postprocess_message``) and no key is drawn (``seed`` ignores params).
+    """
+    msg = {
+        "type": "param",
+        "name": name,
+        "fn": lambda value, *args, **kwargs: value,
+        "args": (None,),
+        "kwargs": {},
+        "value": None,
+        "scale": None,
+        "cond_indep_stack": [],
+        "infer": {},
+    }
+    for handler in reversed(_PYRO_STACK):
+        handler.process_message(msg)
+        if msg["type"] != "param":  # lifted to a sample site: not a fitted value
+            return False
+        if msg.get("stop"):  # handlers further out (a block) do not see it
+            break
+    return msg["value"] is not None
+
+
+def _describe_empty_arguments(model, args, kwargs) -> list[str]:
+    """The model's array arguments with no entries, named as in its signature."""
+    try:
+        named = inspect.signature(model).bind_partial(*args, **kwargs).arguments
+        items = list(named.items())
+    except (TypeError, ValueError):  # no signature to read (a wrapped callable)
+        items = [(f"argument {i}", x) for i, x in enumerate(args)] + list(kwargs.items())
+    return [
+        f"{name} (shape {jnp.shape(leaf)})"
+        for name, value in items
+        for leaf in jax.tree.leaves(value)
+        if isinstance(leaf, (jax.Array, np.ndarray)) and 0 in jnp.shape(leaf)
+    ]
+
+
+def _failed_plate(error: BaseException) -> tuple[str, object] | None:
+    """The name and size of the ``numpyro.plate`` whose construction raised ``error``."""
+    for frame, _ in traceback.walk_tb(error.__traceback__):
+        local = frame.f_locals
+        if (
+            frame.f_code.co_name == "__init__"
+            and isinstance(local.get("self"), numpyro.plate)
+            and "name" in local
+        ):
+            return local["name"], local.get("size")
+    return None
+
+
+@contextmanager
+def _explained_model_errors(tracer, model, args, kwargs):
+    """Turn numpyro's bare errors from a run of the model into ones naming the cause:
+    a plate of size 0 (an empty argument), and the broadcasting error that a group
+    plate at numpyro's default ``dim=-1`` around an svgp gives at the data plate."""
+    try:
+        yield
+    except AssertionError as error:
+        plate = _failed_plate(error)
+        if plate is None:
+            raise
+        empty = _describe_empty_arguments(model, args, kwargs)
+        cause = (
+            f": the model's argument{'s' if len(empty) > 1 else ''} {', '.join(empty)} "
+            f"{'are' if len(empty) > 1 else 'is'} empty"
+            if empty
+            else ""
+        )
+        raise ValueError(
+            f"the model's plate '{plate[0]}' has size {plate[1]}{cause}. numpyro needs a "
+            "positive plate size: pass at least one data point."
+        ) from error
+    except ValueError as error:
+        if "broadcast" not in str(error).lower():
+            raise
+        partial = tracer.trace
+        for site in partial.values():
+            info = svgp_site(site) if site["type"] == "sample" else None
+            frames = [f for f in site.get("cond_indep_stack", []) if f.dim == -1]
+            if info is None or not frames:
+                continue
+            output = partial.get(info.output, {}).get("value")
+            shape = f" of shape {jnp.shape(output)}" if output is not None else ""
+            frame = frames[0]
+            raise ValueError(
+                f"svgp('{info.output}', ...) is inside the plate '{frame.name}' (size "
+                f"{frame.size}) at dim=-1 (numpyro's default), so a data plate nested in it "
+                f"takes dim=-2, which does not fit the GP outputs{shape} (one row per "
+                f"member of '{frame.name}', then the data points). Put the group plate at "
+                f"dim=-2: numpyro.plate('{frame.name}', {frame.size}, dim=-2)."
+            ) from error
+        raise
 
 
 def whitened_scale_tril(raw: jax.Array) -> jax.Array:
@@ -143,7 +254,7 @@ class AutoSVGP(AutoNormal):
         # q(v) starts at the prior, so v's value is 0 and nothing need be drawn for it
         prior = svgp_site(site)
         if prior is not None:
-            return jnp.zeros(prior.batch_shape + prior.event_shape, prior.conditional.dtype)
+            return np.zeros(prior.batch_shape + prior.event_shape, prior.conditional.dtype)
         return self.init_loc_fn(site)
 
     def _setup_prototype(self, *args, **kwargs):
@@ -153,15 +264,26 @@ class AutoSVGP(AutoNormal):
         # each primitive of a new shape is compiled on its own, which would dominate
         # the time to a first fit. The log density at the start is checked by the first
         # SVI step instead (ns.train skips and counts non-finite steps).
-        with block():
-            prototype = trace(
-                substitute(
-                    seed(output_values(self.model, placeholder=True), numpyro.prng_key()),
-                    substitute_fn=self._initial_value,
-                )
-            ).get_trace(*args, **kwargs)
+        tracer = trace(
+            substitute(
+                seed(output_values(self.model, placeholder=True), numpyro.prng_key()),
+                substitute_fn=self._initial_value,
+            )
+        )
+        with block(), _explained_model_errors(tracer, self.model, args, kwargs):
+            prototype = tracer.get_trace(*args, **kwargs)
         whitened, self._init_locs = OrderedDict(), {}
         self._prototype_frames = {}
+        # With the fitted params given (a fresh guide on a prediction call), a latent
+        # site that has no params in them was observed in the fit (AutoNormal makes
+        # params for every latent site): the model draws it, as it does for a guide set
+        # up on a training call. Without q(v)'s params (SVI's set-up) nothing is dropped.
+        fitted = any(
+            _param_given(self._param_name(name, "loc"))
+            for name, site in prototype.items()
+            if site["type"] == "sample" and svgp_site(site) is not None
+        )
+        observed_in_fit = set()
         for name, site in prototype.items():
             if site["type"] == "plate":
                 self._prototype_frame_full_sizes[name] = site["args"][0]
@@ -171,6 +293,13 @@ class AutoSVGP(AutoNormal):
                 # numpyro's initialisation evaluates log densities, where a wrongly
                 # sized or non-finite observation fails with a vague message
                 check_observed_site(name, site)
+                continue
+            if (
+                fitted
+                and svgp_site(site) is None
+                and not _param_given(self._param_name(name, "loc"))
+            ):
+                observed_in_fit.add(name)
                 continue
             if site["fn"].support.is_discrete:
                 raise ValueError(
@@ -195,11 +324,14 @@ class AutoSVGP(AutoNormal):
                 shape = list(jnp.shape(site["value"]))
                 for frame in site["cond_indep_stack"]:
                     shape[frame.dim - 1] = self._prototype_frame_full_sizes[frame.name]
-                whitened[name] = (site, jnp.zeros(tuple(shape), prior.conditional.dtype))
+                # NumPy zeros: a guide first called inside jit (Predictive maps the guide
+                # over keys) keeps a concrete value, not a tracer of that trace
+                whitened[name] = (site, np.zeros(tuple(shape), prior.conditional.dtype))
                 continue
             with helpful_support_errors(site):
                 init_loc = biject_to(site["fn"].support).inv(site["value"])
-            if not np.all(np.isfinite(np.asarray(init_loc))):
+            # inside jit the value is abstract; the fitted params replace it there
+            if not is_traced(init_loc) and not np.all(np.isfinite(np.asarray(init_loc))):
                 raise ValueError(
                     f"AutoSVGP: the initial value of site '{name}' is not finite in "
                     "unconstrained space; give init_loc_fn (e.g. init_to_value) a value "
@@ -216,9 +348,10 @@ class AutoSVGP(AutoNormal):
             self._init_locs[name] = init_loc
         self._whitened = whitened
         # AutoNormal guides what is left (deterministic sites, such as the svgp
-        # outputs, are no guide's business: AutoGuideList refuses them)
+        # outputs, are no guide's business: AutoGuideList refuses them); a site observed
+        # in the fit is marked observed, which AutoNormal leaves to the model
         self.prototype_trace = OrderedDict(
-            (name, site)
+            (name, {**site, "is_observed": True} if name in observed_in_fit else site)
             for name, site in prototype.items()
             if name not in whitened and site["type"] != "deterministic"
         )
@@ -268,10 +401,9 @@ class AutoSVGP(AutoNormal):
         """Refuse a call whose plates over guided latent sites differ in size from the
         fitted ones: the params hold one value per member of the fitted plate, and
         indexing past them would silently hand a new member another's value."""
-        with block():
-            model_trace = trace(seed(output_values(self.model, placeholder=True), 0)).get_trace(
-                *args, **kwargs
-            )
+        tracer = trace(seed(output_values(self.model, placeholder=True), 0))
+        with block(), _explained_model_errors(tracer, self.model, args, kwargs):
+            model_trace = tracer.get_trace(*args, **kwargs)
         for name, site in model_trace.items():
             if site["type"] != "plate" or name not in self._prototype_frames:
                 continue
@@ -320,8 +452,10 @@ class AutoSVGP(AutoNormal):
     def _check_setup(self):
         if self.prototype_trace is None:
             raise RuntimeError(
-                "AutoSVGP has not seen the model yet: run SVI (or call the guide with "
-                "the model's arguments) before asking for posterior summaries."
+                "AutoSVGP has not seen the model yet: run SVI, a prediction with the "
+                "params (ns.predict_f, Predictive), or pass the model's arguments to "
+                "sample_posterior (guide.sample_posterior(key, params, X)) before asking "
+                "for posterior summaries."
             )
 
     def _whitened_q(self, params, name):
@@ -334,10 +468,16 @@ class AutoSVGP(AutoNormal):
 
         :param rng_key: a JAX random key.
         :param dict params: the SVI params (``svi_result.params``).
+        :param args: the model's arguments, needed only by a guide that has not seen
+            the model yet (loaded params in a new process): it is set up on them with
+            ``params``, as a prediction would set it up.
         :param tuple sample_shape: leading shape of the draws.
         :return: a dict from latent site name to constrained draws of shape
             ``sample_shape + site_shape``.
         """
+        if self.prototype_trace is None and (args or kwargs):
+            with block():
+                seed(substitute(self, data=params), 0)(*args, **kwargs)
         self._check_setup()
         key, *keys = jax.random.split(rng_key, len(self._whitened) + 1)
         draws = (

@@ -18,11 +18,16 @@ wrong number or a bare XLA error. Cases:
 7. observations: y with a trailing dimension, y of another length than X, and
    mini-batches whose X and y sizes differ are refused naming the observed site;
    NaN/inf anywhere in y is refused naming the site.
+8. models: a plate of size 0 (empty data) is refused naming the plate and the empty
+   argument; a GP family's group plate at numpyro's default dim=-1, around a nested
+   data plate, is refused naming the plate and the fix (dim=-2).
 """
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpyro
+import numpyro.distributions as dist
 import optax
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -32,7 +37,7 @@ from numpyro.infer import SVI
 
 import numpyro_svgp as ns
 
-from .helpers import gaussian_model
+from .helpers import gaussian_model, initial_params
 
 SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -217,3 +222,55 @@ def test_nonfinite_observations_are_refused_naming_the_site(i, bad):
         ValueError, match=rf"observed site 'y' contains NaN or inf .*first at index \({i},\)"
     ):
         _elbo_loss(X_FULL, y)
+
+
+def test_empty_data_is_refused_naming_the_plate_and_the_argument():
+    # numpyro's plate asserts a positive size without saying which plate or why
+    with pytest.raises(
+        ValueError,
+        match=r"plate 'data' has size 0: the model's arguments X \(shape \(0, 1\)\), "
+        r"y \(shape \(0,\)\) are empty",
+    ):
+        _elbo_loss(X_FULL[:0], Y_FULL[:0])
+    # new inputs for a fitted guide: its plate-size check is the first run of the model
+    guide = ns.AutoSVGP(MODEL)
+    params = initial_params(MODEL, guide, X_FULL, Y_FULL)
+    with pytest.raises(
+        ValueError, match=r"plate 'data' has size 0: the model's argument X \(shape \(0, 1\)\) is"
+    ):
+        ns.predict_f(MODEL, guide, params, X_FULL[:0])
+
+
+def test_a_plate_of_size_zero_is_refused_by_name():
+    def model(X, num_groups):
+        with numpyro.plate("group", num_groups, dim=-2):
+            ns.svgp("f", ns.kernels.RBF(), X, Z0)
+
+    with pytest.raises(ValueError, match=r"the model's plate 'group' has size 0\."):
+        initial_params(model, ns.AutoSVGP(model), X_FULL, 0)
+
+
+@pytest.mark.parametrize("dim", [None, -1, -2])
+def test_a_group_plate_at_dim_minus_one_is_refused_naming_it_and_the_fix(dim):
+    G, N = 3, 10
+
+    def model(X, Y=None):
+        with numpyro.plate("group", G, dim=dim):
+            f = ns.svgp("f", ns.kernels.RBF(), X, Z0)
+            with numpyro.plate("data", N):
+                numpyro.sample("y", dist.Normal(f, 0.1), obs=Y)
+
+    args = (X_FULL[:N], np.zeros((G, N)))
+    if dim == -2:  # the fix the message gives
+        assert initial_params(model, ns.AutoSVGP(model), *args)["f_whitened_auto_loc"].shape == (
+            G,
+            1,
+            len(Z0),
+        )
+        return
+    with pytest.raises(
+        ValueError,
+        match=r"svgp\('f', \.\.\.\) is inside the plate 'group' \(size 3\) at dim=-1 .*"
+        r"outputs of shape \(3, 10\).*numpyro\.plate\('group', 3, dim=-2\)",
+    ):
+        initial_params(model, ns.AutoSVGP(model), *args)
