@@ -386,3 +386,49 @@ def test_a_joint_density_is_predicted_by_monte_carlo_with_its_standard_errors():
     np.testing.assert_array_less(np.abs(pred.variance - (var + 1)), 4 * error.variance)
     np.testing.assert_allclose(error.mean, np.sqrt(var / S), rtol=0.1)
     np.testing.assert_allclose(error.variance, np.sqrt(2) * var / np.sqrt(S), rtol=0.1)
+
+
+FLOAT32_SOFTMAX = """
+import jax, jax.numpy as jnp, numpy as np, numpyro, numpyro.distributions as dist, optax
+from jax import random
+from numpyro.infer import SVI
+import numpyro_svgp as ns
+assert not jax.config.jax_enable_x64
+rng = np.random.default_rng(0)
+y = rng.integers(0, 3, size=60)
+X = (2.0 * y - 3.0 + 1.4 * rng.uniform(size=60)).astype(np.float32)[:, None]
+def model(X, y=None):
+    with numpyro.plate("class", 3, dim=-2):
+        Z = jnp.linspace(-3, 3, 6, dtype=jnp.float32)[:, None]
+        f = ns.svgp("f", ns.kernels.RBF(1.0, 1.0), X, Z)
+    with numpyro.plate("data", X.shape[0]):
+        numpyro.sample("y", dist.Categorical(logits=f.T), obs=y)
+guide = ns.AutoSVGP(model)
+params = SVI(model, guide, optax.adam(0.05), ns.SVGP_ELBO()).run(
+    random.PRNGKey(0), 200, X, y, progress_bar=False).params
+pred = ns.predict_y(model, guide, params, X, num_samples=500)
+p, se = pred.probabilities, pred.standard_error.probabilities
+assert p.dtype == se.dtype == jnp.float32 and p.shape == (60, 3), (p.dtype, se.dtype, p.shape)
+assert np.allclose(np.sum(p, axis=-1), 1.0, atol=1e-5) and np.all(np.isfinite(se))
+accuracy = float(np.mean(np.argmax(p, axis=-1) == y))
+assert accuracy > 0.9, accuracy
+print("float32 softmax ok", accuracy)
+"""
+
+
+@pytest.mark.slow
+def test_float32_class_probabilities_smoke():
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "JAX_ENABLE_X64"}
+    run = subprocess.run(
+        [sys.executable, "-c", FLOAT32_SOFTMAX],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "float32 softmax ok" in run.stdout

@@ -186,6 +186,7 @@ def test_at_z_equal_x_the_pointwise_values_are_pointwise_log_likelihood():
         np.testing.assert_array_less(np.abs(got[n] - want[n]), JITTER * (1 + r2) / s**2)
 
 
+@pytest.mark.filterwarnings("ignore:Estimated shape parameter of Pareto")
 def test_az_loo_on_from_numpyro_of_an_sgpmc_run_scores_every_observation():
     az = pytest.importorskip("arviz")
     X, f, rng = _data(n=12, seed_=4)
@@ -371,6 +372,8 @@ assert all(v.dtype == jnp.float32 for v in s.values()), {k: v.dtype for k, v in 
 assert int(mcmc.get_extra_fields()["diverging"].sum()) < 15
 noise = float(s["noise"].mean())
 assert 0.12 < noise < 0.3, noise
+pointwise = numpyro.infer.log_likelihood(ns.sgpmc(model), s, X, y)["y_sgpmc"]
+assert pointwise.shape == (300, 40) and pointwise.dtype == jnp.float32, pointwise.dtype
 print("float32 sgpmc ok", noise)
 """
 
