@@ -14,7 +14,10 @@ is the output (up to shape-only changes and an offset) it is the Gaussian
 :math:`\mathcal N(y_n \mid \mu_n + c_n, s^2 + \sigma^2_n)`, in closed form; for any
 likelihood that depends on one or two outputs point by point, Gauss–Hermite quadrature
 turns it into a mixture of the likelihood at the nodes. Its moments follow from those of
-the components; its quantiles are found by bisection on the mixture's CDF.
+the components; its quantiles are found by bisection on the mixture's CDF. A site whose
+log density couples several values of an output (a softmax over a family of class GPs)
+is a mixture over :math:`S` joint draws of the latents and the outputs instead, and
+:func:`predict_y` states the Monte Carlo standard errors of what it estimates.
 
 **Reference**: Hensman, Matthews & Ghahramani (2015), *Scalable variational Gaussian
 process classification* (predictive densities by quadrature).
