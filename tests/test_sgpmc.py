@@ -194,7 +194,7 @@ def test_az_loo_on_from_numpyro_of_an_sgpmc_run_scores_every_observation():
     model = _model(jnp.linspace(-2, 2, 4)[:, None])
     mcmc = MCMC(NUTS(ns.sgpmc(model)), num_warmup=30, num_samples=40, progress_bar=False)
     mcmc.run(random.PRNGKey(0), X, y)
-    idata = az.from_numpyro(mcmc)
+    idata = az.from_numpyro(mcmc, log_likelihood=True)
     pointwise = np.asarray(idata.log_likelihood["y_sgpmc"])
     assert pointwise.shape == (1, 40, 12)
     want = log_likelihood(ns.sgpmc(model), mcmc.get_samples(), X, y)["y_sgpmc"]
