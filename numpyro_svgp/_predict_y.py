@@ -91,8 +91,9 @@ class YPrediction(NamedTuple):
     site's shape plus a last axis of the classes; ``None`` for other distributions."""
     standard_error: "StandardError | None" = None
     """Monte Carlo standard errors of :attr:`mean`, :attr:`variance` and
-    :attr:`probabilities` when they are averages over draws (see :func:`predict_y`);
-    ``None`` when they are exact (closed form or quadrature, nothing drawn)."""
+    :attr:`probabilities` when they are averages over draws (see :func:`predict_y`; NaN
+    from a single draw); ``None`` when they are exact (closed form or quadrature, nothing
+    drawn)."""
 
 
 def predict_y(
@@ -372,7 +373,7 @@ def _components(model, guide, params, args, kwargs, site, num_samples, points, r
     component's mean, variance, log density of the observed value, class probabilities
     and the distribution itself (batched over the components) for its CDF; ``draws``
     is the number of independent draws, each owning one contiguous run of components
-    (1 when nothing is drawn)."""
+    (0 when nothing is drawn)."""
     options = _Options(points, "auto", "auto", False)
     draw_key, key = jax.random.split(rng_key)
     with block():
@@ -442,7 +443,7 @@ def _components(model, guide, params, args, kwargs, site, num_samples, points, r
     else:
         log_w, stats = jax.tree.map(lambda x: x[None], one_draw({}))
     flat = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), stats)
-    return log_w.reshape(-1) - jnp.log(num_samples), flat, num_samples
+    return log_w.reshape(-1) - jnp.log(num_samples), flat, num_samples if draws else 0
 
 
 def _drawn_components(model, guide, params, args, kwargs, site, observed, draws, keys, caller):
@@ -599,7 +600,8 @@ def _moments_and_quantiles(components, levels, draws):
     if probs is not None:
         probabilities = jnp.sum(jnp.exp(_expand(log_w, probs)) * probs, axis=0)
     error = None
-    if draws > 1:
+    if draws:
+        # one draw gives no spread to measure: its errors are NaN, not absent
         error = _standard_error(log_w, stats, draws, mean, probs)
     quantiles = None
     if levels is not None:

@@ -164,6 +164,14 @@ def test_other_latents_are_integrated_with_the_guides_draws():
     pred = ns.predict_y(model, guide, params, X_TEST, num_samples=4000)
     np.testing.assert_allclose(pred.mean, mean + 0.5, rtol=1e-10)
     np.testing.assert_allclose(pred.variance, var + q_s.moment(2), rtol=1e-2)
+    # each draw's variance is sigma_n^2 + s^2: the stated error is the spread of s^2 over
+    # sqrt(4000), within the spread's own error (a few per cent); the mean has none
+    error = pred.standard_error
+    assert error.num_draws == 4000
+    np.testing.assert_array_less(np.abs(pred.variance - var - q_s.moment(2)), 4 * error.variance)
+    sd = np.sqrt(q_s.moment(4) - q_s.moment(2) ** 2)
+    np.testing.assert_allclose(error.variance, sd / np.sqrt(4000), rtol=0.1)
+    np.testing.assert_array_less(error.mean, 1e-12)
 
 
 def test_bad_requests_are_refused():
@@ -386,6 +394,9 @@ def test_a_joint_density_is_predicted_by_monte_carlo_with_its_standard_errors():
     np.testing.assert_array_less(np.abs(pred.variance - (var + 1)), 4 * error.variance)
     np.testing.assert_allclose(error.mean, np.sqrt(var / S), rtol=0.1)
     np.testing.assert_allclose(error.variance, np.sqrt(2) * var / np.sqrt(S), rtol=0.1)
+    # one draw has no spread to measure its error by: NaN, not None (which means exact)
+    one = ns.predict_y(joint, guide, params, X_TEST, num_samples=1).standard_error
+    assert one.num_draws == 1 and np.all(np.isnan(one.mean)) and np.all(np.isnan(one.variance))
 
 
 FLOAT32_SOFTMAX = """
