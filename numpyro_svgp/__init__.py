@@ -47,6 +47,7 @@ from numpyro_svgp._natgrad import natural_gradient
 from numpyro_svgp._pathwise import pathwise
 from numpyro_svgp._predict import held_out_log_likelihood, predict_f
 from numpyro_svgp._predict_y import (
+    StandardError,
     YPrediction,
     pointwise_log_likelihood,
     predict_log_density,
@@ -70,6 +71,7 @@ __all__ = [
     "Conditional",
     "SVGP_ELBO",
     "SphericalHarmonicFeatures",
+    "StandardError",
     "TrainResult",
     "TrainingStopped",
     "YPrediction",

@@ -231,8 +231,9 @@ def plan_model(model, model_key, guide_trace, param_map, args, kwargs, options: 
         if lost:
             o, tag = lost[0]
             reason = (
-                f"its log density depends on svgp output '{o}' through `{tag.reason}`, "
-                "not point by point"
+                f"its log density couples several values of svgp output '{o}' in one term "
+                f"(through `{tag.reason}`): the outputs at one point, as a softmax over a "
+                "family of GPs does, or several points, as a joint density does"
             )
             integrations[name] = _monte_carlo(name, deps, reason, options)
         elif (

@@ -14,7 +14,10 @@ is the output (up to shape-only changes and an offset) it is the Gaussian
 :math:`\mathcal N(y_n \mid \mu_n + c_n, s^2 + \sigma^2_n)`, in closed form; for any
 likelihood that depends on one or two outputs point by point, Gauss–Hermite quadrature
 turns it into a mixture of the likelihood at the nodes. Its moments follow from those of
-the components; its quantiles are found by bisection on the mixture's CDF.
+the components; its quantiles are found by bisection on the mixture's CDF. A site whose
+log density couples several values of an output (a softmax over a family of class GPs)
+is a mixture over :math:`S` joint draws of the latents and the outputs instead, and
+:func:`predict_y` states the Monte Carlo standard errors of what it estimates.
 
 **Reference**: Hensman, Matthews & Ghahramani (2015), *Scalable variational Gaussian
 process classification* (predictive densities by quadrature).
@@ -27,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.scipy.special import logsumexp
-from numpyro.distributions import MaskedDistribution, Normal
+from numpyro.distributions import CategoricalLogits, CategoricalProbs, MaskedDistribution, Normal
 from numpyro.handlers import block, condition, seed, substitute, trace
 
 from numpyro_svgp._integrate import (
@@ -42,7 +45,13 @@ from numpyro_svgp._integrate import (
 from numpyro_svgp._predict import _check_params, _explain_plate_size
 from numpyro_svgp._svgp import output_values, svgp_site
 
-__all__ = ["YPrediction", "pointwise_log_likelihood", "predict_log_density", "predict_y"]
+__all__ = [
+    "StandardError",
+    "YPrediction",
+    "pointwise_log_likelihood",
+    "predict_log_density",
+    "predict_y",
+]
 
 BISECTION_STEPS = 100
 """Halvings of the bracket of each quantile (enough for any bracket a float can hold to
@@ -53,15 +62,38 @@ WIDENINGS = 12
 not hold the quantile (a factor of 4096, for heavy-tailed mixtures)."""
 
 
+class StandardError(NamedTuple):
+    """Monte Carlo standard errors of a :class:`YPrediction`'s estimates."""
+
+    mean: jax.Array
+    """Of :attr:`YPrediction.mean`."""
+    variance: jax.Array
+    """Of :attr:`YPrediction.variance` (by the delta method)."""
+    probabilities: "jax.Array | None"
+    """Of :attr:`YPrediction.probabilities` (``None`` where those are ``None``)."""
+    num_draws: int
+    """The independent draws the estimates average."""
+
+
 class YPrediction(NamedTuple):
     """What :func:`predict_y` returns, each of the observed site's shape."""
 
     mean: jax.Array
-    """:math:`\\mathbb E[y_n]`."""
+    """:math:`\\mathbb E[y_n]` (NaN for a ``Categorical``, as numpyro's mean: see
+    :attr:`probabilities`)."""
     variance: jax.Array
     """:math:`\\operatorname{Var}[y_n]` (the likelihood's noise included)."""
     quantiles: "jax.Array | None"
     """The requested quantiles, with a leading axis of their number (``None`` if none)."""
+    probabilities: "jax.Array | None" = None
+    """For a ``Categorical`` site, the class probabilities
+    :math:`P(y_n = k) = \\mathbb E[\\operatorname{softmax}(\\text{logits}_n)_k]`, of the
+    site's shape plus a last axis of the classes; ``None`` for other distributions."""
+    standard_error: "StandardError | None" = None
+    """Monte Carlo standard errors of :attr:`mean`, :attr:`variance` and
+    :attr:`probabilities` when they are averages over draws (see :func:`predict_y`; NaN
+    from a single draw); ``None`` when they are exact (closed form or quadrature, nothing
+    drawn)."""
 
 
 def predict_y(
@@ -84,10 +116,23 @@ def predict_y(
         pred.mean            # class probabilities for Bernoulli, rates for Poisson
         pred.quantiles[0]    # the 5 % quantile at each point
 
+    Class probabilities of a softmax over C class GPs, ``Categorical(logits=f.T)``::
+
+        pred = ns.predict_y(model, guide, svi_result.params, X_test, num_samples=2000)
+        pred.probabilities                   # (N, C), each row sums to 1
+        pred.standard_error.probabilities    # their Monte Carlo standard errors
+
     The site's distribution is integrated over :math:`q(f)` as described in the module
     docstring: exactly for a Gaussian, by Gauss–Hermite quadrature otherwise. Other
     latent sites of the model (hyperparameters with priors) are integrated with
-    ``num_samples`` draws from the guide, as ``Predictive`` does.
+    ``num_samples`` draws from the guide, as ``Predictive`` does. A site that couples
+    several values of an output at each point (a softmax over a family of class GPs),
+    or that depends on more than two outputs, cannot be integrated that way: it is
+    estimated from ``num_samples`` joint draws of every latent site and of the outputs
+    from :math:`q`, the site's distribution at each draw averaged. Whenever draws are
+    averaged, :attr:`YPrediction.standard_error` gives the estimates' Monte Carlo
+    standard errors, :math:`\hat s / \sqrt S` with :math:`\hat s` the standard deviation
+    of the :math:`S` draws' own values (the quantiles have none stated).
 
     :param model: the NumPyro model, run with ``*args, **kwargs`` (typically new inputs,
         no observations).
@@ -98,12 +143,15 @@ def predict_y(
         the smallest value whose CDF reaches the level. A quantile beyond
         :math:`4 \cdot 2^{12}` standard deviations of the mean (a heavy tail) is NaN
         rather than a clamped value.
-    :param int num_samples: draws of the other latent sites (unused when there are none).
+    :param int num_samples: draws of the other latent sites, and of the outputs for a
+        site that needs Monte Carlo (unused when neither is drawn).
     :param int quadrature_points: Gauss–Hermite points per svgp output.
     :param rng_key: a JAX random key for those draws (default ``PRNGKey(0)``).
-    :return: a :class:`YPrediction` ``(mean, variance, quantiles)``.
-    :raises ValueError: if the site depends on its outputs in a way that only Monte Carlo
-        could integrate, or a quantile is requested of a distribution without a CDF.
+    :return: a :class:`YPrediction` ``(mean, variance, quantiles, probabilities,
+        standard_error)``.
+    :raises ValueError: if the guide's :math:`q(v)` is not Gaussian for a site that is
+        otherwise integrated exactly, or a quantile is requested of a distribution
+        without a CDF.
     """
     _check_params(params, "predict_y")
     levels = None
@@ -111,7 +159,7 @@ def predict_y(
         levels = np.atleast_1d(np.asarray(quantiles, dtype=float))
         if levels.ndim != 1 or not np.all((levels > 0) & (levels < 1)):
             raise ValueError(f"quantiles must be levels in (0, 1), got {quantiles!r}.")
-    components = _components_of(
+    *components, draws = _components_of(
         model,
         guide,
         params,
@@ -123,7 +171,7 @@ def predict_y(
         rng_key,
         "predict_y",
     )
-    return _moments_and_quantiles(components, levels)
+    return _moments_and_quantiles(components, levels, draws)
 
 
 def predict_log_density(
@@ -160,7 +208,7 @@ def predict_log_density(
     :return: :math:`\log p(y_n)`, of the site's shape (sum or average it as needed).
     """
     _check_params(params, "predict_log_density")
-    log_w, stats = _components_of(
+    log_w, stats, _ = _components_of(
         model,
         guide,
         params,
@@ -319,10 +367,13 @@ def _components_of(model, guide, params, args, kwargs, site, num_samples, points
 
 @eqx.filter_jit
 def _components(model, guide, params, args, kwargs, site, num_samples, points, rng_key, caller):
-    """``(log_weights, stats)`` of the mixture that is the site's predictive distribution:
-    one component per (draw of the other latents, quadrature node), with each
-    component's mean, variance, log density of the observed value and the distribution
-    itself (batched over the components) for its CDF."""
+    """``(log_weights, stats, draws)`` of the mixture that is the site's predictive
+    distribution: one component per (draw of the other latents, quadrature node), or per
+    joint draw of the latents and outputs for a site that needs Monte Carlo, with each
+    component's mean, variance, log density of the observed value, class probabilities
+    and the distribution itself (batched over the components) for its CDF; ``draws``
+    is the number of independent draws, each owning one contiguous run of components
+    (0 when nothing is drawn)."""
     options = _Options(points, "auto", "auto", False)
     draw_key, key = jax.random.split(rng_key)
     with block():
@@ -338,6 +389,7 @@ def _components(model, guide, params, args, kwargs, site, num_samples, points, r
             first, guide_trace = _plan(model, guide, params, args, kwargs, {}, key, options)
     integration = first.integrations[site]
     _refuse_inexact(integration, site, caller)
+    monte_carlo = integration.method == "Monte Carlo"
     others = [
         n
         for n, s in guide_trace.items()
@@ -346,10 +398,26 @@ def _components(model, guide, params, args, kwargs, site, num_samples, points, r
         and n in first.model_trace
         and svgp_site(first.model_trace[n]) is None
     ]
-    if not others:
+    if not others and not monte_carlo:
         num_samples = 1
     draws = guide.sample_posterior(draw_key, params, *args, sample_shape=(num_samples,), **kwargs)
     draws = {n: draws[n] for n in others}
+    if monte_carlo:
+        return (
+            *_drawn_components(
+                model,
+                guide,
+                params,
+                args,
+                kwargs,
+                site,
+                observed,
+                draws,
+                jax.random.split(key, num_samples),
+                caller,
+            ),
+            num_samples,
+        )
 
     def one_draw(values):
         with block():
@@ -375,7 +443,27 @@ def _components(model, guide, params, args, kwargs, site, num_samples, points, r
     else:
         log_w, stats = jax.tree.map(lambda x: x[None], one_draw({}))
     flat = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), stats)
-    return log_w.reshape(-1) - jnp.log(num_samples), flat
+    return log_w.reshape(-1) - jnp.log(num_samples), flat, num_samples if draws else 0
+
+
+def _drawn_components(model, guide, params, args, kwargs, site, observed, draws, keys, caller):
+    """One equally weighted component per key: the site's distribution at a joint draw of
+    v from the guide (given the other latents' ``draws``) and of the outputs given v."""
+
+    def one_draw(inputs):
+        values, key = inputs
+        guide_key, model_key = jax.random.split(key)
+        with block():
+            guide_trace = trace(
+                substitute(seed(guide, guide_key), data={**params, **values})
+            ).get_trace(*args, **kwargs)
+            # no output handler: each svgp output is drawn given its v, as the model does
+            at = _run(model, model_key, guide_trace, params, args, kwargs, lambda fn: fn)[site]
+            return _stats(at["fn"], at, observed, site, caller)
+
+    stats = jax.lax.map(one_draw, (draws, keys))
+    log_w = jnp.full(len(keys), -jnp.log(len(keys)), stats["mean"].dtype)
+    return log_w, stats
 
 
 def _plan(model, guide, params, args, kwargs, values, key, options):
@@ -414,6 +502,8 @@ def _pick_site(plan, guide_trace, site, caller):
 
 
 def _refuse_inexact(integration, site, caller):
+    if integration.method == "Monte Carlo" and caller == "predict_y":
+        return  # estimated from draws, with its standard error stated
     if integration.method == "Monte Carlo":
         raise ValueError(
             f"{caller}: site '{site}' cannot be integrated over q(f) exactly: "
@@ -487,24 +577,61 @@ def _stats(fn, site, observed, name, caller):
     shape = fn.batch_shape + fn.event_shape
     log_prob = _pointwise(fn, site["value"], name, caller) if observed else None
     _, base = _peel(fn)
+    probs = None
+    if isinstance(base, (CategoricalProbs, CategoricalLogits)):
+        probs = jnp.broadcast_to(base.probs, shape + base.probs.shape[-1:])
     return {
         "mean": jnp.broadcast_to(base.mean, shape),
         "variance": jnp.broadcast_to(base.variance, shape),
         "log_prob": log_prob,
+        "probs": probs,
         "fn": base,
     }
 
 
-def _moments_and_quantiles(components, levels):
+def _moments_and_quantiles(components, levels, draws):
     log_w, stats = components
     weights = jnp.exp(_expand(log_w, stats["mean"]))
     mean = jnp.sum(weights * stats["mean"], axis=0)
     second = jnp.sum(weights * (stats["variance"] + jnp.square(stats["mean"])), axis=0)
     variance = jnp.maximum(second - jnp.square(mean), 0.0)
-    if levels is None:
-        return YPrediction(mean, variance, None)
-    quantiles = _quantiles(stats["fn"], stats["mean"], weights, mean, variance, levels)
-    return YPrediction(mean, variance, quantiles)
+    probs = stats["probs"]
+    probabilities = None
+    if probs is not None:
+        probabilities = jnp.sum(jnp.exp(_expand(log_w, probs)) * probs, axis=0)
+    error = None
+    if draws:
+        # one draw gives no spread to measure: its errors are NaN, not absent
+        error = _standard_error(log_w, stats, draws, mean, probs)
+    quantiles = None
+    if levels is not None:
+        quantiles = _quantiles(stats["fn"], stats["mean"], weights, mean, variance, levels)
+    return YPrediction(mean, variance, quantiles, probabilities, error)
+
+
+def _standard_error(log_w, stats, draws, mean, probs):
+    """Standard errors of averages over ``draws`` independent draws, each owning one run
+    of components: the standard deviation of the draws' own values over
+    :math:`\\sqrt S`. The variance :math:`\\bar b - \\bar a^2` (``a`` the mean, ``b`` the
+    second moment) is a function of two averages; its error is that of the average of
+    :math:`b_s - 2 \\bar a\\, a_s`, its linearisation (the delta method)."""
+
+    def own(x):
+        # a draw's components carry weights that sum to 1 / S
+        w = jnp.exp(_expand(log_w, x)).reshape((draws, -1) + (1,) * (x.ndim - 1))
+        return draws * jnp.sum(w * x.reshape((draws, -1) + x.shape[1:]), axis=1)
+
+    def error(values):
+        return jnp.std(values, axis=0, ddof=1) / np.sqrt(draws)
+
+    a = own(stats["mean"])
+    b = own(stats["variance"] + jnp.square(stats["mean"]))
+    return StandardError(
+        error(a),
+        error(b - 2 * mean * a),
+        None if probs is None else error(own(probs)),
+        draws,
+    )
 
 
 def _quantiles(fn, component_mean, weights, mean, variance, levels):

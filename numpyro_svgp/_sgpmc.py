@@ -27,12 +27,23 @@ variationally sparse Gaussian processes*, NeurIPS.
 """
 
 import jax
+import jax.numpy as jnp
 import numpyro
-from numpyro.handlers import block, trace
+from numpyro.handlers import block, scale, trace
 from numpyro.primitives import Messenger
 
 from numpyro_svgp._checks import nan_on_failed_checks
-from numpyro_svgp._integrate import _Options, check_quadrature_points, plan_model
+from numpyro_svgp._integrate import (
+    _ExpectedNormal,
+    _Options,
+    _peel,
+    _rewrap,
+    _run,
+    check_quadrature_points,
+    hermite_grid,
+    plan_model,
+)
+from numpyro_svgp._predict_y import _pointwise
 from numpyro_svgp._svgp import output_values
 
 __all__ = ["sgpmc"]
@@ -54,13 +65,26 @@ class sgpmc:
 
     The result runs ``model`` with the same latent sites (each svgp's whitened site and
     every other latent) and replaces the model's observed sites by one factor each,
-    ``f"{name}_sgpmc"``, holding :math:`\mathbb E_{p(f \mid v, \theta)}[\log p(y \mid f)]`
-    (the module docstring). Its log density is deterministic: nothing is drawn. Outputs
-    and deterministic sites are not recorded (their values would be placeholders): draw
-    them from the samples with ``Predictive(model, samples)``. The factors are the SGPMC
-    integrand, one total per site, not pointwise predictive densities: for ``az.loo`` use
-    ``ns.to_inference_data(mcmc.get_samples(), model=model, model_args=(X, y),
-    log_likelihood=True)`` rather than ``az.from_numpyro(mcmc)``.
+    ``f"{name}_sgpmc"``, holding one term per observation,
+
+    .. math:: \ell_n(v, \theta) = \mathbb E_{p(f_n \mid v, \theta)}
+        \big[\log p(y_n \mid f_n, \theta)\big],
+
+    of the site's shape (without the sum of ``to_event``; a masked element gives 0; a
+    distribution with an event shape of its own gives one term per vector), scaled in the
+    density as the site was (a subsample's :math:`N / B`). Its log density is
+    deterministic: nothing is drawn. Outputs and deterministic sites are not recorded
+    (their values would be placeholders): draw them from the samples with
+    ``Predictive(model, samples)``.
+
+    ``az.from_numpyro(mcmc)`` and ``numpyro.infer.log_likelihood`` read the unscaled
+    :math:`\ell_n`, so ``az.loo`` scores each observation, with the importance weights of
+    leaving :math:`y_n` out of this density. By Jensen's inequality :math:`\ell_n` is at
+    most the predictive :math:`\log \mathbb E_{p(f_n \mid v, \theta)}[p(y_n \mid f_n,
+    \theta)]`, with equality where :math:`f_n` given :math:`v` has no variance (e.g.
+    :math:`Z = X`); ``ns.to_inference_data(mcmc.get_samples(), model=model,
+    model_args=(X, y), log_likelihood=True)`` scores that predictive density instead (see
+    :func:`~numpyro_svgp.pointwise_log_likelihood`).
 
     A traced value check that fails (a lengthscale that overflows, a factor of
     :math:`K_{zz}` that cannot be found even with the largest jitter) makes the log
@@ -108,14 +132,18 @@ class sgpmc:
             plan = plan_model(model, jax.random.PRNGKey(0), {}, values, args, kwargs, self.options)
         for name, integration in plan.integrations.items():
             _check_integrable(name, plan.model_trace[name], integration, latents)
-        with nan_on_failed_checks():
+        with block(), nan_on_failed_checks():
             terms = {
-                name: plan.log_density(name)
+                name: _expected_log_prob(plan, name, model, values, args, kwargs, self.options)
                 for name, site in plan.model_trace.items()
                 if site["type"] == "sample" and site["is_observed"]
             }
         for name, term in terms.items():
-            numpyro.factor(f"{name}_sgpmc", term)
+            weight = plan.model_trace[name]["scale"]
+            # the weight (a subsample's N / B) scales the density, as it did the site's,
+            # but not the pointwise values that log_likelihood reads
+            with scale(scale=1.0 if weight is None else weight):
+                numpyro.factor(f"{name}_sgpmc", term)
 
 
 def _check_integrable(name, site, integration, latents) -> None:
@@ -149,6 +177,54 @@ def _check_integrable(name, site, integration, latents) -> None:
             "or by quadrature only; write the site's distribution as a function of the "
             "output at each point (e.g. Normal(f, s), Bernoulli(logits=f))."
         )
+
+
+def _expected_log_prob(plan, name, model, values, args, kwargs, options) -> jax.Array:
+    r""":math:`\mathbb E_{p(f \mid v, \theta)}[\log p(y_n \mid f_n)]` of an observed site,
+    one value per observation (see :func:`_elementwise`), unscaled."""
+    site = plan.model_trace[name]
+    integration = plan.integrations.get(name)
+    if integration is None or integration.method == "exact":
+        return _elementwise(site["fn"], site["value"], name)
+    key = jax.random.PRNGKey(0)
+
+    def run_at(outputs):
+        handler = output_values(values=outputs, placeholder=True)
+        return _run(model, key, {}, values, args, kwargs, handler)[name]
+
+    if integration.method == "closed form":
+        output = integration.outputs[0]
+        mean, variance = plan.moments(output)
+
+        def base_loc(f):
+            _, base = _peel(run_at({output: f})["fn"])
+            return jnp.broadcast_to(base.loc, base.batch_shape)
+
+        # the loc is the output moved by shape-only operations plus an offset: its
+        # tangent along the variance is the variance moved the same way
+        loc, spread = jax.jvp(base_loc, (mean,), (variance,))
+        wrappers, base = _peel(site["fn"])
+        expected = _rewrap(wrappers, _ExpectedNormal(loc, base.scale, spread))
+        return _elementwise(expected, site["value"], name)
+    nodes, log_weights = hermite_grid(
+        {o: plan.moments(o) for o in integration.outputs}, options.quadrature_points
+    )
+
+    def at(node_values):
+        at_node = run_at(node_values)
+        return _elementwise(at_node["fn"], at_node["value"], name)
+
+    return jnp.tensordot(jnp.exp(log_weights), jax.vmap(at)(nodes), axes=1)
+
+
+def _elementwise(fn, value, name) -> jax.Array:
+    """``log p(value)`` per observation: element by element without the sum of
+    ``to_event`` (a masked element gives 0), or per batch element for a distribution
+    with an event shape of its own (a vector per point)."""
+    _, base = _peel(fn)
+    if base.event_shape:
+        return fn.log_prob(value)
+    return _pointwise(fn, value, name, "ns.sgpmc")
 
 
 class _likelihood_hidden(Messenger):

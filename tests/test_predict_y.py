@@ -164,6 +164,14 @@ def test_other_latents_are_integrated_with_the_guides_draws():
     pred = ns.predict_y(model, guide, params, X_TEST, num_samples=4000)
     np.testing.assert_allclose(pred.mean, mean + 0.5, rtol=1e-10)
     np.testing.assert_allclose(pred.variance, var + q_s.moment(2), rtol=1e-2)
+    # each draw's variance is sigma_n^2 + s^2: the stated error is the spread of s^2 over
+    # sqrt(4000), within the spread's own error (a few per cent); the mean has none
+    error = pred.standard_error
+    assert error.num_draws == 4000
+    np.testing.assert_array_less(np.abs(pred.variance - var - q_s.moment(2)), 4 * error.variance)
+    sd = np.sqrt(q_s.moment(4) - q_s.moment(2) ** 2)
+    np.testing.assert_allclose(error.variance, sd / np.sqrt(4000), rtol=0.1)
+    np.testing.assert_array_less(error.mean, 1e-12)
 
 
 def test_bad_requests_are_refused():
@@ -186,7 +194,7 @@ def test_bad_requests_are_refused():
     joint_guide = ns.AutoSVGP(joint)
     joint_params = initial_params(joint, joint_guide, X, y)
     with pytest.raises(ValueError, match="cannot be integrated over q\\(f\\) exactly"):
-        ns.predict_y(joint, joint_guide, joint_params, X_TEST)
+        ns.predict_log_density(joint, joint_guide, joint_params, X_TEST, np.zeros(len(X_TEST)))
 
 
 def test_two_outputs_heteroscedastic_moments():
@@ -267,3 +275,171 @@ def test_a_guide_whose_q_of_v_is_not_gaussian_is_refused():
     params = initial_params(model, guide, X, y)
     with pytest.raises(ValueError, match="cannot be integrated exactly: v of svgp output 'f'"):
         ns.predict_y(model, guide, params, X_TEST)
+
+
+def _softmax_model(classes):
+    def model(X, y=None):
+        with numpyro.plate("class", classes, dim=-2):
+            f = ns.svgp("f", ns.kernels.RBF(VAR, LS), X, jnp.asarray(Z), jitter=JITTER)
+        with numpyro.plate("data", X.shape[0]):
+            numpyro.sample("y", dist.Categorical(logits=f.T), obs=y)
+
+    return model
+
+
+def test_class_probabilities_of_a_softmax_over_three_gps_with_their_standard_error():
+    """A softmax over a family of 3 class GPs couples them at each point: predict_y
+    estimates E[softmax(f_n)] from draws and states its standard error. Reference: the
+    dense marginals of each class's q(f), independent across classes, and 4e5 NumPy
+    draws per point."""
+    classes, S = 3, 2000
+    model = _softmax_model(classes)
+    X, _ = _train_data("gaussian")
+    labels = np.arange(len(X)) % classes
+    guide = ns.AutoSVGP(model)
+    params = initial_params(model, guide, X, labels)
+    rng = np.random.default_rng(7)
+    m = rng.normal(size=(classes, len(Z)))
+    tril = np.tril(0.3 * rng.normal(size=(classes, len(Z), len(Z)))) + 0.5 * np.eye(len(Z))
+    params = dict(
+        params,
+        f_whitened_auto_loc=jnp.asarray(m[:, None]),
+        f_whitened_auto_scale_tril=jnp.asarray(tril[:, None]),
+    )
+    marginals = [
+        ref.whitened_svgp_marginals(X_TEST, Z, VAR, LS, m[c], tril[c], JITTER)[:2]
+        for c in range(classes)
+    ]
+    mean = np.stack([mu for mu, _ in marginals], axis=-1)  # (N, C)
+    sd = np.sqrt(np.stack([v for _, v in marginals], axis=-1))
+    R = 400_000
+    logits = mean + sd * rng.standard_normal((R,) + mean.shape)
+    softmax = special.softmax(logits, axis=-1)
+    want, want_sd = softmax.mean(axis=0), softmax.std(axis=0)
+
+    report = ns.integration_report(model, guide, params, X, labels)["y"]
+    assert report["integration"] == "Monte Carlo"
+    assert "couples several values of svgp output 'f' in one term" in report["reason"]
+    assert "the outputs at one point, as a softmax" in report["reason"]
+
+    pred = ns.predict_y(model, guide, params, X_TEST, num_samples=S)
+    error = pred.standard_error
+    assert pred.probabilities.shape == error.probabilities.shape == (len(X_TEST), classes)
+    assert error.num_draws == S
+    np.testing.assert_allclose(np.sum(pred.probabilities, axis=-1), 1.0, rtol=1e-12)
+    # within 4 standard errors of the estimate and of the reference's own
+    bound = 4 * np.sqrt(np.square(error.probabilities) + np.square(want_sd) / R)
+    np.testing.assert_array_less(np.abs(pred.probabilities - want), bound)
+    # the stated error is the draws' spread over sqrt(S): the spread's own relative error
+    # is about 1 / sqrt(2 S) = 1.6 %
+    np.testing.assert_allclose(error.probabilities, want_sd / np.sqrt(S), rtol=0.1)
+    with pytest.raises(ValueError, match=r"cannot be integrated over q\(f\) exactly"):
+        ns.predict_log_density(model, guide, params, X_TEST, np.zeros(len(X_TEST), int))
+
+
+def test_class_probabilities_of_two_outputs_by_quadrature_are_exact():
+    """Categorical(logits=[f, g]) depends on one value of each output at each point:
+    quadrature, nothing drawn. P(y = 1) = E[sigmoid(g - f)], g - f Gaussian, by quad."""
+
+    def model(X, y=None):
+        f = ns.svgp("f", ns.kernels.RBF(VAR, LS), X, jnp.asarray(Z), jitter=JITTER)
+        g = ns.svgp("g", ns.kernels.RBF(VAR, LS), X, jnp.asarray(Z), jitter=JITTER)
+        with numpyro.plate("data", X.shape[0]):
+            numpyro.sample("y", dist.Categorical(logits=jnp.stack([f, g], -1)), obs=y)
+
+    X, _ = _train_data("gaussian")
+    guide = ns.AutoSVGP(model)
+    params = initial_params(model, guide, X, np.arange(len(X)) % 2)
+    moments = {}
+    for name, seed_ in (("f", 3), ("g", 4)):
+        r = np.random.default_rng(seed_)
+        m = r.normal(size=len(Z))
+        S = np.tril(0.2 * r.normal(size=(len(Z), len(Z)))) + 0.4 * np.eye(len(Z))
+        params[f"{name}_whitened_auto_loc"] = jnp.asarray(m)
+        params[f"{name}_whitened_auto_scale_tril"] = jnp.asarray(S)
+        moments[name] = ref.whitened_svgp_marginals(X_TEST, Z, VAR, LS, m, S, JITTER)[:2]
+    (mf, vf), (mg, vg) = moments["f"], moments["g"]
+    want = [
+        integrate.quad(
+            lambda t, mu=mu, s=s: expit(t) * stats.norm.pdf(t, mu, s),
+            mu - 12 * s,
+            mu + 12 * s,
+            epsabs=1e-14,
+            epsrel=1e-13,
+        )[0]
+        for mu, s in zip(mg - mf, np.sqrt(vf + vg), strict=True)
+    ]
+    pred = ns.predict_y(model, guide, params, X_TEST, quadrature_points=40)
+    assert pred.standard_error is None
+    np.testing.assert_allclose(pred.probabilities[:, 1], want, rtol=1e-8)
+    np.testing.assert_allclose(pred.probabilities[:, 0], 1 - np.asarray(want), rtol=1e-8)
+
+
+def test_a_joint_density_is_predicted_by_monte_carlo_with_its_standard_errors():
+    """y ~ MultivariateNormal(f, I) couples all points: E[y_n] = mu_n and
+    Var[y_n] = sigma_n^2 + 1 estimated from draws, within 4 of the stated standard
+    errors, which are sigma_n / sqrt(S) and sqrt(2) sigma_n^2 / sqrt(S) (the spread of
+    f_n and of (f_n - mu_n)^2 under q)."""
+
+    def joint(X, y=None, num_data=None):
+        f = ns.svgp("f", ns.kernels.RBF(VAR, LS), X, jnp.asarray(Z), jitter=JITTER)
+        numpyro.sample("y", dist.MultivariateNormal(f, jnp.eye(X.shape[0])), obs=y)
+
+    S = 4000
+    guide, params, mean, var = _with_q(joint, *_train_data("gaussian"))
+    pred = ns.predict_y(joint, guide, params, X_TEST, num_samples=S)
+    error = pred.standard_error
+    assert error.num_draws == S and pred.probabilities is None and error.probabilities is None
+    np.testing.assert_array_less(np.abs(pred.mean - mean), 4 * error.mean)
+    np.testing.assert_array_less(np.abs(pred.variance - (var + 1)), 4 * error.variance)
+    np.testing.assert_allclose(error.mean, np.sqrt(var / S), rtol=0.1)
+    np.testing.assert_allclose(error.variance, np.sqrt(2) * var / np.sqrt(S), rtol=0.1)
+    # one draw has no spread to measure its error by: NaN, not None (which means exact)
+    one = ns.predict_y(joint, guide, params, X_TEST, num_samples=1).standard_error
+    assert one.num_draws == 1 and np.all(np.isnan(one.mean)) and np.all(np.isnan(one.variance))
+
+
+FLOAT32_SOFTMAX = """
+import jax, jax.numpy as jnp, numpy as np, numpyro, numpyro.distributions as dist, optax
+from jax import random
+from numpyro.infer import SVI
+import numpyro_svgp as ns
+assert not jax.config.jax_enable_x64
+rng = np.random.default_rng(0)
+y = rng.integers(0, 3, size=60)
+X = (2.0 * y - 3.0 + 1.4 * rng.uniform(size=60)).astype(np.float32)[:, None]
+def model(X, y=None):
+    with numpyro.plate("class", 3, dim=-2):
+        Z = jnp.linspace(-3, 3, 6, dtype=jnp.float32)[:, None]
+        f = ns.svgp("f", ns.kernels.RBF(1.0, 1.0), X, Z)
+    with numpyro.plate("data", X.shape[0]):
+        numpyro.sample("y", dist.Categorical(logits=f.T), obs=y)
+guide = ns.AutoSVGP(model)
+params = SVI(model, guide, optax.adam(0.05), ns.SVGP_ELBO()).run(
+    random.PRNGKey(0), 200, X, y, progress_bar=False).params
+pred = ns.predict_y(model, guide, params, X, num_samples=500)
+p, se = pred.probabilities, pred.standard_error.probabilities
+assert p.dtype == se.dtype == jnp.float32 and p.shape == (60, 3), (p.dtype, se.dtype, p.shape)
+assert np.allclose(np.sum(p, axis=-1), 1.0, atol=1e-5) and np.all(np.isfinite(se))
+accuracy = float(np.mean(np.argmax(p, axis=-1) == y))
+assert accuracy > 0.9, accuracy
+print("float32 softmax ok", accuracy)
+"""
+
+
+@pytest.mark.slow
+def test_float32_class_probabilities_smoke():
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "JAX_ENABLE_X64"}
+    run = subprocess.run(
+        [sys.executable, "-c", FLOAT32_SOFTMAX],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "float32 softmax ok" in run.stdout

@@ -113,6 +113,95 @@ def test_bernoulli_log_density_against_quad():
     assert got[0] == got[1]
 
 
+def _draws(values_list):
+    return {k: jnp.asarray(np.stack([v[k] for v in values_list])) for k in values_list[0]}
+
+
+def test_log_likelihood_of_the_sgpmc_model_is_pointwise_and_sums_to_its_density():
+    """numpyro's log_likelihood (what az.from_numpyro reads) of an sgpmc model gives each
+    observation's E[log p(y_n | f_n)] under the dense p(f_n | v, theta): in closed form
+    for a Gaussian, by quad for a Bernoulli. The values are unscaled; the density is
+    the prior plus their sum, times a scale handler's weight."""
+    X, f, rng = _data()
+    y = f + 0.2 * rng.normal(size=len(X))
+    Z = np.linspace(-2.5, 2.5, 7)[:, None]
+    draws = [
+        {"variance": 1.3, "lengthscale": 0.7, "noise": 0.25, "f_whitened": rng.normal(size=7)},
+        {"variance": 0.6, "lengthscale": 1.4, "noise": 0.4, "f_whitened": rng.normal(size=7)},
+    ]
+    weight = 3.0
+    model = ns.sgpmc(numpyro.handlers.scale(_model(jnp.asarray(Z)), weight))
+    got = np.asarray(log_likelihood(model, _draws(draws), X, y)["y_sgpmc"])
+    assert got.shape == (2, len(X))
+    for values, row in zip(draws, got, strict=True):
+        A, cond_var = _conditional(X, Z, values["variance"], values["lengthscale"])
+        s2 = values["noise"] ** 2
+        want = stats.norm.logpdf(y, A @ values["f_whitened"], values["noise"]) - cond_var / (2 * s2)
+        np.testing.assert_allclose(row, want, rtol=1e-10, atol=1e-12)
+        total = float(log_density(model, (X, y), {}, values)[0])
+        # the handler weights every site of the model, the prior's too
+        np.testing.assert_allclose(
+            total, weight * (_log_prior(values, values["f_whitened"]) + np.sum(want)), rtol=1e-10
+        )
+
+    labels = (rng.uniform(size=len(X)) < 1 / (1 + np.exp(-2 * f))).astype(np.float64)
+    values = {"variance": 2.0, "lengthscale": 0.8, "f_whitened": rng.normal(size=7)}
+    model = ns.sgpmc(_model(jnp.asarray(Z), "bernoulli"), quadrature_points=40)
+    got = np.asarray(log_likelihood(model, _draws([values]), X, labels)["y_sgpmc"])[0]
+    A, cond_var = _conditional(X, Z, 2.0, 0.8)
+    want = [
+        integrate.quad(
+            lambda t, m=m, s=s, c=2 * label - 1: log_expit(c * t) * stats.norm.pdf(t, m, s),
+            m - 12 * s,
+            m + 12 * s,
+            epsabs=1e-14,
+            epsrel=1e-13,
+        )[0]
+        for m, s, label in zip(A @ values["f_whitened"], np.sqrt(cond_var), labels, strict=True)
+    ]
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-13)
+
+
+def test_at_z_equal_x_the_pointwise_values_are_pointwise_log_likelihood():
+    """With Z = X, f given v has no variance (up to the jitter), so E[log p(y_n | f_n)] is
+    log p(y_n | v, theta), which ns.pointwise_log_likelihood gives."""
+    X, f, rng = _data(n=12, seed_=2)
+    y = f + 0.2 * rng.normal(size=len(X))
+    model = _model(jnp.asarray(X))
+    samples = _draws(
+        [
+            {"variance": a, "lengthscale": b, "noise": c, "f_whitened": rng.normal(size=12)}
+            for a, b, c in ((1.3, 0.7, 0.25), (0.8, 1.1, 0.3), (2.0, 0.5, 0.2))
+        ]
+    )
+    got = np.asarray(log_likelihood(ns.sgpmc(model), samples, X, y)["y_sgpmc"])
+    want = np.asarray(ns.pointwise_log_likelihood(model, samples, X, y)["y"])
+    assert got.shape == want.shape == (3, 12)
+    for n in range(3):
+        a, b, s = (float(samples[k][n]) for k in ("variance", "lengthscale", "noise"))
+        A, _ = _conditional(X, X, a, b)
+        r2 = (y - A @ np.asarray(samples["f_whitened"][n])) ** 2 / s**2
+        # the conditional variance at Z = X is at most the jitter j, and the two differ by
+        # sigma^2 (y - mu)^2 / (2 s^4) + O(sigma^4): within j (1 + r^2) / s^2
+        np.testing.assert_array_less(np.abs(got[n] - want[n]), JITTER * (1 + r2) / s**2)
+
+
+@pytest.mark.filterwarnings("ignore:Estimated shape parameter of Pareto")
+def test_az_loo_on_from_numpyro_of_an_sgpmc_run_scores_every_observation():
+    az = pytest.importorskip("arviz")
+    X, f, rng = _data(n=12, seed_=4)
+    y = f + 0.2 * rng.normal(size=len(X))
+    model = _model(jnp.linspace(-2, 2, 4)[:, None])
+    mcmc = MCMC(NUTS(ns.sgpmc(model)), num_warmup=30, num_samples=40, progress_bar=False)
+    mcmc.run(random.PRNGKey(0), X, y)
+    idata = az.from_numpyro(mcmc, log_likelihood=True)
+    pointwise = np.asarray(idata.log_likelihood["y_sgpmc"])
+    assert pointwise.shape == (1, 40, 12)
+    want = log_likelihood(ns.sgpmc(model), mcmc.get_samples(), X, y)["y_sgpmc"]
+    np.testing.assert_allclose(pointwise[0], np.asarray(want), rtol=1e-12)
+    assert az.loo(idata).n_data_points == 12
+
+
 def test_plain_mcmc_on_an_svgp_model_is_refused_naming_sgpmc():
     X, f, rng = _data(n=10)
     y = f + 0.2 * rng.normal(size=len(X))
@@ -283,6 +372,8 @@ assert all(v.dtype == jnp.float32 for v in s.values()), {k: v.dtype for k, v in 
 assert int(mcmc.get_extra_fields()["diverging"].sum()) < 15
 noise = float(s["noise"].mean())
 assert 0.12 < noise < 0.3, noise
+pointwise = numpyro.infer.log_likelihood(ns.sgpmc(model), s, X, y)["y_sgpmc"]
+assert pointwise.shape == (300, 40) and pointwise.dtype == jnp.float32, pointwise.dtype
 print("float32 sgpmc ok", noise)
 """
 
