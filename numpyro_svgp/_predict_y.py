@@ -75,8 +75,18 @@ class StandardError(NamedTuple):
     """The independent draws the estimates average."""
 
 
-class YPrediction(NamedTuple):
-    """What :func:`predict_y` returns, each of the observed site's shape."""
+class _Moments(NamedTuple):
+    mean: jax.Array
+    variance: jax.Array
+    quantiles: "jax.Array | None"
+
+
+class YPrediction(_Moments):
+    """What :func:`predict_y` returns, each of the observed site's shape.
+
+    It unpacks as ``mean, variance, quantiles``; :attr:`probabilities` and
+    :attr:`standard_error` are attributes beside them.
+    """
 
     mean: jax.Array
     """:math:`\\mathbb E[y_n]` (NaN for a ``Categorical``, as numpyro's mean: see
@@ -85,15 +95,28 @@ class YPrediction(NamedTuple):
     """:math:`\\operatorname{Var}[y_n]` (the likelihood's noise included)."""
     quantiles: "jax.Array | None"
     """The requested quantiles, with a leading axis of their number (``None`` if none)."""
-    probabilities: "jax.Array | None" = None
+    probabilities: "jax.Array | None"
     """For a ``Categorical`` site, the class probabilities
     :math:`P(y_n = k) = \\mathbb E[\\operatorname{softmax}(\\text{logits}_n)_k]`, of the
     site's shape plus a last axis of the classes; ``None`` for other distributions."""
-    standard_error: "StandardError | None" = None
+    standard_error: "StandardError | None"
     """Monte Carlo standard errors of :attr:`mean`, :attr:`variance` and
     :attr:`probabilities` when they are averages over draws (see :func:`predict_y`; NaN
     from a single draw); ``None`` when they are exact (closed form or quadrature, nothing
     drawn)."""
+
+    def __new__(cls, mean, variance, quantiles, probabilities=None, standard_error=None):
+        self = super().__new__(cls, mean, variance, quantiles)
+        self.probabilities = probabilities
+        self.standard_error = standard_error
+        return self
+
+    def __repr__(self) -> str:
+        return (
+            f"YPrediction(mean={self.mean!r}, variance={self.variance!r}, "
+            f"quantiles={self.quantiles!r}, probabilities={self.probabilities!r}, "
+            f"standard_error={self.standard_error!r})"
+        )
 
 
 def predict_y(

@@ -323,6 +323,9 @@ def test_class_probabilities_of_a_softmax_over_three_gps_with_their_standard_err
     assert "the outputs at one point, as a softmax" in report["reason"]
 
     pred = ns.predict_y(model, guide, params, X_TEST, num_samples=S)
+    # the result still unpacks as (mean, variance, quantiles); the rest are attributes
+    mean, variance, quantiles = pred
+    assert mean is pred.mean and variance is pred.variance and quantiles is None
     error = pred.standard_error
     assert pred.probabilities.shape == error.probabilities.shape == (len(X_TEST), classes)
     assert error.num_draws == S
