@@ -256,3 +256,21 @@ def test_the_readme_family_fits_with_natural_gradients_in_fresh_processes():
         _run_fresh(FAMILY_NATURAL_FIT.format(G=1000, steps=200), timeout=300) for _ in range(5)
     ]
     assert not any(failures), failures
+
+
+def test_after_orders_two_factorisations_and_changes_no_bit():
+    from numpyro_svgp._linalg import after
+
+    A = jnp.broadcast_to(2.0 * jnp.eye(4), (3, 4, 4))
+    chol = jax.vmap(jnp.linalg.cholesky)
+    hlo = jax.jit(lambda A, B: (chol(A), chol(after(B, chol(A))))).lower(A, A)
+    hlo = hlo.compile().as_text()
+    assert len(lapack_calls(hlo)) == 2 and not concurrent_lapack_calls(hlo)
+    x = {"a": jnp.array([jnp.nan, jnp.inf, -jnp.inf, -0.0, 1e-300]), "b": jnp.arange(3)}
+    deps = (jnp.array([jnp.nan]), jnp.float32(jnp.inf), jnp.array([True]), jnp.zeros((0, 2)))
+    for out in (after(x, *deps), jax.jit(after)(x, *deps)):
+        np.testing.assert_array_equal(
+            np.asarray(out["a"]).view(np.uint64), np.asarray(x["a"]).view(np.uint64)
+        )
+        np.testing.assert_array_equal(out["b"], x["b"])
+        assert out["b"].dtype == x["b"].dtype
