@@ -21,6 +21,7 @@ from jaxtyping import Array, Float
 
 __all__ = [
     "MAX_JITTER_ESCALATIONS",
+    "after",
     "blocked_cholesky",
     "cholesky_with_jitter",
     "default_jitter",
@@ -228,6 +229,45 @@ def blocked_cholesky(K: Float[Array, "M M"]) -> Float[Array, "M M"]:
 def lower_inverse(L: Float[Array, "M M"]) -> Float[Array, "M M"]:
     r"""The explicit :math:`L^{-1}` of a lower-triangular :math:`L` (O(M³), once per step)."""
     return lower_solve(L, jnp.eye(L.shape[0], dtype=L.dtype))
+
+
+def _probe(leaf: jax.Array) -> jax.Array:
+    """One entry of ``leaf`` as an unsigned 32-bit integer (its bits, for a float)."""
+    leaf = jnp.asarray(leaf)
+    first = jnp.ravel(leaf)[0] if leaf.size else jnp.zeros((), jnp.uint32)
+    if jnp.issubdtype(first.dtype, jnp.complexfloating):
+        first = jnp.real(first)
+    if jnp.issubdtype(first.dtype, jnp.floating):
+        bits = jnp.dtype(f"uint{8 * first.dtype.itemsize}")
+        first = lax.bitcast_convert_type(first, bits)
+    return first.astype(jnp.uint32)
+
+
+def after(x, *deps):
+    r"""``x`` bit for bit, in a form that XLA computes only once every array in ``deps`` is.
+
+    Two batched LAPACK calls (a family's Cholesky factors or triangular solves) that no
+    data dependence orders may run at the same time on XLA:CPU, and then each can hold
+    the threads of XLA's pool that the other waits for, for ever (jaxlib's batched
+    LAPACK kernels split the batch over that pool and block until it is done). Passing
+    the input of one call through ``after(input, output_of_the_other)`` orders them.
+
+    ``lax.optimization_barrier`` does not do it: XLA:CPU removes the barrier before it
+    schedules, and the dependence with it. Here each leaf of ``x`` goes through a select
+    on :math:`k = k + 1` in unsigned 32-bit arithmetic, :math:`k` built from one entry
+    of every array in ``deps``: never true, so the value is unchanged (NaN and infinities
+    included), but not something XLA's simplifier can prove, so the dependence stays.
+
+    :param x: an array or a pytree of arrays.
+    :param deps: arrays or pytrees of arrays to wait for.
+    :return: ``x``, unchanged.
+    """
+    leaves = jax.tree.leaves(deps)
+    if not leaves:
+        return x
+    k = functools.reduce(jnp.add, (_probe(leaf) for leaf in leaves))
+    never = k == k + jnp.uint32(1)
+    return jax.tree.map(lambda a: jnp.where(never, jnp.zeros_like(a), a), x)
 
 
 def safe_sqrt(x: jax.Array) -> jax.Array:

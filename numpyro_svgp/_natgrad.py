@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import optax
 
 from numpyro_svgp._guide import AutoSVGP
-from numpyro_svgp._linalg import blocked_cholesky, lower_inverse
+from numpyro_svgp._linalg import after, blocked_cholesky, lower_inverse
 
 __all__ = ["natural_gradient"]
 
@@ -47,8 +47,10 @@ def _natural_step(m, raw, grad_m, grad_raw, step_size, scale_tril):
     L, cholesky_vjp = jax.vjp(lambda A: blocked_cholesky(0.5 * (A + A.T)), Sigma)
     grad_Sigma = cholesky_vjp(grad_S)[0]
     grad_Sigma = 0.5 * (grad_Sigma + grad_Sigma.T)
-    # ascent on the ELBO = descent on the loss
-    L_inverse = lower_inverse(L)
+    # ascent on the ELBO = descent on the loss. The inverse waits for the derivative's
+    # solves: in a family both are batched LAPACK calls, which must not run at once
+    # (see _linalg.after); every later one depends on both already.
+    L_inverse = lower_inverse(after(L, grad_Sigma))
     precision = L_inverse.T @ L_inverse
     theta1 = precision @ m - step_size * (grad_m - 2.0 * grad_Sigma @ m)
     theta2 = -0.5 * precision - step_size * grad_Sigma
@@ -128,15 +130,20 @@ def natural_gradient(
         others, inner = optimizer.update(split(grads, pairs), inner, split(params, pairs))
         updates = dict(others)
         gamma = schedule(count)
+        # Each step starts once the whole gradient (and the step before it) is done:
+        # its factorisations and solves read only the params, so nothing else would keep
+        # them from running beside the ELBO's own, and in a family two batched LAPACK
+        # calls at once can deadlock XLA:CPU (see _linalg.after).
+        done = grads
         for loc_name, tril_name in pairs:
             new_m, new_S = _batched_natural_step(
-                params[loc_name],
-                params[tril_name],
+                *after((params[loc_name], params[tril_name]), done),
                 grads[loc_name],
                 grads[tril_name],
                 gamma,
                 guide.scale_tril,
             )
+            done = (new_m, new_S)
             updates[loc_name] = new_m - params[loc_name]
             updates[tril_name] = new_S - params[tril_name]
         return updates, (count + 1, inner)

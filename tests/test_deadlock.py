@@ -1,0 +1,276 @@
+"""No compiled program of the library may run two batched LAPACK calls at once.
+
+jaxlib's batched LAPACK kernels on CPU (a family's Cholesky factors, triangular solves)
+split the batch over XLA's intra-op thread pool and block until every part is done;
+XLA:CPU runs operations that no data dependence orders at the same time, on that same
+pool. Two such calls at once can each hold the threads the other waits for, and the
+process hangs for ever (seen on jaxlib 0.10.2 with two cores). The audit
+(:mod:`tests.lapack_audit`) reads the optimised HLO of the programs the library builds
+and names every pair of batched LAPACK calls that nothing orders; the subprocess tests
+run the programs that used to hang, in fresh processes, under a timeout.
+"""
+
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+import optax
+import pytest
+from jax import random
+from numpyro.infer import SVI
+
+import numpyro_svgp as ns
+from tests.lapack_audit import concurrent_lapack_calls, describe, lapack_calls
+
+G, N, M, D = 6, 5, 7, 1
+JITTER = 1e-6
+
+
+def _data(rng):
+    X = rng.uniform(-2, 2, size=(G, N, D))
+    Y = np.sin(2 * X[..., 0]) + 0.1 * rng.normal(size=(G, N))
+    return jnp.asarray(X), jnp.asarray(Y)
+
+
+def _family_model(Z, sites=1):
+    """The README's family: a LogNormal lengthscale per group, GPs in a plate at dim=-2."""
+
+    def model(X, Y=None):
+        mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
+        with numpyro.plate("group", G, dim=-2):
+            lengthscale = numpyro.sample("lengthscale", dist.LogNormal(mu, 0.3))
+            kernel = ns.kernels.RBF(1.0, lengthscale)
+            f = ns.svgp("f", kernel, X, Z, jitter=JITTER)
+            if sites == 2:  # a second GP family, a second q(v) for the natural steps
+                f = f + ns.svgp("g", kernel, X, Z, jitter=JITTER)
+            with numpyro.plate("data", N, dim=-1):
+                numpyro.sample("y", dist.Normal(f, 0.1), obs=Y)
+
+    return model
+
+
+def _ragged_model(Z):
+    def model(X, group, y=None):
+        with numpyro.plate("group", G):
+            lengthscale = numpyro.sample("lengthscale", dist.LogNormal(0.0, 0.3))
+            kernel = ns.kernels.RBF(1.0, lengthscale)
+            f = ns.svgp("f", kernel, X, Z, jitter=JITTER, group_index=group)
+        with numpyro.plate("data", X.shape[0]):
+            numpyro.sample("y", dist.Normal(f, 0.1), obs=y)
+
+    return model
+
+
+def _lmc_model(Z, L=3, P=2):
+    def model(X, Y=None):
+        W = numpyro.param("W", jnp.ones((P, L)) / L)
+        with numpyro.plate("latent", L, dim=-2):
+            lengthscale = numpyro.param(
+                "lengthscale", jnp.ones((L, 1)), constraint=dist.constraints.positive
+            )
+            f = ns.svgp("f", ns.kernels.RBF(1.0, lengthscale), X, Z, jitter=JITTER, mixing=W)
+        with numpyro.plate("output", P, dim=-2), numpyro.plate("data", X.shape[0], dim=-1):
+            numpyro.sample("y", dist.Normal(f, 0.1), obs=Y)
+
+    return model
+
+
+def _single_model(Z):
+    def model(X, y=None):
+        kernel = ns.kernels.RBF(
+            1.0, numpyro.param("lengthscale", 0.6, constraint=dist.constraints.positive)
+        )
+        f = ns.svgp("f", kernel, X, numpyro.param("Z", Z), jitter=JITTER)
+        with numpyro.plate("data", X.shape[0]):
+            numpyro.sample("y", dist.Normal(f, 0.1), obs=y)
+
+    return model
+
+
+def _update_hlo(model, optimizer, *args):
+    """The optimised HLO of one SVI step (ELBO value, gradient and optimizer update)."""
+    guide = ns.AutoSVGP(model)
+    svi = SVI(model, guide, optimizer(guide), ns.SVGP_ELBO())
+    state = svi.init(random.PRNGKey(0), *args)
+    return jax.jit(svi.update).lower(state, *args).compile().as_text(), svi, state
+
+
+def _adam(guide):
+    return optax.adam(1e-2)
+
+
+def _natural(guide):
+    return ns.natural_gradient(optax.adam(1e-2), 0.1, guide=guide)
+
+
+def _programs():
+    """(name, thunk returning the optimised HLO) for each program the library builds."""
+    rng = np.random.default_rng(0)
+    X, Y = _data(rng)
+    Z = jnp.linspace(-2, 2, M)[:, None]
+    group = jnp.asarray(np.repeat(np.arange(G), 4))
+    Xr = jnp.asarray(rng.uniform(-2, 2, size=(4 * G, D)))
+    yr = jnp.asarray(rng.normal(size=4 * G))
+    Xl = X[0]
+    Yl = jnp.asarray(rng.normal(size=(2, N)))
+    X1 = jnp.asarray(rng.uniform(-2, 2, size=(20, D)))
+    y1 = jnp.sin(X1[:, 0])
+
+    def predict_family():
+        model = _family_model(Z)
+        _, svi, state = _update_hlo(model, _adam, X, Y)
+        params = svi.get_params(state)
+        predict = jax.jit(lambda p, x: ns.predict_f(model, svi.guide, p, x, num_samples=None))
+        return predict.lower(params, X).compile().as_text()
+
+    def jitter_search():
+        K = jnp.broadcast_to(jnp.eye(M), (G, M, M))
+        factor = jax.vmap(lambda K: ns.cholesky_with_jitter(K, 1e-6)[0])
+        grad = jax.grad(lambda K: jnp.sum(factor(K) ** 2))
+        return jax.jit(lambda K: (factor(K), grad(K))).lower(K).compile().as_text()
+
+    return {
+        "single GP, ELBO": lambda: _update_hlo(_single_model(Z), _adam, X1, y1)[0],
+        "single GP, natural gradient": lambda: _update_hlo(_single_model(Z), _natural, X1, y1)[0],
+        "family, ELBO": lambda: _update_hlo(_family_model(Z), _adam, X, Y)[0],
+        "family, natural gradient": lambda: _update_hlo(_family_model(Z), _natural, X, Y)[0],
+        "two families, ELBO": lambda: _update_hlo(_family_model(Z, sites=2), _adam, X, Y)[0],
+        "two families, natural gradient": lambda: _update_hlo(
+            _family_model(Z, sites=2), _natural, X, Y
+        )[0],
+        "ragged family, ELBO": lambda: _update_hlo(_ragged_model(Z), _adam, Xr, group, yr)[0],
+        "ragged family, natural gradient": lambda: _update_hlo(
+            _ragged_model(Z), _natural, Xr, group, yr
+        )[0],
+        "LMC, ELBO": lambda: _update_hlo(_lmc_model(Z), _adam, Xl, Yl)[0],
+        "LMC, natural gradient": lambda: _update_hlo(_lmc_model(Z), _natural, Xl, Yl)[0],
+        "family, predict_f": predict_family,
+        "jitter search": jitter_search,
+    }
+
+
+PROGRAMS = _programs()
+
+# Two svgp sites in one family: each site's solves (forward, and their transposes in the
+# gradient) read only that site's factor, so nothing orders them against the other
+# site's. Not fixed yet; strict, so that the fix has to remove the mark.
+TWO_SITES = pytest.mark.xfail(
+    strict=True, reason="two svgp sites in a family: their batched solves are not ordered"
+)
+
+
+# compiled in the quick suite: the program that hung, and the jitter search (which did);
+# each of the others takes some seconds to compile
+QUICK = {"family, natural gradient", "jitter search"}
+
+
+def _marks(name):
+    marks = [] if name in QUICK else [pytest.mark.slow]
+    return marks + [TWO_SITES] if name.startswith("two families") else marks
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=_marks(n)) for n in PROGRAMS])
+def test_no_two_batched_lapack_calls_can_run_at_once(name):
+    hlo = PROGRAMS[name]()
+    calls = lapack_calls(hlo)
+    if name.startswith("single GP"):
+        assert calls and all(c.batch == 1 for c in calls)
+    else:
+        # the audit has something to look at: the family's calls are batched
+        assert any(c.batch >= 2 for c in calls), calls
+    pairs = concurrent_lapack_calls(hlo)
+    assert not pairs, f"{name}: batched LAPACK calls that may run at once:\n{describe(pairs)}"
+
+
+def test_the_audit_finds_two_independent_batched_factorisations():
+    # the audit's own check: two factorisations of unrelated batches are a pair, and
+    # one that reads the other's factor is not
+    A = jnp.broadcast_to(2.0 * jnp.eye(4), (3, 4, 4))
+    chol = jax.vmap(jnp.linalg.cholesky)
+    apart = jax.jit(lambda A, B: (chol(A), chol(B))).lower(A, A).compile().as_text()
+    pairs = concurrent_lapack_calls(apart)
+    assert len(pairs) == 1 and all(c.batch == 3 for group in pairs[0] for c in group)
+    ordered = jax.jit(lambda A: chol(chol(A) + A)).lower(A).compile().as_text()
+    assert len(lapack_calls(ordered)) == 2 and not concurrent_lapack_calls(ordered)
+    # nor are two calls in one loop body apart from the loop's order, while a loop
+    # beside a call is one pair
+    looped = jax.jit(lambda A, B: (jax.lax.fori_loop(0, 2, lambda i, X: chol(X) + A, A), chol(B)))
+    pairs = concurrent_lapack_calls(looped.lower(A, A).compile().as_text())
+    assert len(pairs) == 1
+
+
+FAMILY_NATURAL_FIT = textwrap.dedent(
+    """
+    import jax, jax.numpy as jnp, numpyro, numpyro.distributions as dist, optax
+    from numpyro.infer import SVI
+    import numpyro_svgp as ns
+    jax.config.update("jax_enable_x64", True)
+    G, N, M, steps = {G}, 5, 12, {steps}
+    X = jax.random.uniform(jax.random.PRNGKey(0), (G, N, 1), minval=-3, maxval=3)
+    Y = jnp.sin(2 * X[..., 0]) + 0.1 * jax.random.normal(jax.random.PRNGKey(1), (G, N))
+    Z = jnp.linspace(-3, 3, M)[:, None]
+
+    def model(X, Y=None):
+        mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
+        with numpyro.plate("group", G, dim=-2):
+            lengthscale = numpyro.sample("lengthscale", dist.LogNormal(mu, 0.3))
+            f = ns.svgp("f", ns.kernels.RBF(1.0, lengthscale), X, Z)
+            with numpyro.plate("data", N, dim=-1):
+                numpyro.sample("y", dist.Normal(f, 0.1), obs=Y)
+
+    guide = ns.AutoSVGP(model)
+    optimizer = ns.natural_gradient(optax.adam(1e-2), 0.1, guide=guide)
+    svi = SVI(model, guide, optimizer, ns.SVGP_ELBO())
+    result = ns.train(svi, jax.random.PRNGKey(2), steps, X, Y, progress_bar=False)
+    assert bool(jnp.all(jnp.isfinite(result.losses)))
+    print("fitted")
+    """
+)
+
+
+def _run_fresh(script, timeout):
+    """``None`` if ``script`` prints "fitted" in a fresh process within ``timeout``
+    seconds, else what went wrong."""
+    try:
+        run = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, timeout=timeout
+        )
+    except subprocess.TimeoutExpired:
+        return f"no result in {timeout} s (hung)"
+    if run.returncode != 0 or "fitted" not in run.stdout:
+        return f"exit {run.returncode}: {run.stderr[-1500:]}"
+    return None
+
+
+@pytest.mark.slow
+def test_the_readme_family_fits_with_natural_gradients_in_fresh_processes():
+    """The README's family (G = 1000, M = 12), 200 natural-gradient steps, in five fresh
+    processes: before the natural step was ordered after the gradient, most such runs
+    hung on jaxlib 0.10.2 with two cores (8 of 13)."""
+    failures = [
+        _run_fresh(FAMILY_NATURAL_FIT.format(G=1000, steps=200), timeout=300) for _ in range(5)
+    ]
+    assert not any(failures), failures
+
+
+def test_after_orders_two_factorisations_and_changes_no_bit():
+    from numpyro_svgp._linalg import after
+
+    A = jnp.broadcast_to(2.0 * jnp.eye(4), (3, 4, 4))
+    chol = jax.vmap(jnp.linalg.cholesky)
+    hlo = jax.jit(lambda A, B: (chol(A), chol(after(B, chol(A))))).lower(A, A)
+    hlo = hlo.compile().as_text()
+    assert len(lapack_calls(hlo)) == 2 and not concurrent_lapack_calls(hlo)
+    x = {"a": jnp.array([jnp.nan, jnp.inf, -jnp.inf, -0.0, 1e-300]), "b": jnp.arange(3)}
+    deps = (jnp.array([jnp.nan]), jnp.float32(jnp.inf), jnp.array([True]), jnp.zeros((0, 2)))
+    for out in (after(x, *deps), jax.jit(after)(x, *deps)):
+        np.testing.assert_array_equal(
+            np.asarray(out["a"]).view(np.uint64), np.asarray(x["a"]).view(np.uint64)
+        )
+        np.testing.assert_array_equal(out["b"], x["b"])
+        assert out["b"].dtype == x["b"].dtype
