@@ -26,8 +26,8 @@ def _optimum(jitter):
     return ref.whiten(mu, Sigma, K_zz)
 
 
+# one compiled step at N = 80, M = 9 runs in seconds: both starts are in the quick suite
 @pytest.mark.parametrize("start", ["prior", "random"])
-@pytest.mark.slow
 def test_one_natural_step_of_size_one_reaches_the_optimal_q(start):
     model = gaussian_model(Z0, VAR, LS, NOISE, jitter=1e-6)
     guide = ns.AutoSVGP(model)
