@@ -100,8 +100,7 @@ def test_host_side_batches_are_unbiased_and_exact_at_full_batch(n, b, draws):
     elbo = ns.SVGP_ELBO()
     full = float(elbo.loss(random.PRNGKey(0), params, host_batches, guide, X_, Y_))
     assert (
-        float(elbo.loss(random.PRNGKey(0), params, host_batches, guide, X_, Y_, num_data=n))
-        == full
+        float(elbo.loss(random.PRNGKey(0), params, host_batches, guide, X_, Y_, num_data=n)) == full
     )
     loss = jax.jit(
         lambda Xb, yb: elbo.loss(random.PRNGKey(0), params, host_batches, guide, Xb, yb, num_data=n)

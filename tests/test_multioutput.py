@@ -175,18 +175,44 @@ def test_lmc_draws_share_their_latent_noise_and_w_may_be_a_latent():
     se = np.sqrt((expected**2 + np.outer(np.diag(expected), np.diag(expected))) / num)
     assert np.all(np.abs(cov - expected) < 5 * se), (cov, expected)
 
-    # W as a latent with a prior: still the closed form, and SVI learns it
+    # W as a latent with a prior, q(W) = N(mu, sigma^2) entrywise: f given W is still in
+    # closed form, and the mean of the loss over draws of W is the dense bound averaged
+    # over q(W) in closed form (the bound is quadratic in W): E[W g]^2 -> (mu g)^2 plus
+    # sigma^2 g^2, E[W^2] -> mu^2 + sigma^2; minus KL(q(W) || N(0, 1)). Also its gradient
+    # in mu, against central differences of that closed form.
     latent = _lmc_model(Z, variance, lengthscale, W_latent=True)
     guide = ns.AutoSVGP(latent)
-    svi = SVI(latent, guide, optax.adam(0.05), ns.SVGP_ELBO())
-    state = svi.init(random.PRNGKey(0), X, None, Y)
-    report = ns.integration_report(latent, guide, svi.get_params(state), X, None, Y)
+    params = _with_q(initial_params(latent, guide, X, None, Y), loc, raw)
+    report = ns.integration_report(latent, guide, params, X, None, Y)
     assert report["y"]["integration"] == "closed form"
-    losses = [
-        float(loss)
-        for loss in svi.run(random.PRNGKey(1), 200, X, None, Y, progress_bar=False).losses
-    ]
-    assert np.isfinite(losses).all() and np.mean(losses[-20:]) < np.mean(losses[:20])
+    mu, sigma = 0.8 * W, np.full_like(W, 0.3)
+    params = {**params, "W_auto_loc": jnp.asarray(mu), "W_auto_scale": jnp.asarray(sigma)}
+    _, _, kl_v = _dense_latents(X, Z, variance, lengthscale, loc, S)
+
+    def expected_elbo(mu):
+        mean = mu @ g_mean
+        var = (mu**2 + sigma**2) @ g_var + sigma**2 @ g_mean**2
+        ell = -0.5 * np.log(2 * np.pi * NOISE) - ((Y - mean) ** 2 + var) / (2 * NOISE)
+        kl_w = np.sum(0.5 * (sigma**2 + mu**2 - 1) - np.log(sigma))
+        return np.sum(ell) - kl_v - kl_w
+
+    def loss_and_grad(key):
+        value, grads = jax.value_and_grad(
+            lambda p: ns.SVGP_ELBO().loss(key, p, latent, guide, X, None, Y)
+        )(params)
+        return value, grads["W_auto_loc"]
+
+    keys = random.split(random.PRNGKey(4), 2000)
+    values, grads = (np.asarray(a) for a in jax.jit(jax.vmap(loss_and_grad))(keys))
+    se = values.std(ddof=1) / np.sqrt(len(keys))
+    assert abs(-values.mean() - expected_elbo(mu)) < 5 * se, (values.mean(), se)
+    h = 1e-5
+    for p, j in [(0, 0), (1, 1), (2, 0)]:
+        step = np.zeros_like(mu)
+        step[p, j] = h
+        fd = (expected_elbo(mu + step) - expected_elbo(mu - step)) / (2 * h)
+        g = -grads[:, p, j]
+        assert abs(g.mean() - fd) < 5 * g.std(ddof=1) / np.sqrt(len(keys)), (g.mean(), fd)
 
 
 def test_mixing_errors_name_the_argument():
