@@ -527,14 +527,28 @@ def test_natural_gradient_touches_only_the_guides_own_pairs():
     assert svgp_part.whitened_param_names() == [
         ("f_whitened_auto_loc", "f_whitened_auto_scale_tril")
     ]
+    # the gradient of the linear loss sum(params), except the ignored upper triangle of
+    # scale_tril, whose gradient is zero
     grads = jax.tree.map(jnp.ones_like, params)
+    grads["f_whitened_auto_scale_tril"] = jnp.tril(grads["f_whitened_auto_scale_tril"])
     updates, _ = optimizer.update(grads, optimizer.init(params), params)
     # plain SGD on the AutoMultivariateNormal's loc and scale_tril, untouched by natgrad
     np.testing.assert_allclose(updates["auto_loc"], -0.1 * np.ones_like(params["auto_loc"]))
     np.testing.assert_allclose(
         updates["auto_scale_tril"], -0.1 * np.ones_like(params["auto_scale_tril"])
     )
-    assert not np.allclose(updates["f_whitened_auto_loc"], -0.1)
+    # and the natural step of size 0.5 on q(v), against the dense reference: for
+    # loss = sum(m) + sum(tril(chol(Sigma))), d/dm = 1 and d/dSigma by central differences
+    m0 = np.asarray(params["f_whitened_auto_loc"])
+    L0 = np.asarray(params["f_whitened_auto_scale_tril"])
+    assert np.all(np.diag(L0) > 0)  # so that L0 is Sigma's Cholesky factor
+    Sigma0 = L0 @ L0.T
+    dloss_dSigma = ref.symmetric_gradient(lambda C: np.sum(np.linalg.cholesky(C)), Sigma0)
+    m_ref, C_ref = ref.natural_step(m0, Sigma0, np.ones_like(m0), dloss_dSigma, 0.5)
+    m_new = m0 + np.asarray(updates["f_whitened_auto_loc"])
+    L_new = L0 + np.asarray(updates["f_whitened_auto_scale_tril"])
+    np.testing.assert_allclose(m_new, m_ref, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(L_new @ L_new.T, C_ref, rtol=1e-6, atol=1e-8)
     with pytest.raises(TypeError, match="AutoSVGP"):
         ns.natural_gradient(optax.sgd(0.1), guide=guide)
 

@@ -280,3 +280,52 @@ def test_softmax_over_three_class_gps_reports_its_integration_and_classifies():
     mean, _ = ns.predict_f(model, guide, result.params, X_test)
     accuracy = np.mean(np.argmax(np.asarray(mean), axis=0) == y_test)
     assert accuracy >= 0.9, accuracy
+
+
+def test_a_natural_step_on_the_lmc_latents_is_the_dense_fisher_preconditioned_gradient():
+    """The latent GPs of an LMC are coupled through W, so a natural step is not their
+    optimum: it is tests/reference.py's natural_step on each latent's dense gradients,
+    d ELBO / d m_l = A_l^T d_mean_l - m_l and d ELBO / d Sigma_l = A_l^T diag(d_var_l) A_l
+    - (I - Sigma_l^-1) / 2 with A_l = (L_l^-1 K_zx)^T, d_mean_ln = sum_p W_pl (y_pn -
+    mean_pn) / noise and d_var_ln = -sum_p W_pl^2 / (2 noise)."""
+    X, Z, variance, lengthscale, W, Y, loc, raw = _problem()
+    raw = np.abs(raw)  # a positive diagonal: raw is the Cholesky factor of Sigma
+    model = _lmc_model(Z, variance, lengthscale)
+    guide = ns.AutoSVGP(model)
+    optimizer = ns.natural_gradient(optax.set_to_zero(), 0.5, guide=guide)
+    svi = SVI(model, guide, optimizer, ns.SVGP_ELBO())
+    state = svi.init(random.PRNGKey(0), X, W, Y)
+    step, (unconstrained, opt_state) = state.optim_state  # numpyro's optax state
+    unconstrained = {
+        **unconstrained,
+        "f_whitened_auto_loc": jnp.asarray(loc),
+        "f_whitened_auto_scale_tril": jnp.asarray(raw),
+    }
+    state = state._replace(optim_state=(step, (unconstrained, opt_state)))
+    state, _ = jax.jit(svi.update)(state, X, W, Y)
+    params = svi.get_params(state)
+    m_new = np.asarray(params["f_whitened_auto_loc"])
+    S_new = np.asarray(params["f_whitened_auto_scale_tril"])
+
+    A, g_mean, g_var, Sigma = [], [], [], []
+    for j in range(L):
+        K_zz = ref.rbf(Z[j], Z[j], float(variance[j, 0]), lengthscale[j]) + JITTER * np.eye(M)
+        K_zx = ref.rbf(Z[j], X, float(variance[j, 0]), lengthscale[j])
+        A.append(np.linalg.solve(np.linalg.cholesky(K_zz), K_zx).T)
+        Sigma.append(raw[j, 0] @ raw[j, 0].T)
+        g_mean.append(A[j] @ loc[j, 0])
+        g_var.append(
+            variance[j, 0] - np.sum(A[j] ** 2, axis=1) + np.sum((A[j] @ Sigma[j]) * A[j], axis=1)
+        )
+    mean = W @ np.array(g_mean)
+    d_mean = W.T @ (Y - mean) / NOISE
+    d_var = -np.sum(W**2, axis=0)[:, None] * np.ones((L, N)) / (2 * NOISE)
+    for j in range(L):
+        dloss_dm = -(A[j].T @ d_mean[j] - loc[j, 0])
+        dloss_dSigma = -(
+            A[j].T @ (d_var[j][:, None] * A[j]) - 0.5 * (np.eye(M) - np.linalg.inv(Sigma[j]))
+        )
+        m_ref, C_ref = ref.natural_step(loc[j, 0], Sigma[j], dloss_dm, dloss_dSigma, 0.5)
+        np.testing.assert_allclose(m_new[j, 0], m_ref, rtol=1e-7, atol=1e-9)
+        C = S_new[j, 0] @ S_new[j, 0].T
+        np.testing.assert_allclose(C, C_ref, rtol=1e-7, atol=1e-9)
