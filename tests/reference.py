@@ -103,3 +103,33 @@ def whitened_svgp_marginals(X, Z, variance, lengthscale, m, S, jitter):
         np.full(len(X), variance), K_xz, K_zz, np.zeros(len(X)), 1.0, mu, Sigma
     )
     return mean, var, kl, (K_xz, K_zz, mu, Sigma)
+
+
+def natural_step(m, Sigma, dloss_dm, dloss_dSigma, step):
+    """One natural-gradient step of size ``step`` on q = N(m, Sigma) that descends a loss
+    (Salimbeni et al. 2018): the natural parameters theta1 = Sigma^{-1} m and
+    theta2 = -Sigma^{-1} / 2 move by -step times the loss's gradient in the expectation
+    parameters eta1 = m, eta2 = Sigma + m m^T, which by the chain rule is
+    d/deta2 = d/dSigma and d/deta1 = d/dm - 2 (d/dSigma) m (``dloss_dSigma`` symmetric).
+    Returns the new (m, Sigma)."""
+    G = 0.5 * (dloss_dSigma + dloss_dSigma.T)
+    P = np.linalg.inv(Sigma)
+    theta1 = P @ m - step * (dloss_dm - 2 * G @ m)
+    theta2 = -0.5 * P - step * G
+    Sigma_new = np.linalg.inv(-2 * theta2)
+    return Sigma_new @ theta1, 0.5 * (Sigma_new + Sigma_new.T)
+
+
+def symmetric_gradient(f, Sigma, h=1e-6):
+    """The symmetric G with f(Sigma + E) = f(Sigma) + tr(G E) + O(|E|^2) for symmetric E,
+    by central differences: G_ii along e_i e_i^T, G_ij = G_ji half the difference along
+    e_i e_j^T + e_j e_i^T."""
+    n = len(Sigma)
+    G = np.zeros((n, n))
+    for i in range(n):
+        for j in range(i + 1):
+            E = np.zeros((n, n))
+            E[i, j] = E[j, i] = h
+            d = (f(Sigma + E) - f(Sigma - E)) / (2 * h)
+            G[i, j] = G[j, i] = d if i == j else d / 2
+    return G

@@ -51,9 +51,10 @@ def _optimal_whitened_q(X, y, Z, jitter):
     return ref.whiten(mu, Sigma, K_zz), (K_xz, K_zz, mu, Sigma)
 
 
-@pytest.mark.slow
-def test_z_equals_x_gives_exact_log_marginal_likelihood():
-    X, y = toy_data(40, seed=1)
+# the cheap form (N = 12) runs in the quick suite; the larger one is slow
+@pytest.mark.parametrize("n", [12, pytest.param(40, marks=pytest.mark.slow)])
+def test_z_equals_x_gives_exact_log_marginal_likelihood(n):
+    X, y = toy_data(n, seed=1)
     jitter = 1e-10
     model, guide, params = _setup(X, jitter, X, y)
     (m, S), _ = _optimal_whitened_q(X, y, X, jitter)
@@ -62,10 +63,11 @@ def test_z_equals_x_gives_exact_log_marginal_likelihood():
     assert elbo == pytest.approx(exact, rel=1e-6)
 
 
-@pytest.mark.slow
-def test_optimal_q_gives_titsias_bound_and_other_q_less():
-    X, y = toy_data(80, seed=2)
-    Z = np.linspace(-2.5, 2.5, 9)[:, None]
+# the cheap form (N = 20, M = 5) runs in the quick suite; the larger one is slow
+@pytest.mark.parametrize("n, m", [(20, 5), pytest.param(80, 9, marks=pytest.mark.slow)])
+def test_optimal_q_gives_titsias_bound_and_other_q_less(n, m):
+    X, y = toy_data(n, seed=2)
+    Z = np.linspace(-2.5, 2.5, m)[:, None]
     jitter = 1e-6
     model, guide, params = _setup(Z, jitter, X, y)
     (m, S), (K_xz, K_zz, _, _) = _optimal_whitened_q(X, y, Z, jitter)

@@ -108,7 +108,7 @@ def _params(model, guide, Xs, Y, loc, raw):
     "layout, per_group_x",
     [
         ("group", False),
-        pytest.param("group", True, marks=pytest.mark.slow),
+        ("group", True),
         pytest.param("nested", False, marks=pytest.mark.slow),
     ],
 )
@@ -157,7 +157,6 @@ def test_family_elbo_is_the_sum_of_the_dense_elbos_of_its_gps(layout, per_group_
     )
 
 
-@pytest.mark.slow
 def test_family_bernoulli_sites_are_integrated_by_quadrature_per_gp():
     plates, shape, G, variance, lengthscale, Z, Xs, _, loc, raw = _family_problem("group", False)
     Y = (np.random.default_rng(3).uniform(size=shape + (N,)) < 0.5).astype(float)
@@ -186,7 +185,6 @@ def test_family_bernoulli_sites_are_integrated_by_quadrature_per_gp():
     assert elbo == pytest.approx(expected, rel=1e-7)
 
 
-@pytest.mark.slow
 def test_one_natural_step_reaches_every_gps_optimal_q():
     plates, shape, G, variance, lengthscale, Z, Xs, Y, _, _ = _family_problem("group", False)
     model = _model(plates, variance, lengthscale, Z)
@@ -210,7 +208,6 @@ def test_one_natural_step_reaches_every_gps_optimal_q():
         np.testing.assert_allclose(Sg @ Sg.T, S_opt @ S_opt.T, rtol=1e-6, atol=1e-10)
 
 
-@pytest.mark.slow
 def test_predictive_draws_have_the_family_shape_and_its_moments():
     plates, shape, G, variance, lengthscale, Z, Xs, Y, loc, raw = _family_problem("group", False)
     model = _model(plates, variance, lengthscale, Z)
@@ -221,7 +218,9 @@ def test_predictive_draws_have_the_family_shape_and_its_moments():
     mean, var = ns.predict_f(model, guide, params, Xs)
     se = np.sqrt(var / 4000)
     assert np.all(np.abs(draws["f"].mean(0) - mean) < 5 * se)
-    np.testing.assert_allclose(draws["f"].var(0), var, rtol=0.2)
+    # the sample variance of n Gaussian draws has standard error var * sqrt(2 / (n - 1))
+    se_var = var * np.sqrt(2 / (4000 - 1))
+    assert np.all(np.abs(draws["f"].var(0) - var) < 5 * se_var)
 
 
 def _params_model(Z_init, variance_init, lengthscale_init):
@@ -433,7 +432,6 @@ def test_data_minibatches_inside_groups_and_arviz_dims_named_after_the_plates():
     assert idata.posterior_predictive["f"].dims[2:] == ("group", "data")
 
 
-@pytest.mark.slow
 def test_diagnostics_report_the_jitter_of_each_gp():
     plates, shape, G, variance, lengthscale, Z, Xs, Y, loc, raw = _family_problem("nested", False)
     Z = Z.copy()
@@ -531,7 +529,6 @@ def test_ragged_groups_equal_the_dense_elbo_of_each_group_on_its_own_rows():
     assert not [shape for shape in seen if G in shape and len(y) in shape]
 
 
-@pytest.mark.slow
 def test_ragged_poisson_groups_by_quadrature_and_bad_group_index_named():
     G, group, Xr, _, variance, lengthscale, Z, loc, raw = _ragged_problem()
     y = np.random.default_rng(2).poisson(2.0, size=len(group)).astype(float)
@@ -639,3 +636,25 @@ def test_ragged_form_equals_the_plated_form_with_its_padding_masked():
     assert losses["ragged"] == pytest.approx(losses["plated"], rel=1e-10)
     for ragged_grad, plated_grad in zip(grads["ragged"], grads["plated"], strict=True):
         np.testing.assert_allclose(ragged_grad, plated_grad, rtol=1e-8, atol=1e-12)
+
+
+def test_one_natural_step_reaches_each_ragged_groups_optimal_q():
+    """Ragged groups are independent GPs on their own rows: on a Gaussian likelihood one
+    natural step of size one reaches each group's optimal q (Titsias), from q(v) at the
+    prior."""
+    G, group, Xr, y, variance, lengthscale, Z, _, _ = _ragged_problem()
+    model = _ragged_model(G, variance, lengthscale, Z)
+    guide = ns.AutoSVGP(model)
+    svi = SVI(
+        model, guide, ns.natural_gradient(optax.set_to_zero(), 1.0, guide=guide), ns.SVGP_ELBO()
+    )
+    state, _ = jax.jit(svi.update)(svi.init(random.PRNGKey(0), Xr, group, y), Xr, group, y)
+    params = svi.get_params(state)
+    S = np.asarray(guide.scale_tril(params["f_whitened_auto_scale_tril"]))
+    for g in range(G):
+        rows = group == g
+        K_zz = ref.rbf(Z[g], Z[g], variance[g], lengthscale[g]) + JITTER * np.eye(M)
+        K_xz = ref.rbf(Xr[rows], Z[g], variance[g], lengthscale[g])
+        m_opt, S_opt = ref.whiten(*ref.optimal_q_u(K_xz, K_zz, y[rows], NOISE), K_zz)
+        np.testing.assert_allclose(params["f_whitened_auto_loc"][g], m_opt, rtol=1e-6, atol=1e-8)
+        np.testing.assert_allclose(S[g] @ S[g].T, S_opt @ S_opt.T, rtol=1e-6, atol=1e-10)

@@ -72,6 +72,13 @@ def test_guide_emits_every_latent_site_and_summaries():
 
     guide = ns.AutoSVGP(model)
     params = initial_params(model, guide, X, Y)
+    # a q(v) with a mean and off-diagonal correlations, so that a sampler that dropped
+    # either would be caught below
+    rng = np.random.default_rng(3)
+    loc = rng.normal(size=5)
+    L = np.tril(0.6 * rng.normal(size=(5, 5)), -1) + np.diag(rng.uniform(0.3, 1.0, size=5))
+    params = {**params, "f_whitened_auto_loc": jnp.asarray(loc)}
+    params["f_whitened_auto_scale_tril"] = jnp.asarray(L)
     _, guide_trace = _traces(model, guide, params, X, Y)
     sampled = [n for n, s in guide_trace.items() if s["type"] == "sample"]
     # AutoNormal's sites in model order, then the whitened ones (no ELBO depends on the order)
@@ -87,9 +94,13 @@ def test_guide_emits_every_latent_site_and_summaries():
     draws = guide.sample_posterior(random.PRNGKey(0), params, sample_shape=(4000,))
     assert draws["f_whitened"].shape == (4000, 5)
     assert draws["noise"].shape == (4000,) and np.all(draws["noise"] > 0)
-    # q(v) draws have the guide's mean and covariance
-    S = np.tril(np.asarray(params["f_whitened_auto_scale_tril"]))
-    np.testing.assert_allclose(np.cov(np.asarray(draws["f_whitened"]).T), S @ S.T, atol=0.1)
+    # q(v) draws have the mean m and covariance L L^T, within 5 standard errors: n draws'
+    # mean has SE sqrt(C_ii / n), their covariance SE sqrt((C_ii C_jj + C_ij^2) / (n - 1))
+    v = np.asarray(draws["f_whitened"])
+    n, C = len(v), L @ L.T
+    assert np.all(np.abs(v.mean(0) - loc) < 5 * np.sqrt(np.diag(C) / n))
+    se_cov = np.sqrt((np.outer(np.diag(C), np.diag(C)) + C**2) / (n - 1))
+    assert np.all(np.abs(np.cov(v.T) - C) < 5 * se_cov)
 
 
 def test_scale_tril_with_negative_diagonal_is_a_valid_factor():

@@ -195,32 +195,43 @@ def test_training_stops_after_too_many_nonfinite_steps_in_a_row():
 # --- checkpoints ----------------------------------------------------------------------
 
 
-@pytest.mark.slow
-def test_resume_from_checkpoint_is_bit_identical(tmp_path):
+# (steps, steps before the interruption, checkpoint interval): the cheap form runs in the
+# quick suite, the long one is slow
+@pytest.mark.parametrize(
+    "steps, part, every", [(12, 8, 4), pytest.param(120, 80, 40, marks=pytest.mark.slow)]
+)
+def test_resume_from_checkpoint_is_bit_identical(tmp_path, steps, part, every):
     model = gaussian_model(Z0)
     svi = _svi(model)
     full = ns.train(
         svi,
         random.PRNGKey(3),
-        120,
+        steps,
         X,
         Y,
         checkpoint=tmp_path / "full.ckpt",
-        checkpoint_every=40,
+        checkpoint_every=every,
         progress_bar=False,
     )
     path = tmp_path / "part.ckpt"
     ns.train(
-        svi, random.PRNGKey(3), 80, X, Y, checkpoint=path, checkpoint_every=40, progress_bar=False
+        svi,
+        random.PRNGKey(3),
+        part,
+        X,
+        Y,
+        checkpoint=path,
+        checkpoint_every=every,
+        progress_bar=False,
     )
     resumed = ns.train(
         svi,
         random.PRNGKey(3),
-        120,
+        steps,
         X,
         Y,
         checkpoint=path,
-        checkpoint_every=40,
+        checkpoint_every=every,
         resume=True,
         progress_bar=False,
     )
@@ -229,7 +240,7 @@ def test_resume_from_checkpoint_is_bit_identical(tmp_path):
         np.testing.assert_array_equal(resumed.params[name], full.params[name])
     np.testing.assert_array_equal(resumed.state.rng_key, full.state.rng_key)
     state, step, losses = ns.load_checkpoint(path, like=svi.init(random.PRNGKey(0), X, Y))
-    assert step == 120 and len(losses) == 120
+    assert step == steps and len(losses) == steps
 
 
 def test_bad_checkpoints_are_refused(tmp_path):

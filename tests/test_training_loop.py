@@ -265,12 +265,17 @@ def test_a_new_group_under_the_fitted_plate_is_refused_and_the_new_plate_pattern
     )(random.PRNGKey(3), X[:4], np.arange(4), G, num_new_groups=1)
     new = np.asarray(draws["new_offset"])[:, 0]
     tau = float(result.params["tau"])
-    assert float(np.mean(new)) == pytest.approx(0.0, abs=4 * tau / np.sqrt(4000))
-    assert float(np.std(new)) == pytest.approx(tau, rel=0.05)
-    # the fitted groups keep their own offsets
-    old_groups = np.asarray(draws["y"])[:, :3].mean(axis=0)
+    # within 5 standard errors: tau / sqrt(n) for the mean of n draws, and
+    # tau / sqrt(2 (n - 1)) for their standard deviation (Gaussian draws)
+    n = len(new)
+    assert abs(float(np.mean(new))) < 5 * tau / np.sqrt(n)
+    assert abs(float(np.std(new, ddof=1)) - tau) < 5 * tau / np.sqrt(2 * (n - 1))
+    # the fitted groups keep their own offsets: the draws' mean of y within 5 of its
+    # standard errors (estimated from the draws) of the predictive mean plus the offset
+    y_old = np.asarray(draws["y"])[:, :3]
     mean, _ = ns.predict_f(grouped_model, svi.guide, result.params, X[:3], np.arange(3), G)
-    np.testing.assert_allclose(old_groups, np.asarray(mean) + fitted, atol=0.05)
+    se = y_old.std(axis=0, ddof=1) / np.sqrt(len(y_old))
+    assert np.all(np.abs(y_old.mean(axis=0) - (np.asarray(mean) + fitted)) < 5 * se)
 
 
 def _blas_threads_now():
