@@ -188,10 +188,12 @@ def _sum_of_squared_differences(X1, X2, lengthscale) -> jax.Array:
     taken before it is scaled, so it carries only its own round-off, wherever the
     points lie.
     """
-    scale = jnp.broadcast_to(lengthscale, X1.shape[1:])
-    r2 = jnp.zeros((X1.shape[0], X2.shape[0]), jnp.result_type(X1, X2, scale))
+    # times the reciprocal, not divided: one more rounding, and a division per pair and
+    # feature is several times the cost of a product in float64
+    inverse = 1.0 / jnp.broadcast_to(lengthscale, X1.shape[1:])
+    r2 = jnp.zeros((X1.shape[0], X2.shape[0]), jnp.result_type(X1, X2, inverse))
     for d in range(X1.shape[1]):
-        r2 = r2 + jnp.square((X1[:, d, None] - X2[None, :, d]) / scale[d])
+        r2 = r2 + jnp.square((X1[:, d, None] - X2[None, :, d]) * inverse[d])
     return r2
 
 
@@ -200,7 +202,21 @@ def _scaled_sq_dist_matrix(X1, X2, lengthscale) -> jax.Array:
     _per_feature("lengthscale", lengthscale, X1.shape[-1])
     if X1.shape[1] > _MAX_FEATURES_BY_DIFFERENCES:
         return _scaled_sq_dist_product(X1, X2, lengthscale)
-    return _scaled_sq_dist_cross(X1, X2, lengthscale)
+    if jnp.ndim(lengthscale) == 0 or X1.shape[1] == 1:
+        return _scaled_sq_dist_cross(X1, X2, lengthscale)
+    # chosen here, not inside the derivative: a branch there would keep the other
+    # branch's (N1, N2)-sized intermediates, as zeros, in every gradient
+    X1_, X2_, ls_ = (jax.lax.stop_gradient(v) for v in (X1, X2, lengthscale))
+    centre = jnp.mean(X2_, axis=0)
+    spread = jnp.maximum(jnp.max(jnp.abs(X1_ - centre), 0), jnp.max(jnp.abs(X2_ - centre), 0))
+    return jax.lax.cond(
+        jnp.max(spread / ls_) <= _NEAR_SPREAD,
+        _scaled_sq_dist_cross,
+        _scaled_sq_dist_cross_far,
+        X1,
+        X2,
+        lengthscale,
+    )
 
 
 def _scaled_sq_dist_product(X1, X2, lengthscale) -> jax.Array:
@@ -260,19 +276,29 @@ def _scaled_sq_dist_cross_jvp(primals, tangents):
     if jnp.ndim(lengthscale) == 0 or X1.shape[1] == 1:
         rate = jnp.reshape(lengthscale_dot / lengthscale, ())
         return r2, r2_dot - 2.0 * rate * r2
+    # per feature, the position term of the tangents -a rate (a and b scaled together):
+    # round-off eps |a|^2, not eps r^2, so only near the centre (_scaled_sq_dist_matrix)
     rate = lengthscale_dot / lengthscale
-    # The scale term as the position term of the tangents -a rate (a and b scaled
-    # together) costs two small products, but its round-off is eps |a|^2, not eps r^2:
-    # only while every input is within a few lengthscales of the centre.
-    spread = jnp.maximum(jnp.max(jnp.abs(a), axis=0), jnp.max(jnp.abs(b), axis=0))
-    near = jnp.max(spread) <= _NEAR_SPREAD
-    scale_term = jax.lax.cond(
-        jax.lax.stop_gradient(near),
-        lambda rate: _position_term(a, b, -a * rate, -b * rate),
-        lambda rate: _lengthscale_term(X1, X2, lengthscale, -2.0 * rate),
-        rate,
-    )
-    return r2, r2_dot + scale_term
+    return r2, r2_dot + _position_term(a, b, -a * rate, -b * rate)
+
+
+@jax.custom_jvp
+def _scaled_sq_dist_cross_far(X1, X2, lengthscale) -> jax.Array:
+    """:func:`_scaled_sq_dist_cross` whose ARD lengthscale derivative is formed from the
+    differences, for inputs far from the centre."""
+    return _sum_of_squared_differences(X1, X2, lengthscale)
+
+
+@_scaled_sq_dist_cross_far.defjvp
+def _scaled_sq_dist_cross_far_jvp(primals, tangents):
+    X1, X2, lengthscale = primals
+    X1_dot, X2_dot, lengthscale_dot = tangents
+    r2 = _scaled_sq_dist_cross_far(X1, X2, lengthscale)
+    centre = jax.lax.stop_gradient(jnp.mean(X2, axis=0))
+    a, b = (X1 - centre) / lengthscale, (X2 - centre) / lengthscale
+    r2_dot = _position_term(a, b, X1_dot / lengthscale, X2_dot / lengthscale)
+    rate = -2.0 * lengthscale_dot / lengthscale
+    return r2, r2_dot + _lengthscale_term(X1, X2, lengthscale, rate)
 
 
 def _position_term(a, b, u, v):
