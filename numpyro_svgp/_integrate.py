@@ -517,8 +517,9 @@ def hermite_grid(moments: dict, points: int):
     nodes_1d, weights_1d = hermegauss(points)
     x = jnp.asarray(nodes_1d, dtype)
     log_w = jnp.asarray(np.log(weights_1d / np.sum(weights_1d)), dtype)
-    grids = jnp.meshgrid(*[jnp.arange(points)] * len(moments), indexing="ij")
-    grids = [g.reshape(-1) for g in grids]
+    grids = [
+        g.reshape(-1) for g in jnp.meshgrid(*[jnp.arange(points)] * len(moments), indexing="ij")
+    ]
     nodes = {
         output: mean + safe_sqrt(variance) * x[g].reshape((-1,) + (1,) * jnp.ndim(mean))
         for (output, (mean, variance)), g in zip(moments.items(), grids, strict=True)
