@@ -313,7 +313,7 @@ def _two_solves(order):
     solve = jax.vmap(lambda L, b: jax.scipy.linalg.solve_triangular(L, b, lower=True))
 
     def chain(A, b):
-        return solve(chol(A @ jnp.swapaxes(A, -1, -2) + 4.0 * jnp.eye(4)), b)
+        return solve(chol(A @ jnp.swapaxes(A, -1, -2) + 4.0 * jnp.eye(4, dtype=A.dtype)), b)
 
     def f(A, B, b):
         first = chain(A, b)
@@ -375,3 +375,18 @@ def test_after_both_ways_changes_no_bit_of_values_or_gradients():
             )
     y = jax.jit(after_both_ways)({"x": x, "n": 3, "none": None}, d)
     assert y["n"] == 3 and y["none"] is None
+
+
+def test_after_both_ways_float32_gradient_is_unchanged():
+    from numpyro_svgp._linalg import after_both_ways
+
+    rng = np.random.default_rng(3)
+    A, B = (jnp.asarray(rng.normal(size=(3, 4, 4)), jnp.float32) for _ in range(2))
+    b = jnp.asarray(rng.normal(size=(3, 4)), jnp.float32)
+    plain = jax.jit(jax.grad(_two_solves(lambda x, d: x), argnums=(0, 1, 2)))(A, B, b)
+    ordered = jax.jit(jax.grad(_two_solves(after_both_ways), argnums=(0, 1, 2)))(A, B, b)
+    for got, want in zip(ordered, plain, strict=True):
+        assert got.dtype == jnp.float32
+        np.testing.assert_array_equal(
+            np.asarray(got).view(np.uint32), np.asarray(want).view(np.uint32)
+        )
