@@ -47,7 +47,7 @@ from numpyro_svgp._checks import check_observed_site
 from numpyro_svgp._conditional import predictive_moments
 from numpyro_svgp._dependence import CONST, analyse, pointwise, prune
 from numpyro_svgp._gaussian import gaussian_expected_log_likelihood
-from numpyro_svgp._linalg import safe_sqrt
+from numpyro_svgp._linalg import after_both_ways, safe_sqrt
 from numpyro_svgp._svgp import draw_with_key, output_values, svgp_site
 
 __all__ = [
@@ -401,6 +401,23 @@ class _Evaluator:
         self.outputs, self.guide_trace, self.model_trace = outputs, guide_trace, model_trace
         self.model_key, self.options = model_key, options
         self._moments, self._draws = {}, {}
+        # what the next output's computation waits for (see _ordered)
+        self._last = tuple(c.cholesky for c, _ in outputs.values())
+
+    def _ordered(self, compute, *inputs):
+        """``compute(*inputs)``, run after the computation of the output before it and,
+        in the gradient, transposed before that one's transpose.
+
+        Each output's solves read only its own factor, and on XLA:CPU two batched LAPACK
+        calls at once can deadlock (see :func:`~numpyro_svgp._linalg.after`); the
+        factors themselves are ordered as the model makes them (``svgp``). With one
+        output nothing is added.
+        """
+        if len(self.names) < 2:
+            return compute(*inputs)
+        result = compute(*after_both_ways(inputs, self._last))
+        self._last = result
+        return result
 
     def _q(self, output):
         """(loc, scale_tril) of q(v) for an output; the drawn v (S = 0) if q is not known."""
@@ -413,7 +430,7 @@ class _Evaluator:
     def moments(self, output):
         if output not in self._moments:
             conditional, _ = self.outputs[output]
-            self._moments[output] = predictive_moments(conditional, *self._q(output))
+            self._moments[output] = self._ordered(predictive_moments, conditional, *self._q(output))
         return self._moments[output]
 
     def draw(self, output):
@@ -421,7 +438,7 @@ class _Evaluator:
         if output not in self._draws:
             conditional, v = self.outputs[output]
             key = jax.random.fold_in(self.model_key, self.names.index(output))
-            self._draws[output] = draw_with_key(conditional, v, key)
+            self._draws[output] = self._ordered(draw_with_key, conditional, v, key)
         return self._draws[output]
 
     def function(self, indices):
@@ -460,16 +477,20 @@ class _Evaluator:
         if fast:
             offset = loc_fn(*self.zeros)[0]
             loc, scale_tril = self._q(output)
-            return gaussian_expected_log_likelihood(
-                conditional,
-                loc,
-                scale_tril,
-                (value - offset).astype(conditional.dtype),
-                jnp.square(base.scale),
-                weight,
-                form=self.options.gaussian_form,
-                block_rows=self.options.block_rows,
-            )
+
+            def term(conditional, loc, scale_tril):
+                return gaussian_expected_log_likelihood(
+                    conditional,
+                    loc,
+                    scale_tril,
+                    (value - offset).astype(conditional.dtype),
+                    jnp.square(base.scale),
+                    weight,
+                    form=self.options.gaussian_form,
+                    block_rows=self.options.block_rows,
+                )
+
+            return self._ordered(term, conditional, loc, scale_tril)
         mean, variance = self.moments(output)
         position = self.names.index(output)
 

@@ -22,6 +22,7 @@ from jaxtyping import Array, Float
 __all__ = [
     "MAX_JITTER_ESCALATIONS",
     "after",
+    "after_both_ways",
     "blocked_cholesky",
     "cholesky_with_jitter",
     "default_jitter",
@@ -243,6 +244,12 @@ def _probe(leaf: jax.Array) -> jax.Array:
     return first.astype(jnp.uint32)
 
 
+def _never(leaves) -> jax.Array:
+    """``False``, computed from one entry of each leaf in a way XLA cannot fold."""
+    k = functools.reduce(jnp.add, (_probe(leaf) for leaf in leaves))
+    return k == k + jnp.uint32(1)
+
+
 def after(x, *deps):
     r"""``x`` bit for bit, in a form that XLA computes only once every array in ``deps`` is.
 
@@ -265,9 +272,57 @@ def after(x, *deps):
     leaves = jax.tree.leaves(deps)
     if not leaves:
         return x
-    k = functools.reduce(jnp.add, (_probe(leaf) for leaf in leaves))
-    never = k == k + jnp.uint32(1)
+    never = _never(leaves)
     return jax.tree.map(lambda a: jnp.where(never, jnp.zeros_like(a), a), x)
+
+
+def after_both_ways(x, *deps):
+    r"""``x`` after ``deps`` (as :func:`after`), and in the derivative the reverse too:
+    the cotangents of ``deps`` are computed only once that of ``x`` is.
+
+    Reverse-mode differentiation runs the transposed computations in the opposite
+    order, but nothing in the transpose of :func:`after` ties them together: the
+    transposed solves of the computation that reads ``x`` and those of the one that
+    made ``deps`` may still run at once. Here the cotangent of ``x`` passes through
+    unchanged and each floating leaf of ``deps`` receives, besides its own, the
+    cotangent :math:`-0`, a select on a condition built from the cotangent of ``x``
+    (as in :func:`after`). :math:`c + (-0) = c` bit for bit for every :math:`c`,
+    :math:`\pm 0` and NaN included, so values and derivatives are those without it.
+
+    Only inexact (floating or complex) array leaves are differentiated; the other array
+    leaves of ``x`` go through :func:`after`, its other leaves (Python numbers, ``None``)
+    are left as they are, and ``deps`` count only by their inexact array leaves.
+
+    :param x: an array or a pytree of arrays.
+    :param deps: arrays or pytrees of arrays to wait for.
+    :return: ``x``, unchanged.
+    """
+    waits = [d for d in jax.tree.leaves(deps) if eqx.is_inexact_array(d)]
+    if not waits:
+        return after(x, *deps)
+    inexact, rest = eqx.partition(x, eqx.is_inexact_array)
+    arrays, static = eqx.partition(rest, eqx.is_array)
+    return eqx.combine(_after_both_ways(inexact, waits), after(arrays, *waits), static)
+
+
+@jax.custom_vjp
+def _after_both_ways(x, deps):
+    return after(x, deps)
+
+
+def _after_both_ways_forward(x, deps):
+    return after(x, deps), deps
+
+
+def _after_both_ways_backward(deps, cotangent):
+    leaves = jax.tree.leaves(cotangent)
+    # 1 on the never-taken side: with -0 on both, XLA would fold the select away
+    never = _never(leaves) if leaves else jnp.zeros((), bool)
+    waiting = [jnp.where(never, jnp.ones_like(d), -jnp.zeros_like(d)) for d in deps]
+    return cotangent, waiting
+
+
+_after_both_ways.defvjp(_after_both_ways_forward, _after_both_ways_backward)
 
 
 def safe_sqrt(x: jax.Array) -> jax.Array:

@@ -27,6 +27,7 @@ it, biases the log density. That run raises an error naming :func:`~numpyro_svgp
 which integrates :math:`\varepsilon` out.
 """
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpyro
@@ -46,7 +47,7 @@ from numpyro_svgp._conditional import (
 )
 from numpyro_svgp._family import family_map, plate_batch_shape
 from numpyro_svgp._features import InducingFeatures  # noqa: F401 (annotation)
-from numpyro_svgp._linalg import MAX_JITTER_ESCALATIONS, safe_sqrt
+from numpyro_svgp._linalg import MAX_JITTER_ESCALATIONS, after_both_ways, safe_sqrt
 from numpyro_svgp.kernels import Kernel
 
 __all__ = [
@@ -199,6 +200,7 @@ def svgp(
     batch_shape, plates = plate_batch_shape()
     if group_index is None:
         _refuse_data_plate(name, X, plates)
+    kernel, Z = _after_earlier_outputs(kernel, Z)
     conditional = whitened_conditional(
         kernel,
         X,
@@ -230,6 +232,28 @@ def svgp(
         }
     )
     return msg["value"]
+
+
+def _after_earlier_outputs(kernel, Z):
+    """``(kernel, Z)`` unchanged, ordered after the factor of the output before this one
+    when an :class:`output_values` handler (the ELBO's) has seen one.
+
+    Two outputs' factorisations and solves read nothing of each other, and on XLA:CPU two
+    batched LAPACK calls at once can deadlock (see :func:`~numpyro_svgp._linalg.after`):
+    each factor waits for the one before it, and in the gradient the reverse. Only
+    traced arrays are ordered, so that the checks of constant inputs are not moved into
+    the program; a model with one output is left as it is.
+    """
+    for handler in reversed(_PYRO_STACK):
+        if isinstance(handler, output_values) and handler.outputs:
+            previous = list(handler.outputs.values())[-1][0].cholesky
+            ordered, fixed = eqx.partition((kernel, Z), _is_traced_array)
+            return eqx.combine(after_both_ways(ordered, previous), fixed)
+    return kernel, Z
+
+
+def _is_traced_array(leaf) -> bool:
+    return isinstance(leaf, jax.core.Tracer) and eqx.is_inexact_array(leaf)
 
 
 def _refuse_data_plate(name, X, plates) -> None:
