@@ -170,63 +170,16 @@ def _scaled_sq_dist(x1, x2, lengthscale) -> jax.Array:
     return jnp.sum(jnp.square((x1 - x2) / lengthscale))
 
 
-# Up to this many features a matrix of squared distances is formed one feature at a
-# time from the differences; above it, as a matrix product (see _scaled_sq_dist_product).
-_MAX_FEATURES_BY_DIFFERENCES = 32
-
-# Inputs within this many lengthscales of the centre in every feature take the ARD
-# lengthscale derivative as matrix products (round-off at most 16^2 eps).
-_NEAR_SPREAD = 16.0
-
-
-def _sum_of_squared_differences(X1, X2, lengthscale) -> jax.Array:
-    r""":math:`r^2_{ij} = \sum_d \big((x_{id} - x'_{jd}) / \ell_d\big)^2`, one ``(N1, N2)``
-    term per feature, added in order.
-
-    XLA:CPU fuses the terms into one pass over the output, where the sum over a short
-    last axis of an ``(N1, N2, D)`` tensor runs several times slower. Each difference is
-    taken before it is scaled, so it carries only its own round-off, wherever the
-    points lie.
-    """
-    # times the reciprocal, not divided: one more rounding, and a division per pair and
-    # feature is several times the cost of a product in float64
-    inverse = 1.0 / jnp.broadcast_to(lengthscale, X1.shape[1:])
-    r2 = jnp.zeros((X1.shape[0], X2.shape[0]), jnp.result_type(X1, X2, inverse))
-    for d in range(X1.shape[1]):
-        r2 = r2 + jnp.square((X1[:, d, None] - X2[None, :, d]) * inverse[d])
-    return r2
-
-
 def _scaled_sq_dist_matrix(X1, X2, lengthscale) -> jax.Array:
-    r"""All :math:`r^2_{ij} = \|(x_i - x'_j)/\ell\|^2` between two sets (e.g. :math:`K_{xz}`)."""
-    _per_feature("lengthscale", lengthscale, X1.shape[-1])
-    if X1.shape[1] > _MAX_FEATURES_BY_DIFFERENCES:
-        return _scaled_sq_dist_product(X1, X2, lengthscale)
-    if jnp.ndim(lengthscale) == 0 or X1.shape[1] == 1:
-        return _scaled_sq_dist_cross(X1, X2, lengthscale)
-    # chosen here, not inside the derivative: a branch there would keep the other
-    # branch's (N1, N2)-sized intermediates, as zeros, in every gradient
-    X1_, X2_, ls_ = (jax.lax.stop_gradient(v) for v in (X1, X2, lengthscale))
-    centre = jnp.mean(X2_, axis=0)
-    spread = jnp.maximum(jnp.max(jnp.abs(X1_ - centre), 0), jnp.max(jnp.abs(X2_ - centre), 0))
-    return jax.lax.cond(
-        jnp.max(spread / ls_) <= _NEAR_SPREAD,
-        _scaled_sq_dist_cross,
-        _scaled_sq_dist_cross_far,
-        X1,
-        X2,
-        lengthscale,
-    )
+    r"""All :math:`r^2_{ij} = \|(x_i - x'_j)/\ell\|^2` as one matrix product.
 
-
-def _scaled_sq_dist_product(X1, X2, lengthscale) -> jax.Array:
-    r"""All :math:`r^2_{ij}` as one matrix product, for many features.
-
-    :math:`\|a\|^2 + \|b\|^2 - 2 a^\top b` is a GEMM instead of ``D`` passes over the
-    ``(N1, N2)`` output. Its round-off grows with :math:`\|a\|^2`, so both sets are
+    :math:`\|a\|^2 + \|b\|^2 - 2 a^\top b` is a GEMM instead of an ``(N1, N2, D)``
+    tensor of differences, which is both the memory and the time of large
+    cross-covariances. Its round-off grows with :math:`\|a\|^2`, so both sets are
     first centred on the mean of ``X2``, before scaling (``r`` is shift-invariant, hence the
     ``stop_gradient``), and the result is clamped at 0.
     """
+    _per_feature("lengthscale", lengthscale, X1.shape[-1])
     centre = jax.lax.stop_gradient(jnp.mean(X2, axis=0))
     a, b = (X1 - centre) / lengthscale, (X2 - centre) / lengthscale
     # All three terms in one product, [a, |a|², 1] [-2b, 1, |b|²]ᵀ: then the
@@ -239,84 +192,6 @@ def _scaled_sq_dist_product(X1, X2, lengthscale) -> jax.Array:
         [-2.0 * b, ones_b, jnp.sum(jnp.square(b), axis=1, keepdims=True)], axis=1
     )
     return jnp.maximum(left @ right.T, 0.0)
-
-
-@jax.custom_jvp
-def _scaled_sq_dist_cross(X1, X2, lengthscale) -> jax.Array:
-    r"""All :math:`r^2_{ij}` between two sets from the differences, with the derivative
-    as matrix products.
-
-    With :math:`a = (X_1 - c)/\ell`, :math:`b = (X_2 - c)/\ell` (centred on
-    :math:`c`, the mean of :math:`X_2`, as :math:`r^2` is shift-invariant),
-    :math:`u = \dot X_1/\ell` and :math:`v = \dot X_2 / \ell`,
-
-    .. math:: \dot r^2_{ij} = 2\,(a_i - b_j)^\top (u_i - v_j)
-        - 2 \sum_d \big((x_{id} - x'_{jd})/\ell_d\big)^2 \dot\ell_d / \ell_d:
-
-    the first term is two ``(N1, D+1) x (D+1, N2)`` products, one linear in :math:`u`
-    and one in :math:`v`, each transposed (the gradient) by one product as well; its
-    round-off is :math:`\epsilon \|a\|` against the differences' :math:`\epsilon`. The
-    second is :math:`-2 r^2 \dot\ell/\ell` for one lengthscale (or one feature). Per
-    feature (ARD) it is the first term with :math:`u = -a\dot\ell/\ell`,
-    :math:`v = -b\dot\ell/\ell` while every :math:`|a_{id}|, |b_{jd}| \le 16`, whose
-    round-off :math:`\epsilon \|a\|^2` would lose all of :math:`r^2` far from
-    :math:`c`; beyond that it is formed from the differences again.
-    """
-    return _sum_of_squared_differences(X1, X2, lengthscale)
-
-
-@_scaled_sq_dist_cross.defjvp
-def _scaled_sq_dist_cross_jvp(primals, tangents):
-    X1, X2, lengthscale = primals
-    X1_dot, X2_dot, lengthscale_dot = tangents
-    r2 = _scaled_sq_dist_cross(X1, X2, lengthscale)
-    centre = jax.lax.stop_gradient(jnp.mean(X2, axis=0))
-    a, b = (X1 - centre) / lengthscale, (X2 - centre) / lengthscale
-    r2_dot = _position_term(a, b, X1_dot / lengthscale, X2_dot / lengthscale)
-    if jnp.ndim(lengthscale) == 0 or X1.shape[1] == 1:
-        rate = jnp.reshape(lengthscale_dot / lengthscale, ())
-        return r2, r2_dot - 2.0 * rate * r2
-    # per feature, the position term of the tangents -a rate (a and b scaled together):
-    # round-off eps |a|^2, not eps r^2, so only near the centre (_scaled_sq_dist_matrix)
-    rate = lengthscale_dot / lengthscale
-    return r2, r2_dot + _position_term(a, b, -a * rate, -b * rate)
-
-
-@jax.custom_jvp
-def _scaled_sq_dist_cross_far(X1, X2, lengthscale) -> jax.Array:
-    """:func:`_scaled_sq_dist_cross` whose ARD lengthscale derivative is formed from the
-    differences, for inputs far from the centre."""
-    return _sum_of_squared_differences(X1, X2, lengthscale)
-
-
-@_scaled_sq_dist_cross_far.defjvp
-def _scaled_sq_dist_cross_far_jvp(primals, tangents):
-    X1, X2, lengthscale = primals
-    X1_dot, X2_dot, lengthscale_dot = tangents
-    r2 = _scaled_sq_dist_cross_far(X1, X2, lengthscale)
-    centre = jax.lax.stop_gradient(jnp.mean(X2, axis=0))
-    a, b = (X1 - centre) / lengthscale, (X2 - centre) / lengthscale
-    r2_dot = _position_term(a, b, X1_dot / lengthscale, X2_dot / lengthscale)
-    rate = -2.0 * lengthscale_dot / lengthscale
-    return r2, r2_dot + _lengthscale_term(X1, X2, lengthscale, rate)
-
-
-def _position_term(a, b, u, v):
-    ones_a, ones_b = jnp.ones((a.shape[0], 1), a.dtype), jnp.ones((b.shape[0], 1), b.dtype)
-    # each product linear in the tangents on one side only, the primal on the other
-    from_1 = jnp.concatenate([jnp.sum(a * u, axis=1, keepdims=True), u], axis=1)
-    from_2 = jnp.concatenate([v, jnp.sum(b * v, axis=1, keepdims=True)], axis=1)
-    return 2.0 * (
-        from_1 @ jnp.concatenate([ones_b, -b], axis=1).T
-        + jnp.concatenate([-a, ones_a], axis=1) @ from_2.T
-    )
-
-
-@jax.checkpoint
-def _lengthscale_term(X1, X2, lengthscale, rate):
-    # recomputed in the backward pass rather than kept: D arrays the size of the output
-    sq = jnp.square((X1.T[:, :, None] - X2.T[:, None, :]) / lengthscale[:, None, None])
-    return jnp.sum(sq * rate[:, None, None], axis=0)
 
 
 @jax.custom_jvp
@@ -337,10 +212,16 @@ def _scaled_sq_dist_symmetric(X: jax.Array, lengthscale: jax.Array) -> jax.Array
     tensor in both directions, far slower on CPU than the product once M is large.
     """
     _per_feature("lengthscale", lengthscale, X.shape[-1])
-    if X.shape[1] > _MAX_FEATURES_BY_DIFFERENCES:
+    if X.shape[1] > 32:
         return jnp.sum(jnp.square((X[:, None, :] - X[None, :, :]) / lengthscale), axis=-1)
-    # the same differences both ways, so exactly symmetric with a zero diagonal
-    return _sum_of_squared_differences(X, X, lengthscale)
+    # one (M, M) term per feature, added in order: XLA:CPU fuses these into one pass,
+    # where the sum over a short last axis of an (M, M, D) tensor runs several times
+    # slower; the same differences, so still exactly symmetric with a zero diagonal
+    scale = jnp.broadcast_to(lengthscale, X.shape[1:])
+    r2 = jnp.zeros((X.shape[0], X.shape[0]), X.dtype)
+    for d in range(X.shape[1]):
+        r2 = r2 + jnp.square((X[:, d, None] - X[None, :, d]) / scale[d])
+    return r2
 
 
 @_scaled_sq_dist_symmetric.defjvp

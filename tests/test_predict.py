@@ -65,30 +65,6 @@ def test_predictive_sample_moments_match_analytic_moments():
     assert np.all(np.abs(y_var - (var + NOISE)) < 4 * (var + NOISE) * np.sqrt(2 / (n - 1)))
 
 
-def test_predict_f_in_float32_far_from_the_centre_of_z():
-    # Time-series inputs in [0, 2e4], Z every 100, lengthscale 3: K_xz in float32 was
-    # |a|^2 + |b|^2 - 2 a.b of inputs up to 3333 lengthscales from the centre, and the
-    # means came out between 0.61 and 1.00 where they are 0.986 everywhere. Against the
-    # dense float64 formula A m, A = K_xz L^-T, on the same float32 inputs.
-    f32 = np.float32
-    Z = np.arange(0.0, 2e4 + 1, 100.0, dtype=f32)[:, None]
-    X = Z + np.linspace(-4, 4, Z.shape[0], dtype=f32)[:, None]
-    model = gaussian_model(jnp.asarray(Z), f32(1.0), f32(3.0), f32(0.01))
-    guide = ns.AutoSVGP(model)
-    params = initial_params(model, guide, jnp.asarray(X), jnp.zeros(X.shape[0], f32))
-    m = np.random.default_rng(0).normal(size=Z.shape[0]).astype(f32)
-    params = dict(params, f_whitened_auto_loc=jnp.asarray(m))
-    assert all(v.dtype == jnp.float32 for v in params.values())
-    mean, var = ns.predict_f(model, guide, params, jnp.asarray(X))
-    assert mean.dtype == var.dtype == jnp.float32
-    jitter = ns.default_jitter(jnp.float32)
-    L = np.linalg.cholesky(ref.rbf(Z, Z, 1.0, 3.0) + jitter * np.eye(Z.shape[0]))
-    A = np.linalg.solve(L, ref.rbf(X.astype(float), Z.astype(float), 1.0, 3.0).T).T
-    np.testing.assert_allclose(mean, A @ m, rtol=0, atol=16 * np.finfo(f32).eps)
-    # K_zz is diagonal here: each mean is k(x, nearest z) m / sqrt(1 + jitter)
-    assert np.abs(A @ m).max() > 0.5
-
-
 def test_predict_f_errors():
     X, y = toy_data(20)
     model, guide, params = _fitted_at_optimum(X, y, X[:5], jitter=1e-6)
