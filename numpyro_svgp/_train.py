@@ -429,6 +429,16 @@ def _process_settings(blas_threads: int | None, keep_memory: bool):
         yield
 
 
+def _check_run_options(checkpoint, checkpoint_every, resume, init_state) -> None:
+    """The checkpoint and warm-start options that ``train`` and ``train_epochs`` share."""
+    if checkpoint_every is not None and (checkpoint is None or checkpoint_every < 1):
+        raise ValueError("checkpoint_every needs a checkpoint path and must be >= 1.")
+    if resume and checkpoint is None:
+        raise ValueError("resume=True needs a checkpoint path.")
+    if resume and init_state is not None:
+        raise ValueError("give init_state or resume=True, not both.")
+
+
 def _check_process_settings(blas_threads, keep_memory) -> None:
     n = blas_threads
     if n is not None and (not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1):
@@ -541,12 +551,7 @@ def train(
         steps_per_call=(steps_per_call, 1),
         max_nonfinite_in_a_row=(max_nonfinite_in_a_row, 1),
     )
-    if checkpoint_every is not None and (checkpoint is None or checkpoint_every < 1):
-        raise ValueError("checkpoint_every needs a checkpoint path and must be >= 1.")
-    if resume and checkpoint is None:
-        raise ValueError("resume=True needs a checkpoint path.")
-    if resume and init_state is not None:
-        raise ValueError("give init_state or resume=True, not both.")
+    _check_run_options(checkpoint, checkpoint_every, resume, init_state)
     _check_process_settings(blas_threads, keep_memory)
     _check_model_keywords(svi, kwargs, train)
     for i, a in enumerate(args):
@@ -777,12 +782,7 @@ def train_epochs(
         raise ValueError(f"batch_size must be in [1, N = {num_data}], got {batch_size}.")
     if patience is not None and (held_out is None or patience < 1):
         raise ValueError("patience needs held_out data and must be >= 1.")
-    if checkpoint_every is not None and (checkpoint is None or checkpoint_every < 1):
-        raise ValueError("checkpoint_every needs a checkpoint path and must be >= 1.")
-    if resume and checkpoint is None:
-        raise ValueError("resume=True needs a checkpoint path.")
-    if resume and init_state is not None:
-        raise ValueError("give init_state or resume=True, not both.")
+    _check_run_options(checkpoint, checkpoint_every, resume, init_state)
     _check_process_settings(blas_threads, keep_memory)
     _check_model_keywords(svi, kwargs, train_epochs)
     for i, d in enumerate(data):
