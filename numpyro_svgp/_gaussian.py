@@ -21,6 +21,8 @@ whole or in blocks of rows:
 :class:`~numpyro_svgp.SVGP_ELBO` exposes both choices as options.
 """
 
+import warnings
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -44,10 +46,9 @@ __all__ = [
 FORMS = ("auto", "matrix", "per_point")
 """The values of the ``form`` option."""
 
-MATRIX_FORM_ROUNDOFF = 1e-2
-"""Under ``form="auto"``, the matrix form's value is used only where its estimated
-round-off (in nats, see :func:`gaussian_expected_log_likelihood`) is at most this; else
-the per-point form is computed instead, inside the same program."""
+MATRIX_FORM_ROUNDOFF = 0.1
+"""Under ``form="auto"``, a ``RuntimeWarning`` is given when the matrix form's estimated
+round-off (in nats, see :func:`gaussian_expected_log_likelihood`) exceeds this."""
 
 
 def expected_log_likelihood(y, mean, var, noise_var) -> jax.Array:
@@ -296,8 +297,8 @@ def gaussian_expected_log_likelihood(
     :math:`\tilde\Sigma`. Under ``form="auto"`` it is estimated in the program as
     :math:`\varepsilon \operatorname{tr}(P)\,(\|m\|^2 + \|S\|_F^2 + M) / \min_i L_{ii}^2`,
     and where that exceeds :data:`MATRIX_FORM_ROUNDOFF` nats (large kernel variances
-    with long lengthscales, as unnormalised data give) the per-point form is computed
-    instead (a ``lax.cond``: only one of the two runs).
+    with long lengthscales, as unnormalised data give) a ``RuntimeWarning`` names
+    ``form="per_point"``, whose round-off grows with :math:`\kappa(L)` only.
 
     :param conditional: the output of :func:`~numpyro_svgp.whitened_conditional`.
     :param loc: :math:`m`, shape ``(M,)``.
@@ -307,8 +308,8 @@ def gaussian_expected_log_likelihood(
     :param weight: :math:`c_n` (e.g. ``N_total / B`` for a mini-batch), ``None`` (1),
         a scalar or shape ``(N,)``.
     :param form: ``"matrix"``, ``"per_point"`` or ``"auto"`` (matrix product in float64
-        when ``N >= 2 M``, see :func:`use_matrix_form`, unless its round-off estimate is
-        too large, above).
+        when ``N >= 2 M``, see :func:`use_matrix_form`; a warning where its round-off
+        estimate is too large, above).
     :param block_rows: rows per block, ``None`` for the data whole, or ``"auto"``
         (blocks of about 2¹⁸ entries on CPU, 2²⁷ on an accelerator, once the data hold
         two of them and ``N >= 4 M``).
@@ -330,12 +331,26 @@ def gaussian_expected_log_likelihood(
     if resolved == "per_point":
         return _per_point_form(*arguments)
     value, roundoff = _matrix_form(*arguments)
-    if form == "matrix":
-        return value
-    # "auto": the per-point form where the matrix form's round-off could reach
-    # MATRIX_FORM_ROUNDOFF (a far-from-white K_zz: large variances, long lengthscales)
-    return jax.lax.cond(
-        roundoff <= MATRIX_FORM_ROUNDOFF, lambda: value, lambda: _per_point_form(*arguments)
+    if form == "auto":
+        # a branch that holds only the warning: a cond choosing between the two forms
+        # made every step 2-3 times slower (the gradient carries both branches' residuals)
+        jax.lax.cond(
+            roundoff > MATRIX_FORM_ROUNDOFF,
+            lambda r: jax.debug.callback(_warn_roundoff, r),
+            lambda r: None,
+            roundoff,
+        )
+    return value
+
+
+def _warn_roundoff(roundoff) -> None:
+    warnings.warn(
+        f"SVGP_ELBO: the Gaussian data term's matrix form (the float64 default for N >= 2 M) "
+        f"may be off by about {float(roundoff):.2g} nats at these hyperparameters: K_uu is "
+        "far from white (a large kernel variance with long lengthscales, as unnormalised "
+        "data give). Pass SVGP_ELBO(gaussian_form='per_point'), or standardise y.",
+        RuntimeWarning,
+        stacklevel=2,
     )
 
 
