@@ -26,6 +26,7 @@ import warnings
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.scipy.linalg import solve_triangular
 from jaxtyping import Array, Float
 
@@ -344,6 +345,10 @@ def gaussian_expected_log_likelihood(
 
 
 def _warn_roundoff(roundoff) -> None:
+    # under vmap the cond becomes a select and runs its branches for every estimate
+    roundoff = np.max(np.asarray(roundoff))
+    if not roundoff > MATRIX_FORM_ROUNDOFF:
+        return
     warnings.warn(
         f"SVGP_ELBO: the Gaussian data term's matrix form (the float64 default for N >= 2 M) "
         f"may be off by about {float(roundoff):.2g} nats at these hyperparameters: K_uu is "
