@@ -24,7 +24,13 @@ import jax
 import numpy as np
 from numpyro.infer.svi import SVIState
 
-__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint"]
+__all__ = [
+    "CheckpointError",
+    "check_writable",
+    "load_checkpoint",
+    "read_checkpoint",
+    "save_checkpoint",
+]
 
 _MAGIC = b"NPSVGPCK"
 _VERSION = 2
@@ -134,11 +140,11 @@ def load_checkpoint(path, like: SVIState):
     :return: ``(state, step, losses)``.
     :raises CheckpointError: if the file is not a complete checkpoint of such a state.
     """
-    state, step, losses, _, _ = _read(path, like)
+    state, step, losses, _, _ = read_checkpoint(path, like)
     return state, step, losses
 
 
-def _read(path, like: SVIState):
+def read_checkpoint(path, like: SVIState):
     """``(state, step, losses, extra, best)`` of a checkpoint; ``best`` is ``None`` when
     the file holds no second state."""
     with open(path, "rb") as f:

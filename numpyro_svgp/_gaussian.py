@@ -349,11 +349,12 @@ def _warn_roundoff(roundoff) -> None:
     roundoff = np.max(np.asarray(roundoff))
     if not roundoff > MATRIX_FORM_ROUNDOFF:
         return
+    # one text whatever the estimate, so that Python's filter shows it once, not per step
     warnings.warn(
-        f"SVGP_ELBO: the Gaussian data term's matrix form (the float64 default for N >= 2 M) "
-        f"may be off by about {float(roundoff):.2g} nats at these hyperparameters: K_uu is "
-        "far from white (a large kernel variance with long lengthscales, as unnormalised "
-        "data give). Pass SVGP_ELBO(gaussian_form='per_point'), or standardise y.",
+        "SVGP_ELBO: the Gaussian data term's matrix form (the float64 default for N >= 2 M) "
+        f"may be off by more than {MATRIX_FORM_ROUNDOFF} nats at these hyperparameters: "
+        "K_uu is far from white (a large kernel variance with long lengthscales, as "
+        "unnormalised data give). Pass SVGP_ELBO(gaussian_form='per_point'), or standardise y.",
         RuntimeWarning,
         stacklevel=2,
     )

@@ -36,9 +36,9 @@ from tqdm.auto import tqdm
 
 from numpyro_svgp._checkpoint import (
     CheckpointError,
-    _read,
     check_writable,
     load_checkpoint,
+    read_checkpoint,
     save_checkpoint,
 )
 from numpyro_svgp._predict import held_out_log_likelihood
@@ -806,7 +806,7 @@ def train_epochs(
         stopped_early = False
         losses = []
         if resume and checkpoint is not None and os.path.exists(checkpoint):
-            state, step, previous, extra, saved_best = _read(checkpoint, like=state)
+            state, step, previous, extra, saved_best = read_checkpoint(checkpoint, like=state)
             if extra.get("loop") != "train_epochs":
                 raise CheckpointError(
                     f"{os.fspath(checkpoint)} was not written by train_epochs: it has no "
