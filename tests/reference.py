@@ -133,3 +133,14 @@ def symmetric_gradient(f, Sigma, h=1e-6):
             d = (f(Sigma + E) - f(Sigma - E)) / (2 * h)
             G[i, j] = G[j, i] = d if i == j else d / 2
     return G
+
+
+def central_difference(f, x, h=1e-6):
+    """Central differences of the NumPy scalar function ``f`` at ``x`` (any shape)."""
+    x = np.asarray(x, dtype=float)
+    g = np.zeros_like(x)
+    for i in np.ndindex(x.shape):
+        e = np.zeros_like(x)
+        e[i] = h
+        g[i] = (f(x + e) - f(x - e)) / (2 * h)
+    return g

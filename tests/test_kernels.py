@@ -8,6 +8,8 @@ import pytest
 import numpyro_svgp as ns
 from numpyro_svgp import kernels as K
 
+from .reference import central_difference
+
 rng = np.random.default_rng(0)
 X1 = rng.normal(size=(7, 3))
 X2 = rng.normal(size=(5, 3))
@@ -35,17 +37,6 @@ def _numpy_kernel(name, var, ls):
 
 
 STATIONARY = ["RBF", "Matern12", "Matern32", "Matern52"]
-
-
-def _central(f, x, h=1e-6):
-    """Central differences of the NumPy scalar function ``f`` at ``x`` (any shape)."""
-    x = np.asarray(x, dtype=float)
-    g = np.zeros_like(x)
-    for i in np.ndindex(x.shape):
-        e = np.zeros_like(x)
-        e[i] = h
-        g[i] = (f(x + e) - f(x - e)) / (2 * h)
-    return g
 
 
 def _assert_grad(got, want):
@@ -86,8 +77,12 @@ def test_cross_covariance_at_shared_points_has_finite_gradients(name):
     g_ls, g_x = jax.grad(total, argnums=(0, 1))(0.7, X1)
     # the r = 0 pairs are k(x, x) = 1 whatever x and the lengthscale, so the total is
     # smooth and central differences of the NumPy formula are its gradient
-    _assert_grad(g_ls, _central(lambda ls: np.sum(_numpy_kernel(name, 1.0, ls)(X1, X1[:3])), 0.7))
-    _assert_grad(g_x, _central(lambda X: np.sum(_numpy_kernel(name, 1.0, 0.7)(X, X[:3])), X1))
+    _assert_grad(
+        g_ls, central_difference(lambda ls: np.sum(_numpy_kernel(name, 1.0, ls)(X1, X1[:3])), 0.7)
+    )
+    _assert_grad(
+        g_x, central_difference(lambda X: np.sum(_numpy_kernel(name, 1.0, 0.7)(X, X[:3])), X1)
+    )
     k = getattr(K, name)(1.0, 0.7)(X1, X1[:3])
     np.testing.assert_allclose(np.diagonal(np.asarray(k)[:3]), 1.0, rtol=1e-7)
 
@@ -152,12 +147,12 @@ def test_pytree_round_trip_and_jit():
             _numpy_kernel("RBF", rbf_var, rbf_ls)(X1, X2) + scale * _periodic(var, ls, period)
         )
 
-    _assert_grad(g.k1.variance, _central(lambda v: total(rbf_var=v), 1.2))
-    _assert_grad(g.k1.lengthscale, _central(lambda v: total(rbf_ls=v), ARD))
-    _assert_grad(g.k2.scale, _central(lambda v: total(scale=v), 2.0))
-    _assert_grad(g.k2.kernel.variance, _central(lambda v: total(var=v), 0.5))
-    _assert_grad(g.k2.kernel.lengthscale, _central(lambda v: total(ls=v), 0.4))
-    _assert_grad(g.k2.kernel.period, _central(lambda v: total(period=v), 1.1))
+    _assert_grad(g.k1.variance, central_difference(lambda v: total(rbf_var=v), 1.2))
+    _assert_grad(g.k1.lengthscale, central_difference(lambda v: total(rbf_ls=v), ARD))
+    _assert_grad(g.k2.scale, central_difference(lambda v: total(scale=v), 2.0))
+    _assert_grad(g.k2.kernel.variance, central_difference(lambda v: total(var=v), 0.5))
+    _assert_grad(g.k2.kernel.lengthscale, central_difference(lambda v: total(ls=v), 0.4))
+    _assert_grad(g.k2.kernel.period, central_difference(lambda v: total(period=v), 1.1))
 
 
 def _periodic(var, ls, period, A=X1, B=X2):
@@ -193,9 +188,9 @@ def test_periodic_linear_and_composite_gradients_match_the_formulas():
     p_jax = {k: jnp.asarray(v) for k, v in p0.items()}
     g_p, g_x = jax.grad(jax_total, argnums=(0, 1))(p_jax, X1)
     for name, value in p0.items():
-        want = _central(lambda v, name=name: np_total({**p0, name: v}, X1), value)
+        want = central_difference(lambda v, name=name: np_total({**p0, name: v}, X1), value)
         _assert_grad(g_p[name], want)
-    _assert_grad(g_x, _central(lambda A: np_total(p0, A), X1))
+    _assert_grad(g_x, central_difference(lambda A: np_total(p0, A), X1))
 
 
 @pytest.mark.parametrize("name", ["Matern12", "Matern32", "Matern52"])
@@ -206,8 +201,10 @@ def test_gradient_finite_on_the_diagonal(name):
 
     g_ls, g_x = jax.grad(total, argnums=(0, 1))(0.7, X1)
     # finite, and the gradient of the total, which is smooth (its diagonal is constant)
-    _assert_grad(g_ls, _central(lambda ls: np.sum(_numpy_kernel(name, 1.0, ls)(X1, X1)), 0.7))
-    _assert_grad(g_x, _central(lambda X: np.sum(_numpy_kernel(name, 1.0, 0.7)(X, X)), X1))
+    _assert_grad(
+        g_ls, central_difference(lambda ls: np.sum(_numpy_kernel(name, 1.0, ls)(X1, X1)), 0.7)
+    )
+    _assert_grad(g_x, central_difference(lambda X: np.sum(_numpy_kernel(name, 1.0, 0.7)(X, X)), X1))
 
 
 @pytest.mark.parametrize(

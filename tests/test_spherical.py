@@ -22,6 +22,7 @@ import numpyro_svgp as ns
 from numpyro_svgp._harmonics import gegenbauer, num_harmonics, sphere_area
 
 from . import reference as ref
+from .reference import central_difference
 
 
 def scipy_P(n, d, t):
@@ -292,23 +293,16 @@ def test_zonal_kernels_match_formulas_and_their_gradients(kernel):
             k = np.exp(-np.sqrt(2 - 2 * t) / lengthscale)
         return variance * (np.sum(k) + len(X))
 
-    def central(f, x, h=1e-6):
-        x = np.asarray(x, dtype=float)
-        g = np.zeros_like(x)
-        for i in np.ndindex(x.shape):
-            e = np.zeros_like(x)
-            e[i] = h
-            g[i] = (f(x + e) - f(x - e)) / (2 * h)
-        return g
-
     grads, g_x = jax.grad(lambda k, X: jnp.sum(k(X, X)) + jnp.sum(k.diag(X)), argnums=(0, 1))(
         kernel, X1
     )
     tol = {"rtol": 1e-6, "atol": 1e-8}
-    np.testing.assert_allclose(grads.variance, central(lambda v: total(variance=v), 1.2), **tol)
-    np.testing.assert_allclose(grads.bias, central(lambda v: total(bias=v), 0.7), **tol)
+    np.testing.assert_allclose(
+        grads.variance, central_difference(lambda v: total(variance=v), 1.2), **tol
+    )
+    np.testing.assert_allclose(grads.bias, central_difference(lambda v: total(bias=v), 0.7), **tol)
     if not isinstance(kernel, ns.kernels.ArcCosine):
         np.testing.assert_allclose(
-            grads.lengthscale, central(lambda v: total(lengthscale=v), 0.6), **tol
+            grads.lengthscale, central_difference(lambda v: total(lengthscale=v), 0.6), **tol
         )
-    np.testing.assert_allclose(g_x, central(lambda X: total(X=X), X1), **tol)
+    np.testing.assert_allclose(g_x, central_difference(lambda X: total(X=X), X1), **tol)
